@@ -1,0 +1,262 @@
+"""Build a Megatron-Core ``GPTModel`` from a Hugging Face config (Qwen3, Qwen3-MoE, Llama).
+
+The HF config is the single source of truth for architecture, so a checkpoint imported from the hub
+and the model trained here agree by construction. The layer spec is Transformer Engine's on GPU
+(FP8 switchable) and Megatron's local (plain PyTorch) spec on CPU; ``transformer_engine`` is imported
+only when the TE spec is chosen.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+
+from megatron_pz.config import ConfigError, ModelConfig, ParallelConfig, num_experts_of
+
+SUPPORTED_ARCHITECTURES = {
+    "qwen3": "Qwen3ForCausalLM",
+    "qwen3_moe": "Qwen3MoeForCausalLM",
+    "llama": "LlamaForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+}
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def load_hf_config(source: Any, overrides: Optional[dict] = None):
+    """Return a ``transformers.PretrainedConfig`` from a folder, a config.json path, a dict or a config."""
+    from transformers import AutoConfig, PretrainedConfig
+
+    if isinstance(source, PretrainedConfig):
+        cfg = source
+    elif isinstance(source, dict):
+        data = dict(source)
+        model_type = data.pop("model_type", None)
+        if model_type is None:
+            raise ConfigError("an HF config dict needs a 'model_type' field")
+        cfg = AutoConfig.for_model(model_type, **data)
+    else:
+        path = Path(source)
+        if path.is_dir():
+            path = path / "config.json"
+        if not path.is_file():
+            raise ConfigError(f"model.hf_config: {path} not found (expected a folder with config.json)")
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"model.hf_config: {path} is not valid JSON: {exc}") from exc
+        model_type = data.pop("model_type", None)
+        if model_type not in SUPPORTED_ARCHITECTURES:
+            raise ConfigError(
+                f"model.hf_config: {path} has model_type={model_type!r}; supported: "
+                f"{', '.join(sorted(SUPPORTED_ARCHITECTURES))}"
+            )
+        cfg = AutoConfig.for_model(model_type, **data)
+    if cfg.model_type not in SUPPORTED_ARCHITECTURES:
+        raise ConfigError(
+            f"unsupported model_type {cfg.model_type!r}; supported: {', '.join(sorted(SUPPORTED_ARCHITECTURES))}"
+        )
+    for key, value in (overrides or {}).items():
+        setattr(cfg, key, value)
+    return cfg
+
+
+def rope_settings(hf_config) -> tuple[float, bool, float]:
+    """(rope_theta, llama3-style scaling on, scaling factor). transformers 5 keeps these in rope_parameters."""
+    params = getattr(hf_config, "rope_parameters", None) or {}
+    scaling = getattr(hf_config, "rope_scaling", None) or {}
+    theta = params.get("rope_theta", getattr(hf_config, "rope_theta", 10000.0))
+    rope_type = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
+    if rope_type == "default":
+        return float(theta), False, 1.0
+    if rope_type == "llama3":
+        factor = params.get("factor", scaling.get("factor", 8.0))
+        return float(theta), True, float(factor)
+    raise ConfigError(f"rope type {rope_type!r} is not supported (default, llama3)")
+
+
+def resolve_spec(model_cfg: ModelConfig, device: torch.device) -> str:
+    if model_cfg.spec != "auto":
+        return model_cfg.spec
+    if device.type != "cuda":
+        return "local"
+    try:
+        import transformer_engine  # noqa: F401
+    except ImportError:
+        return "local"
+    return "te"
+
+
+def moe_layer_pattern(hf_config) -> Optional[list[int]]:
+    if not num_experts_of(hf_config):
+        return None
+    only_dense = set(getattr(hf_config, "mlp_only_layers", None) or [])
+    step = int(getattr(hf_config, "decoder_sparse_step", 1) or 1)
+    return [
+        0 if (i in only_dense or (i + 1) % step != 0) else 1 for i in range(hf_config.num_hidden_layers)
+    ]
+
+
+def transformer_config_from_hf(
+    hf_config,
+    model_cfg: Optional[ModelConfig] = None,
+    parallel: Optional[ParallelConfig] = None,
+    device: torch.device = torch.device("cpu"),
+):
+    """Translate HF fields into a Megatron ``TransformerConfig`` (one place for every mapping)."""
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    model_cfg = model_cfg or ModelConfig()
+    parallel = parallel or ParallelConfig()
+    if model_cfg.params_dtype == "auto":
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    else:
+        dtype = _DTYPES[model_cfg.params_dtype]
+    heads = hf_config.num_attention_heads
+    head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // heads
+    experts = num_experts_of(hf_config)
+    kwargs: dict[str, Any] = dict(
+        num_layers=hf_config.num_hidden_layers,
+        hidden_size=hf_config.hidden_size,
+        ffn_hidden_size=hf_config.intermediate_size,
+        num_attention_heads=heads,
+        num_query_groups=getattr(hf_config, "num_key_value_heads", None) or heads,
+        kv_channels=head_dim,
+        normalization="RMSNorm",
+        layernorm_epsilon=hf_config.rms_norm_eps,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=bool(getattr(hf_config, "mlp_bias", False)),
+        add_qkv_bias=bool(getattr(hf_config, "attention_bias", False)) or hf_config.model_type == "qwen2",
+        qk_layernorm=hf_config.model_type in ("qwen3", "qwen3_moe"),
+        attention_dropout=model_cfg.attention_dropout,
+        hidden_dropout=model_cfg.hidden_dropout,
+        bias_dropout_fusion=False,
+        apply_rope_fusion=False,
+        masked_softmax_fusion=False,
+        gradient_accumulation_fusion=False,
+        persist_layer_norm=False,
+        tensor_model_parallel_size=parallel.tp,
+        pipeline_model_parallel_size=parallel.pp,
+        expert_model_parallel_size=parallel.ep,
+        expert_tensor_parallel_size=parallel.etp or parallel.tp,
+        context_parallel_size=parallel.cp,
+        sequence_parallel=parallel.sequence_parallel,
+        virtual_pipeline_model_parallel_size=parallel.virtual_pp,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
+        use_cpu_initialization=device.type != "cuda",
+        init_method_std=getattr(hf_config, "initializer_range", 0.02),
+        # Rollout batches have varying lengths; Megatron's allgather dispatcher cannot handle that.
+        variable_seq_lengths=model_cfg.moe_token_dispatcher != "allgather",
+        moe_token_dispatcher_type=model_cfg.moe_token_dispatcher,
+        deallocate_pipeline_outputs=True,
+    )
+    if model_cfg.recompute == "full":
+        kwargs.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+    elif model_cfg.recompute == "selective":
+        kwargs.update(recompute_granularity="selective")
+    if experts:
+        if getattr(hf_config, "shared_expert_intermediate_size", 0):
+            raise ConfigError("shared experts are not supported (Qwen3-MoE has none)")
+        aux = model_cfg.moe_aux_loss_coeff
+        if aux is None:
+            aux = float(getattr(hf_config, "router_aux_loss_coef", 0.0) or 0.0)
+        kwargs.update(
+            num_moe_experts=experts,
+            moe_router_topk=hf_config.num_experts_per_tok,
+            moe_ffn_hidden_size=getattr(hf_config, "moe_intermediate_size", hf_config.intermediate_size),
+            moe_router_score_function="softmax",
+            # HF Qwen3-MoE: softmax over all experts, top-k, renormalise iff norm_topk_prob.
+            # Megatron: pre_softmax=False is top-k then softmax over the k (== renormalised);
+            # pre_softmax=True is softmax over all then top-k (== not renormalised).
+            moe_router_pre_softmax=not bool(getattr(hf_config, "norm_topk_prob", True)),
+            moe_router_load_balancing_type="aux_loss" if aux > 0 else "none",
+            moe_aux_loss_coeff=aux,
+            moe_grouped_gemm=model_cfg.moe_grouped_gemm,
+            moe_layer_freq=moe_layer_pattern(hf_config),
+            moe_router_dtype="fp32",
+        )
+    if model_cfg.fp8:
+        kwargs.update(fp8=model_cfg.fp8, fp8_recipe=model_cfg.fp8_recipe)
+    return TransformerConfig(**kwargs)
+
+
+def layer_spec(config, spec: str, vp_stage: Optional[int] = None):
+    """Decoder block spec for this pipeline stage; ``spec`` is 'te' or 'local'."""
+    from megatron.core.models.gpt.gpt_layer_specs import (
+        get_gpt_decoder_block_spec,
+        get_gpt_layer_local_spec,
+    )
+
+    use_te = spec == "te"
+    if use_te:
+        from megatron.core.models.gpt.gpt_layer_specs import (
+            get_gpt_layer_with_transformer_engine_spec,
+        )
+    if config.num_moe_experts:
+        return get_gpt_decoder_block_spec(
+            config, use_transformer_engine=use_te, normalization="RMSNorm", vp_stage=vp_stage
+        )
+    if use_te:
+        return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=config.qk_layernorm)
+    return get_gpt_layer_local_spec(qk_layernorm=config.qk_layernorm, normalization="RMSNorm")
+
+
+def build_model(
+    hf_config,
+    model_cfg: Optional[ModelConfig] = None,
+    parallel: Optional[ParallelConfig] = None,
+    device: Optional[torch.device] = None,
+    max_sequence_length: Optional[int] = None,
+    pre_process: Optional[bool] = None,
+    post_process: Optional[bool] = None,
+    vp_stage: Optional[int] = None,
+):
+    """Return this rank's ``GPTModel`` stage. Call after :func:`megatron_pz.runtime.initialize`.
+
+    Logits are vocab-parallel (``parallel_output=True``): each TP rank holds vocab/TP columns, and
+    log-probs are computed without gathering them (see :mod:`megatron_pz.rl.logprobs`).
+    """
+    from megatron.core import parallel_state
+    from megatron.core.models.gpt import GPTModel
+
+    model_cfg = model_cfg or ModelConfig()
+    parallel = parallel or ParallelConfig()
+    device = device or (torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available()
+                        else torch.device("cpu"))
+    config = transformer_config_from_hf(hf_config, model_cfg, parallel, device)
+    spec = resolve_spec(model_cfg, device)
+    if spec == "local" and parallel.sequence_parallel:
+        raise ConfigError("parallel.sequence_parallel needs the Transformer Engine spec (model.spec: te)")
+    if spec == "te" and device.type != "cuda":
+        raise ConfigError("model.spec='te' needs a CUDA device; use model.spec: local on CPU")
+    theta, rope_scaling, rope_factor = rope_settings(hf_config)
+    if pre_process is None:
+        pre_process = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
+    if post_process is None:
+        post_process = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
+    model = GPTModel(
+        config=config,
+        transformer_layer_spec=layer_spec(config, spec, vp_stage),
+        vocab_size=hf_config.vocab_size,
+        max_sequence_length=max_sequence_length or getattr(hf_config, "max_position_embeddings", 4096),
+        pre_process=pre_process,
+        post_process=post_process,
+        parallel_output=True,
+        share_embeddings_and_output_weights=bool(getattr(hf_config, "tie_word_embeddings", False)),
+        position_embedding_type="rope",
+        rotary_base=int(theta) if float(theta).is_integer() else theta,
+        rope_scaling=rope_scaling,
+        rope_scaling_factor=rope_factor,
+        vp_stage=vp_stage,
+    )
+    if device.type == "cuda":
+        model.cuda(device)
+    return model

@@ -1,0 +1,28 @@
+"""Experience: what objectives hand to the trainer after rollouts and rewards."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+
+@dataclass
+class Experience:
+    """One sampled response with its reward, ready for a GRPO update.
+
+    ``group`` identifies the GRPO group (responses to the same prompt); ``role`` is e.g.
+    'generator', 'predictor', 'rlp', 'rpt' and only feeds metrics. ``advantage`` is filled by
+    :func:`megatron_pz.rl.grpo.group_advantages` (or directly by objectives with their own rule,
+    as RLP does). ``rollout_logprobs`` are the engine's per-token log-probs (for IS correction).
+    ``trainable`` False keeps the sample for metrics but out of the loss (e.g. DAPO-filtered groups).
+    """
+
+    prompt_ids: list[int]
+    response_ids: list[int]
+    reward: float
+    group: str
+    role: str
+    advantage: Optional[float] = None
+    rollout_logprobs: Optional[list[float]] = None
+    trainable: bool = True
+    info: dict = field(default_factory=dict)  # parsed answer, mask text, correctness...

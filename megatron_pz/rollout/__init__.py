@@ -1,0 +1,1 @@
+"""Rollout engines: turn prompts into sampled completions (Megatron KV-cache decoding, vLLM)."""

@@ -1,0 +1,50 @@
+"""The one interface every rollout engine implements, and the records it returns.
+
+Objectives talk only to this interface, so the same PretrainZero/RLP code runs on Megatron's own
+KV-cache decoder (CPU, fallback) and on vLLM (GPU).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional, Protocol, Sequence
+
+
+@dataclass
+class SamplingParams:
+    max_new_tokens: int = 256
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    stop: list[str] = field(default_factory=list)  # stop strings; the completion keeps the stop text
+    n: int = 1  # samples per prompt (a GRPO group)
+    seed: Optional[int] = None
+
+
+@dataclass
+class Completion:
+    """One sampled continuation of one prompt."""
+
+    prompt_ids: list[int]
+    token_ids: list[int]  # generated tokens only (no prompt)
+    text: str  # decoded generated text
+    logprobs: Optional[list[float]] = None  # per generated token, from the rollout engine
+    finish_reason: str = "length"  # stop | eos | length
+
+
+class RolloutEngine(Protocol):
+    """Generates ``n`` completions for each prompt. Returns them grouped: result[i] has n items."""
+
+    def generate(self, prompts: Sequence[list[int]], params: SamplingParams) -> list[list[Completion]]:
+        ...
+
+    def update_weights(self, model_chunks) -> None:
+        """Load the actor's current weights (no-op for an engine that shares the actor's modules)."""
+        ...
+
+    def sleep(self) -> None:
+        """Release memory between rollout and training (colocated engines)."""
+        ...
+
+    def wake(self) -> None:
+        ...
