@@ -52,7 +52,7 @@ def run_torchrun(script: str | Path, *args: str, nproc: int = 2, timeout: float 
     try:
         output, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+        _kill_tree(proc.pid)
         output, _ = proc.communicate()
         raise DistributedTestFailure(
             f"{script.name} on {nproc} ranks did not finish within {timeout}s (killed). Output:\n"
@@ -63,6 +63,22 @@ def run_torchrun(script: str | Path, *args: str, nproc: int = 2, timeout: float 
             f"{script.name} on {nproc} ranks exited with {proc.returncode}. Output:\n" + _tail(output)
         )
     return output
+
+
+def _kill_tree(pid: int) -> None:
+    """torchrun starts ranks in their own sessions: kill every descendant, not just the group."""
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+        victims = root.children(recursive=True) + [root]
+    except psutil.NoSuchProcess:
+        return
+    for p in victims:
+        try:
+            p.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:
+            pass
 
 
 def _tail(text: str, limit: int = 12000) -> str:

@@ -155,6 +155,9 @@ def transformer_config_from_hf(
         init_method_std=getattr(hf_config, "initializer_range", 0.02),
         # Rollout batches have varying lengths; Megatron's allgather dispatcher cannot handle that.
         variable_seq_lengths=model_cfg.moe_token_dispatcher != "allgather",
+        # Loss = sum over tokens; Megatron divides grads by the token count summed over
+        # micro-batches and DP ranks (one global count: a batch split differently trains the same).
+        calculate_per_token_loss=True,
         moe_token_dispatcher_type=model_cfg.moe_token_dispatcher,
         deallocate_pipeline_outputs=True,
     )

@@ -1,0 +1,2 @@
+"""Reinforcement-pretraining objectives: PretrainZero, its baselines (Random RLPT, next-token
+reasoning, RPT) and RLP. Each turns passages into rewarded, advantage-filled experiences."""

@@ -1,0 +1,72 @@
+"""``megatron-pz convert hf-to-megatron | megatron-to-hf``.
+
+``hf-to-megatron`` needs one process per rank of the requested layout (tp*pp*ep ranks). Started as a
+plain single process it re-launches itself under ``torchrun --nproc_per_node tp*pp*ep`` on this host;
+already under torchrun (RANK set) it runs in-process, so it also works inside a multi-node launch.
+``megatron-to-hf`` always runs in one process: the checkpoint is resharded to TP=PP=EP=1 on load.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("convert", help="convert between Hugging Face and Megatron checkpoints")
+    sub = parser.add_subparsers(dest="direction", metavar="DIRECTION", required=True)
+
+    imp = sub.add_parser("hf-to-megatron", help="HF safetensors folder -> Megatron distributed checkpoint")
+    imp.add_argument("--hf", required=True, help="Hugging Face model folder (config.json + safetensors)")
+    imp.add_argument("--out", required=True, help="checkpoint root to write (iter_0000000 inside)")
+    imp.add_argument("--tp", type=int, default=1)
+    imp.add_argument("--pp", type=int, default=1)
+    imp.add_argument("--ep", type=int, default=1)
+    imp.add_argument("--dtype", default="auto", help="auto (the HF config's dtype) | float32 | bfloat16 | float16")
+    imp.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    imp.set_defaults(func=_run_import)
+
+    exp = sub.add_parser("megatron-to-hf", help="Megatron checkpoint (any layout) -> HF folder")
+    exp.add_argument("--ckpt", required=True, help="checkpoint root (latest is used) or an iter_* dir")
+    exp.add_argument("--out", required=True, help="HF folder to write")
+    exp.add_argument("--max-shard-size-mb", type=int, default=2048)
+    exp.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    exp.add_argument("--overwrite", action="store_true")
+    exp.set_defaults(func=_run_export)
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run_import(args) -> int:
+    from megatron_pz.convert.hf_to_megatron import import_hf_checkpoint, world_size_for
+
+    world = world_size_for(args.tp, args.pp, args.ep)
+    if world > 1 and "RANK" not in os.environ:
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={world}", "--nnodes=1",
+               "--master_addr=127.0.0.1", f"--master_port={_free_port()}", "--max_restarts=0",
+               "-m", "megatron_pz.cli", "convert", "hf-to-megatron", "--hf", str(args.hf), "--out", str(args.out),
+               "--tp", str(args.tp), "--pp", str(args.pp), "--ep", str(args.ep), "--dtype", args.dtype,
+               "--device", args.device]
+        return subprocess.call(cmd)
+    if "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) != world:
+        raise SystemExit(f"hf-to-megatron with tp={args.tp} pp={args.pp} ep={args.ep} needs {world} ranks, "
+                         f"launched with WORLD_SIZE={os.environ.get('WORLD_SIZE')}")
+    path = import_hf_checkpoint(args.hf, args.out, args.tp, args.pp, args.ep, dtype=args.dtype, device=args.device)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"wrote {path}")
+    return 0
+
+
+def _run_export(args) -> int:
+    from megatron_pz.convert.megatron_to_hf import export_hf_checkpoint
+
+    path = export_hf_checkpoint(args.ckpt, args.out, max_shard_bytes=args.max_shard_size_mb * 1024**2,
+                                device=args.device, overwrite=args.overwrite)
+    print(f"wrote {path}")
+    return 0

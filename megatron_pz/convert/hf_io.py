@@ -1,0 +1,205 @@
+"""Read and write Hugging Face safetensors folders tensor by tensor.
+
+Reading goes through ``safetensors.safe_open`` one tensor at a time, so importing never holds more than
+the tensors of the parameter being filled. Every file is checked up front (missing shard, unreadable
+or truncated file, names and shapes against the config) so errors name the file or tensor before any
+weight is copied or any collective starts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from megatron_pz.config import ConfigError
+from megatron_pz.convert.mapping import IGNORABLE_HF_TENSORS, expected_hf_tensors
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
+    "tokenizer.model", "added_tokens.json", "chat_template.jinja", "chat_template.json",
+    "generation_config.json",
+)
+
+
+class CheckpointFormatError(ConfigError):
+    """A Hugging Face folder is incomplete or corrupt; the message names the file or tensor."""
+
+
+class HFCheckpointReader:
+    """Lazy view of a HF safetensors checkpoint (single file, or shards listed in the index)."""
+
+    def __init__(self, folder: str | Path):
+        from safetensors import safe_open
+
+        self.folder = Path(folder)
+        index = self.folder / INDEX_NAME
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError) as exc:
+                raise CheckpointFormatError(f"{index} is not a safetensors index (needs 'weight_map'): {exc}")
+            files = sorted(set(weight_map.values()))
+        elif (self.folder / SINGLE_NAME).is_file():
+            files, weight_map = [SINGLE_NAME], None
+        else:
+            raise CheckpointFormatError(
+                f"{self.folder} has neither {INDEX_NAME} nor {SINGLE_NAME} (expected a Hugging Face model folder)")
+        self._handles = {}
+        self.location: dict[str, str] = {}
+        for file in files:
+            path = self.folder / file
+            if not path.is_file():
+                raise CheckpointFormatError(f"shard {path} listed in {INDEX_NAME} is missing")
+            try:
+                handle = safe_open(str(path), framework="pt")
+                names = list(handle.keys())
+                for name in names:  # parse every header entry now: catches truncated files early
+                    handle.get_slice(name).get_shape()
+            except Exception as exc:  # safetensors raises its own SafetensorError / OSError
+                raise CheckpointFormatError(f"cannot read safetensors file {path}: {exc}") from exc
+            self._handles[file] = handle
+            for name in names:
+                if name in self.location:
+                    raise CheckpointFormatError(f"tensor {name} is stored twice ({self.location[name]} and {file})")
+                self.location[name] = file
+        if weight_map is not None:
+            for name, file in weight_map.items():
+                if self.location.get(name) != file:
+                    raise CheckpointFormatError(
+                        f"{INDEX_NAME} places tensor {name} in {file}, but that file does not contain it")
+        self._check_sizes()
+
+    def _check_sizes(self) -> None:
+        """A truncated file still has a valid header: compare the header's data span to the file size."""
+        import struct
+
+        for file in self._handles:
+            path = self.folder / file
+            with open(path, "rb") as fh:
+                header_len = struct.unpack("<Q", fh.read(8))[0]
+                header = json.loads(fh.read(header_len))
+            end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+            size = path.stat().st_size
+            if size < 8 + header_len + end:
+                raise CheckpointFormatError(
+                    f"safetensors file {path} is truncated: {size} bytes, header needs {8 + header_len + end}")
+
+    def names(self) -> list[str]:
+        return list(self.location)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._handles[self.location[name]].get_slice(name).get_shape())
+
+    def get(self, name: str) -> torch.Tensor:
+        file = self.location.get(name)
+        if file is None:
+            raise CheckpointFormatError(f"tensor {name} is not in the checkpoint {self.folder}")
+        try:
+            return self._handles[file].get_tensor(name)
+        except Exception as exc:
+            raise CheckpointFormatError(f"cannot read tensor {name} from {self.folder / file}: {exc}") from exc
+
+
+def check_against_config(reader: HFCheckpointReader, hf_config) -> list[str]:
+    """Names and shapes in the checkpoint must be exactly what the config implies.
+
+    Returns the derived-state tensors skipped (e.g. ``rotary_emb.inv_freq``); raises naming every
+    missing, unexpected or wrongly shaped tensor otherwise.
+    """
+    expected = expected_hf_tensors(hf_config)
+    present = set(reader.names())
+    skipped = sorted(n for n in present if IGNORABLE_HF_TENSORS.search(n))
+    present -= set(skipped)
+    tied_extra = []
+    if getattr(hf_config, "tie_word_embeddings", False) and "lm_head.weight" in present:
+        present.discard("lm_head.weight")  # a tied copy; checked equal below
+        tied_extra = ["lm_head.weight"]
+    problems = []
+    missing = sorted(set(expected) - present)
+    unexpected = sorted(present - set(expected))
+    if missing:
+        problems.append(f"missing tensors: {_short(missing)}")
+    if unexpected:
+        problems.append(f"unexpected tensors (not used by a {hf_config.model_type} model of this config): "
+                        f"{_short(unexpected)}")
+    for name in sorted(present & set(expected)):
+        if reader.shape(name) != tuple(expected[name]):
+            problems.append(f"tensor {name} has shape {reader.shape(name)}, config implies {tuple(expected[name])}")
+    if tied_extra and not torch.equal(reader.get("lm_head.weight"), reader.get("model.embed_tokens.weight")):
+        problems.append("tie_word_embeddings is true but lm_head.weight differs from model.embed_tokens.weight")
+    if problems:
+        raise CheckpointFormatError(f"checkpoint {reader.folder} does not match its config: " + "; ".join(problems))
+    return skipped + tied_extra
+
+
+def _short(names: list[str], limit: int = 12) -> str:
+    head = ", ".join(names[:limit])
+    return head + (f" ... ({len(names)} in all)" if len(names) > limit else "")
+
+
+class HFShardWriter:
+    """Write tensors into ``model-0000i-of-0000n.safetensors`` shards plus the index, as they arrive.
+
+    A shard is written once it reaches ``max_shard_bytes``; names are fixed up at :meth:`finish` when
+    the number of shards is known.
+    """
+
+    def __init__(self, folder: str | Path, max_shard_bytes: int = 2 * 1024**3):
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.max_shard_bytes = max_shard_bytes
+        self._pending: dict[str, torch.Tensor] = {}
+        self._pending_bytes = 0
+        self._files: list[list[str]] = []
+        self.total_bytes = 0
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        if name in self._pending or any(name in f for f in self._files):
+            raise CheckpointFormatError(f"tensor {name} was produced twice during export")
+        nbytes = tensor.numel() * tensor.element_size()
+        if self._pending and self._pending_bytes + nbytes > self.max_shard_bytes:
+            self._flush()
+        self._pending[name] = tensor.detach().contiguous()
+        self._pending_bytes += nbytes
+        self.total_bytes += nbytes
+
+    def _flush(self) -> None:
+        from safetensors.torch import save_file
+
+        if not self._pending:
+            return
+        save_file(self._pending, str(self.folder / f"shard-{len(self._files):05d}.tmp"), metadata={"format": "pt"})
+        self._files.append(list(self._pending))
+        self._pending, self._pending_bytes = {}, 0
+
+    def finish(self) -> list[str]:
+        self._flush()
+        n = len(self._files)
+        weight_map = {}
+        for i, names in enumerate(self._files):
+            final = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+            os.replace(self.folder / f"shard-{i:05d}.tmp", self.folder / final)
+            weight_map.update({name: final for name in names})
+        index = {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
+        (self.folder / INDEX_NAME).write_text(json.dumps(index, indent=2))
+        return sorted(weight_map)
+
+
+def copy_tokenizer_files(src: Optional[str | Path], dst: str | Path) -> list[str]:
+    """Copy the tokenizer/generation files that exist in ``src`` (any of :data:`TOKENIZER_FILES`)."""
+    if src is None or not Path(src).is_dir():
+        return []
+    copied = []
+    Path(dst).mkdir(parents=True, exist_ok=True)
+    for name in TOKENIZER_FILES:
+        if (Path(src) / name).is_file():
+            shutil.copy2(Path(src) / name, Path(dst) / name)
+            copied.append(name)
+    return copied

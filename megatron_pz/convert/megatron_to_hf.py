@@ -1,0 +1,61 @@
+"""Export: a Megatron checkpoint saved at any TP/PP/EP layout -> a Hugging Face folder.
+
+The checkpoint is loaded in one process at TP=PP=EP=1 (dist_checkpointing reshards on load), mapped to
+HF names layer by layer with :func:`megatron_pz.convert.weights.megatron_to_hf_tensors`, and written as
+safetensors shards with an index, ``config.json`` and the tokenizer files stored in the checkpoint.
+The folder appears atomically: it is written under a temporary name and renamed when complete.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+from megatron_pz.config import ConfigError, ModelConfig, ParallelConfig, RuntimeConfig
+
+
+def export_hf_checkpoint(ckpt, out, max_shard_bytes: int = 2 * 1024**3, device: str = "auto",
+                         overwrite: bool = False) -> Path:
+    from megatron_pz.checkpoint import TOKENIZER_DIR, load_checkpoint, read_hf_config, read_metadata, \
+        resolve_checkpoint_dir
+    from megatron_pz.convert.hf_io import CheckpointFormatError, HFShardWriter, copy_tokenizer_files
+    from megatron_pz.convert.mapping import expected_hf_tensors
+    from megatron_pz.convert.weights import megatron_to_hf_tensors
+    from megatron_pz.model.provider import SUPPORTED_ARCHITECTURES, build_model
+    from megatron_pz.runtime import initialize
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError("megatron-to-hf runs in a single process (it reshards to TP=PP=EP=1); "
+                          "do not launch it under torchrun")
+    out = Path(out)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise ConfigError(f"--out {out} exists and is not empty (pass --overwrite to replace it)")
+    ckpt_dir = resolve_checkpoint_dir(ckpt)
+    meta = read_metadata(ckpt_dir)
+    hf_config = read_hf_config(ckpt_dir)
+    info = initialize(ParallelConfig(), RuntimeConfig(device=device))
+    dtype = meta.get("params_dtype") or "float32"
+    model = build_model(hf_config, ModelConfig(params_dtype=dtype), ParallelConfig(), device=info.device)
+    load_checkpoint(ckpt_dir, [model], restore_rng=False)
+
+    tmp = out.parent / f".tmp_{out.name}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    writer = HFShardWriter(tmp, max_shard_bytes)
+    for name, tensor in megatron_to_hf_tensors([model], hf_config):
+        writer.add(name, tensor.cpu())
+    written = set(writer.finish())
+    expected = set(expected_hf_tensors(hf_config))
+    if written != expected:
+        raise CheckpointFormatError(
+            f"export of {ckpt_dir} produced the wrong tensor set: missing {sorted(expected - written)[:12]}, "
+            f"unexpected {sorted(written - expected)[:12]}")
+    hf_config.architectures = [SUPPORTED_ARCHITECTURES[hf_config.model_type]]
+    hf_config.dtype = dtype
+    hf_config.save_pretrained(tmp)
+    copy_tokenizer_files(ckpt_dir / TOKENIZER_DIR, tmp)
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    return out

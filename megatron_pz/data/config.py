@@ -1,0 +1,18 @@
+"""The ``data`` section of a run config: which preprocessed folder the trainer reads, and how."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+
+@dataclass
+class DataConfig:
+    path: Optional[str] = None  # preprocess output folder; None: build the embedded gensim default
+    heldout_fraction: float = 0.02  # articles (by title hash) kept out of training
+    max_passage_tokens: int = 1024  # passages longer than this are skipped by the sampler
+    max_span_words: Optional[int] = None  # None: what the folder was built with
+    # embedded default (path=None): tokenizer trained on the gensim Wikipedia excerpt, then preprocessed
+    default_cache_dir: Optional[str] = None  # None: ~/.cache/megatron-pz
+    default_vocab_size: int = 4096
+    default_passage_tokens: int = 256

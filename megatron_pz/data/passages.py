@@ -1,0 +1,119 @@
+"""Cut one cleaned article into passages that fit the token budget, at sentence boundaries.
+
+The article is tokenized once (with character offsets); each token is owned by the sentence that
+holds its first non-space character, so a passage's token ids are a contiguous slice of the article's
+tokens and decode back to the passage text (modulo the leading space a BPE token may carry).
+Tokenizing the article once rather than every passage keeps the pipeline close to the cost of a bare
+tokenize pass.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import numpy as np
+
+from .spans import IdfTable, word_table
+
+_SPACE_CODES = np.array([9, 10, 11, 12, 13, 32, 0x85, 0xA0, 0x2028, 0x2029, 0x3000], dtype=np.uint32)
+
+
+@dataclass
+class PassageBudget:
+    target_tokens: int = 512  # pack sentences until the next one would pass this
+    max_tokens: int = 1024  # hard cap: sentences longer than this are dropped (counted)
+    min_tokens: int = 32  # shorter leftovers merge into the previous passage or are dropped (counted)
+
+
+@dataclass
+class CutPassage:
+    text: str
+    token_ids: np.ndarray
+    words: np.ndarray  # spans.word_table of the passage
+
+
+def token_anchors(text: str, offsets: np.ndarray) -> np.ndarray:
+    """First non-space character of each token; -1 for whitespace-only tokens."""
+    if len(offsets) == 0:
+        return np.zeros(0, dtype=np.int64)
+    codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+    nonspace = np.flatnonzero(~np.isin(codes, _SPACE_CODES))
+    where = np.searchsorted(nonspace, offsets[:, 0])
+    anchor = np.where(where < len(nonspace), nonspace[np.minimum(where, len(nonspace) - 1)], len(text))
+    return np.where(anchor < offsets[:, 1], anchor, -1)
+
+
+def cut_passages(
+    text: str,
+    sentences: list[tuple[int, int]],
+    ids: list[int],
+    offsets: list[tuple[int, int]],
+    budget: PassageBudget,
+    idf: IdfTable,
+    counts: dict,
+) -> list[CutPassage]:
+    """Passages of one article; ``counts`` gets ``sentences_over_budget`` / ``short_passages_dropped``."""
+    if not sentences or not ids:
+        return []
+    ids_arr = np.asarray(ids, dtype=np.int64)
+    offs = np.fromiter(itertools.chain.from_iterable(offsets), dtype=np.int64, count=2 * len(offsets))
+    offs = offs.reshape(-1, 2)
+    anchors = token_anchors(text, offs)
+    starts = np.array([s for s, _ in sentences])
+    ends = np.array([e for _, e in sentences])
+    owner = np.searchsorted(starts, anchors, side="right") - 1
+    owned = (anchors >= 0) & (owner >= 0)
+    owned[owned] &= anchors[owned] < ends[owner[owned]]
+    owner = np.where(owned, owner, -1)
+    per_sentence = np.bincount(owner[owned], minlength=len(sentences))
+
+    groups: list[list[int]] = []
+    current: list[int] = []
+    current_tokens = 0
+    for s, n in enumerate(per_sentence.tolist()):
+        if n == 0:
+            continue
+        if n > budget.max_tokens:
+            counts["sentences_over_budget"] = counts.get("sentences_over_budget", 0) + 1
+            if current:
+                groups.append(current)
+            current, current_tokens = [], 0
+            continue
+        if current and current_tokens + n > budget.target_tokens:
+            groups.append(current)
+            current, current_tokens = [], 0
+        current.append(s)
+        current_tokens += n
+    if current:
+        groups.append(current)
+
+    sizes = [int(per_sentence[g].sum()) for g in groups]
+    kept: list[list[int]] = []
+    kept_sizes: list[int] = []
+    for group, size in zip(groups, sizes):
+        if size < budget.min_tokens:
+            contiguous = kept and kept[-1][-1] + 1 == group[0]
+            if contiguous and kept_sizes[-1] + size <= budget.max_tokens:
+                kept[-1] = kept[-1] + group
+                kept_sizes[-1] += size
+            else:
+                counts["short_passages_dropped"] = counts.get("short_passages_dropped", 0) + 1
+            continue
+        kept.append(group)
+        kept_sizes.append(size)
+
+    token_index = np.arange(len(ids_arr))
+    out = []
+    for group in kept:
+        first_s, last_s = group[0], group[-1]
+        mine = token_index[(owner >= first_s) & (owner <= last_s)]
+        t0, t1 = int(mine[0]), int(mine[-1]) + 1
+        p0, p1 = sentences[first_s][0], sentences[last_s][1]
+        passage_text = text[p0:p1]
+        rel_anchor = np.where(anchors[t0:t1] >= 0, anchors[t0:t1] - p0, -1)
+        rel_end = offs[t0:t1, 1] - p0
+        rel_sentences = [(sentences[s][0] - p0, sentences[s][1] - p0) for s in group]
+        words = word_table(passage_text, rel_sentences, rel_anchor, rel_end, idf)
+        out.append(CutPassage(text=passage_text, token_ids=ids_arr[t0:t1], words=words))
+    return out

@@ -1,0 +1,55 @@
+"""``megatron-pz eval``: lm-eval tasks and/or held-out mask-prediction accuracy on an exported HF folder."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("eval", help="evaluate an exported Hugging Face model (lm-eval, mask accuracy)")
+    p.add_argument("--model", required=True, help="Hugging Face folder (from `convert megatron-to-hf`)")
+    p.add_argument("--tasks", default="", help="comma-separated lm-eval tasks (e.g. gsm8k,mmlu_pro)")
+    p.add_argument("--include-path", default=None, help="folder of local lm-eval task YAMLs")
+    p.add_argument("--num-fewshot", type=int, default=None)
+    p.add_argument("--limit", type=float, default=None, help="examples per task (or fraction if < 1)")
+    p.add_argument("--batch-size", default="1")
+    p.add_argument("--mask-accuracy", action="store_true", help="also run the held-out mask-prediction eval")
+    p.add_argument("--data", default=None, help="preprocessed passages folder (for --mask-accuracy)")
+    p.add_argument("--heldout-fraction", type=float, default=0.02)
+    p.add_argument("--max-passages", type=int, default=100)
+    p.add_argument("--spans-per-passage", type=int, default=1)
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--normalize", action="store_true", help="normalised instead of exact match")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--output", required=True, help="results JSON path")
+    p.set_defaults(func=_run)
+
+
+def _run(args) -> int:
+    from megatron_pz.config import ConfigError
+    from megatron_pz.eval.lm_eval_runner import run_lm_eval, write_json_atomic
+    from megatron_pz.eval.mask_accuracy import run_mask_accuracy
+
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    if not tasks and not args.mask_accuracy:
+        raise ConfigError("eval: give --tasks and/or --mask-accuracy")
+    if args.mask_accuracy and not args.data:
+        raise ConfigError("eval --mask-accuracy needs --data (a preprocessed passages folder)")
+    summary: dict = {"model": args.model}
+    if tasks:
+        batch = int(args.batch_size) if args.batch_size.isdigit() else args.batch_size
+        summary["lm_eval"] = run_lm_eval(args.model, tasks, None, args.include_path, args.num_fewshot,
+                                         args.limit, batch, args.device, args.dtype, args.seed)
+    if args.mask_accuracy:
+        summary["mask_accuracy"] = run_mask_accuracy(
+            args.model, args.data, None, args.spans_per_passage, args.max_passages, args.heldout_fraction,
+            args.max_new_tokens, args.normalize, args.seed, args.device, args.dtype)
+    write_json_atomic(args.output, summary)
+    brief = {k: v.get("results", {k2: v2 for k2, v2 in v.items() if k2 != "samples"})
+             for k, v in summary.items() if isinstance(v, dict)}
+    print(json.dumps(brief, indent=2, default=str))
+    print(f"wrote {Path(args.output)}")
+    return 0

@@ -1,0 +1,109 @@
+"""Held-out mask-prediction accuracy: PretrainZero's predictor task as an eval, no harness needed.
+
+For each held-out passage, a few span candidates (chosen by a seeded RNG, so runs compare) are masked
+exactly as in training (:func:`mask_passage`), the predictor prompt is greedy-decoded by the exported
+Hugging Face model, and the answer is scored with the training reward (:func:`predictor_reward`).
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+from megatron_pz.config import ConfigError
+
+
+@dataclass
+class MaskItem:
+    passage_index: int
+    span: str
+    prompt: str
+
+
+def build_mask_items(passages, spans_per_passage: int = 1, max_passages: Optional[int] = None,
+                     seed: int = 0, replace_all: bool = True, whole_words_only: bool = True) -> tuple[list[MaskItem], dict]:
+    """Prompts for held-out passages; returns (items, counts of passages used/skipped and why)."""
+    from megatron_pz.objectives.pretrainzero import build_predictor_prompt, mask_passage
+
+    items: list[MaskItem] = []
+    counts = {"passages": 0, "skipped_no_candidates": 0, "skipped_span_absent": 0}
+    for i in range(len(passages)):
+        if max_passages is not None and counts["passages"] >= max_passages:
+            break
+        passage = passages[i]
+        if not passage.candidates:
+            counts["skipped_no_candidates"] += 1
+            continue
+        counts["passages"] += 1
+        rng = random.Random(seed * 1_000_003 + passage.index)
+        chosen = rng.sample(passage.candidates, min(spans_per_passage, len(passage.candidates)))
+        for cand in chosen:
+            try:
+                masked = mask_passage(passage.text, cand.text, replace_all, whole_words_only)
+            except ValueError:  # e.g. a span whose edge is not a word boundary under whole-word matching
+                counts["skipped_span_absent"] += 1
+                continue
+            items.append(MaskItem(passage.index, cand.text, build_predictor_prompt(masked)))
+    return items, counts
+
+
+def hf_greedy_generator(model_dir, device: str = "cpu", dtype: str = "float32",
+                        max_new_tokens: int = 32) -> Callable[[list[str]], list[str]]:
+    """Greedy completions from a Hugging Face folder (one prompt at a time: no padding effects)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=getattr(torch, dtype)).to(device).eval()
+
+    def generate(prompts: list[str]) -> list[str]:
+        outs = []
+        for prompt in prompts:
+            ids = tokenizer(prompt, return_tensors="pt").input_ids.to(device)
+            with torch.no_grad():
+                gen = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                     max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id
+                                     if tokenizer.pad_token_id is not None else tokenizer.eos_token_id)
+            outs.append(tokenizer.decode(gen[0, ids.shape[1]:], skip_special_tokens=True))
+        return outs
+
+    return generate
+
+
+def mask_prediction_accuracy(items: list[MaskItem], generate: Callable[[list[str]], list[str]],
+                             normalize: bool = False, batch: int = 8) -> dict:
+    """Exact-match accuracy of ``generate`` on the items (the training predictor reward)."""
+    from megatron_pz.objectives.pretrainzero import predictor_reward
+
+    if not items:
+        raise ConfigError("mask accuracy: no held-out passage with a usable span candidate")
+    rewards, samples = [], []
+    for start in range(0, len(items), batch):
+        chunk = items[start:start + batch]
+        responses = generate([it.prompt for it in chunk])
+        if len(responses) != len(chunk):
+            raise RuntimeError(f"generator returned {len(responses)} responses for {len(chunk)} prompts")
+        for it, resp in zip(chunk, responses):
+            r = predictor_reward(resp, it.span, normalize=normalize)
+            rewards.append(r)
+            samples.append({"passage": it.passage_index, "span": it.span, "response": resp, "reward": r})
+    return {"accuracy": sum(rewards) / len(rewards), "num_spans": len(rewards), "samples": samples}
+
+
+def run_mask_accuracy(model_dir, data_path, output=None, spans_per_passage: int = 1,
+                      max_passages: Optional[int] = 100, heldout_fraction: float = 0.02,
+                      max_new_tokens: int = 32, normalize: bool = False, seed: int = 0,
+                      device: str = "cpu", dtype: str = "float32") -> dict:
+    from megatron_pz.data.dataset import PassageDataset
+    from megatron_pz.eval.lm_eval_runner import write_json_atomic
+
+    passages = PassageDataset(data_path, split="heldout", heldout_fraction=heldout_fraction)
+    items, counts = build_mask_items(passages, spans_per_passage, max_passages, seed)
+    result = mask_prediction_accuracy(items, hf_greedy_generator(model_dir, device, dtype, max_new_tokens),
+                                      normalize=normalize)
+    result.update(counts, model=str(model_dir), data=str(Path(data_path)), seed=seed)
+    if output is not None:
+        write_json_atomic(output, result)
+    return result

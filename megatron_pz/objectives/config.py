@@ -1,0 +1,102 @@
+"""ObjectiveConfig: which reinforcement-pretraining objective to run, and every knob it has.
+
+Defaults follow the papers where they say something (PretrainZero arXiv 2512.03442, RLP arXiv
+2510.01265, RPT arXiv 2506.08007). Fields marked *paper-silent* are choices of this project; each
+says what was chosen and why, so a run's config records the full algorithm.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+OBJECTIVE_NAMES = ("pretrainzero", "random_rlpt", "random_ntr", "entropy_ntr", "rpt", "rlp")
+
+
+@dataclass
+class ObjectiveConfig:
+    name: str = "pretrainzero"  # one of OBJECTIVE_NAMES
+    seed: int = 1234  # span / position choices are drawn from (seed, step, passage.index)
+
+    # ---- group sizes (PretrainZero: 8 generator and 8 predictor rollouts; RLP: 16 thoughts)
+    generator_group: int = 8
+    predictor_group: int = 8
+    rlp_group: int = 16
+    ntr_group: int = 8  # random/entropy next-token reasoning and RPT (RPT paper: 8)
+
+    # ---- sampling. paper-silent except RLP's 0.7; 1.0 is the usual on-policy GRPO choice.
+    generator_temperature: float = 1.0
+    predictor_temperature: float = 1.0
+    ntr_temperature: float = 1.0
+    rlp_temperature: float = 0.7
+    top_p: float = 1.0
+    # PretrainZero: 4096 response tokens for both roles; RLP: 2048-token thoughts.
+    generator_max_tokens: int = 4096
+    predictor_max_tokens: int = 4096
+    ntr_max_tokens: int = 4096
+    rlp_thought_max_tokens: int = 2048
+    # paper-silent: no stop strings, a role's response ends at EOS or its token limit.
+    generator_stop: list = field(default_factory=list)
+    predictor_stop: list = field(default_factory=list)
+    ntr_stop: list = field(default_factory=list)
+
+    # ---- mask validity (PretrainZero): the span must occur in the passage fewer than 8 times.
+    max_mask_occurrences: int = 8  # valid iff 1 <= occurrences < this
+    replace_all: bool = True  # paper: every occurrence becomes [mask]; False: only the first one
+    # paper-silent: occurrences are counted (and masked) only where they are whole words, so the
+    # span "art" does not match inside "party". The generator prompt asks for words of the passage.
+    whole_words_only: bool = True
+    # paper-silent: when a response holds several \mask{...}, take the last one (the final answer
+    # after the thinking, like the last \boxed{}). 'first' is the alternative.
+    mask_pick: str = "last"  # last | first
+    # paper-silent: an invalid or unparseable mask earns this reward, and gets no predictor rollouts.
+    invalid_mask_reward: float = 0.0
+
+    # ---- rewards
+    normalize_answer: bool = False  # paper: exact match; True: casefold + collapse whitespace
+    # paper-silent (RPT): the ground-truth continuation usually starts with the space that BPE glues
+    # to the next word; with this on, leading whitespace of both the answer and the continuation is
+    # ignored (the token-boundary rule is applied after removing it).
+    rpt_ignore_leading_whitespace: bool = True
+    rpt_max_answer_tokens: int = 32  # token boundaries considered for the prefix reward
+    rpt_require_think_close: bool = True  # RPT: the \boxed{} answer must come after </think>
+
+    # ---- advantages and filtering
+    std_scale: bool = True  # GRPO: (r - mean) / (std + eps); RLP never scales by std
+    adv_eps: float = 1e-6
+    dynamic_sampling: bool = True  # DAPO: predictor groups with acc exactly 0 or 1 leave the loss
+    # paper-silent: generator groups whose rewards are all equal give zero advantage anyway; this
+    # option also takes them out of the token count.
+    dynamic_sampling_generator: bool = False
+
+    # ---- next-token reasoning baselines
+    ntr_min_context_tokens: int = 16  # paper-silent: shortest context a truncation may leave
+    entropy_top_fraction: float = 0.2  # entropy NTR: sample among the top-20% entropy positions
+    rpt_position: str = "entropy"  # rpt: which position to predict: entropy | random
+
+    # ---- RLP
+    rlp_min_context_tokens: int = 16  # paper-silent: the random position t is >= this
+    ema_tau: float = 0.999  # phi <- tau * phi + (1 - tau) * theta after every optimizer step
+
+    def validate(self) -> None:
+        from megatron_pz.config import ConfigError
+
+        if self.name not in OBJECTIVE_NAMES:
+            raise ConfigError(f"objective.name must be one of {OBJECTIVE_NAMES}, got {self.name!r}")
+        for key in ("generator_group", "predictor_group", "ntr_group"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"objective.{key} must be >= 1, got {getattr(self, key)}")
+        if self.rlp_group < 2:
+            raise ConfigError(f"objective.rlp_group must be >= 2 (advantage uses G/(G-1)), got {self.rlp_group}")
+        if self.max_mask_occurrences < 2:
+            raise ConfigError(f"objective.max_mask_occurrences must be >= 2, got {self.max_mask_occurrences}")
+        if self.mask_pick not in ("last", "first"):
+            raise ConfigError(f"objective.mask_pick must be 'last' or 'first', got {self.mask_pick!r}")
+        if self.rpt_position not in ("entropy", "random"):
+            raise ConfigError(f"objective.rpt_position must be 'entropy' or 'random', got {self.rpt_position!r}")
+        if not 0.0 < self.entropy_top_fraction <= 1.0:
+            raise ConfigError(f"objective.entropy_top_fraction must be in (0, 1], got {self.entropy_top_fraction}")
+        if not 0.0 <= self.ema_tau <= 1.0:
+            raise ConfigError(f"objective.ema_tau must be in [0, 1], got {self.ema_tau}")
+        for key in ("ntr_min_context_tokens", "rlp_min_context_tokens"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"objective.{key} must be >= 1, got {getattr(self, key)}")

@@ -1,0 +1,97 @@
+r"""RLP (arXiv 2510.01265): reward a sampled thought by the information it adds about the next token.
+
+Per document x: one position t (uniform over [rlp_min_context_tokens, len-1]); G thoughts
+c_1..c_G ~ pi_theta(. | x_<t, <think>) at temperature 0.7; then, by teacher forcing on the single
+next token and without gradient,
+
+    r(c_i) = log p_theta(x_t | x_<t, <think> c_i </think>) - log p_EMA(x_t | x_<t)
+    A_i    = G / (G - 1) * (r(c_i) - mean_j r(c_j))          (leave-one-out baseline, no std scaling)
+
+The loss is GRPO's clipped surrogate over the thought tokens only (no next-token loss term): the
+experiences carry the thought as the response, and ``Experience.advantage`` is set here.
+The EMA teacher (:class:`megatron_pz.rl.ema.EmaTeacher`) is the trainer's: initialised to theta
+on the first batch and updated after every optimizer step; the scorer reads it via model="ema".
+
+Paper-silent choices: a thought that hits the token limit without ``</think>`` is closed with
+``</think>`` for scoring (the appended tokens are not trained on); t is drawn from
+(seed, step, document index).
+"""
+
+from __future__ import annotations
+
+from megatron_pz.objectives.base import encode, mean, passage_rng, role_metrics, sample, to_experiences, token_list
+from megatron_pz.objectives.config import ObjectiveConfig
+from megatron_pz.objectives.prompts import RLP_THINK_CLOSE, RLP_THINK_OPEN
+from megatron_pz.rl.types import Experience
+
+
+def rlp_advantages(rewards: list[float]) -> list[float]:
+    """A_i = G/(G-1) * (r_i - mean r): the REINFORCE leave-one-out baseline, unscaled."""
+    g = len(rewards)
+    if g < 2:
+        raise ValueError("RLP advantages need a group of at least 2 thoughts")
+    m = sum(rewards) / g
+    return [g / (g - 1) * (r - m) for r in rewards]
+
+
+def scoring_sequence(prompt_ids: list[int], thought: list[int], thought_closed: bool, close_ids: list[int],
+                     target_id: int) -> list[int]:
+    """x_<t <think> c </think> x_t: the sequence whose last log-prob is log p_theta(x_t | x_<t, c).
+
+    ``thought_closed``: the sampled text already ends with ``</think>`` (the engine keeps stop
+    text); otherwise ``close_ids`` are appended for scoring only.
+    """
+    closed = list(thought) if thought_closed else list(thought) + list(close_ids)
+    return list(prompt_ids) + closed + [target_id]
+
+
+class RLPObjective:
+    def __init__(self, cfg: ObjectiveConfig, tokenizer):
+        self.cfg = cfg
+        self.tokenizer = tokenizer
+        self.open_ids = encode(tokenizer, RLP_THINK_OPEN)
+        self.close_ids = encode(tokenizer, RLP_THINK_CLOSE)
+
+    def collect(self, passages: list, engine, scorer, step: int) -> tuple[list[Experience], dict[str, float]]:
+        cfg = self.cfg
+        chosen, skipped = [], 0
+        for p in passages:
+            ids = token_list(p)
+            if len(ids) <= cfg.rlp_min_context_tokens:
+                skipped += 1
+                continue
+            t = passage_rng(cfg, step, p.index).randrange(cfg.rlp_min_context_tokens, len(ids))
+            chosen.append((p, ids[:t], ids[t], t))
+        prompts = [context + self.open_ids for _, context, _, _ in chosen]
+        outputs = sample(engine, prompts, cfg.rlp_group, cfg.rlp_thought_max_tokens, cfg.rlp_temperature,
+                         cfg.top_p, [RLP_THINK_CLOSE], seed=cfg.seed + step)
+        # two scorer calls for the whole batch: G thoughts per position, and one no-think sequence
+        sequences = [scoring_sequence(prompt, c.token_ids, c.text.rstrip().endswith(RLP_THINK_CLOSE),
+                                      self.close_ids, target)
+                     for (_, _, target, _), prompt, completions in zip(chosen, prompts, outputs)
+                     for c in completions]
+        policy_lps = [lp[-1] for lp in scorer.token_logprobs(sequences, model="policy")] if sequences else []
+        ema_lps = [lp[-1] for lp in scorer.token_logprobs(
+            [context + [target] for _, context, target, _ in chosen], model="ema")] if chosen else []
+
+        experiences, closed = [], []
+        for k, ((p, context, target, t), prompt, completions) in enumerate(zip(chosen, prompts, outputs)):
+            pol = policy_lps[k * cfg.rlp_group:(k + 1) * cfg.rlp_group]
+            rewards = [lp - ema_lps[k] for lp in pol]
+            closed += [c.text.rstrip().endswith(RLP_THINK_CLOSE) for c in completions]
+            infos = [{"position": t, "target": target, "policy_logprob": lp, "ema_logprob": ema_lps[k],
+                      "passage_index": p.index} for lp in pol]
+            exps = to_experiences(prompt, completions, rewards, f"rlp/{step}/{k}/{p.index}", "rlp", infos)
+            for e, a in zip(exps, rlp_advantages(rewards)):
+                e.advantage = a
+            experiences += exps
+        metrics = {
+            "rlp/info_gain_mean": mean(e.reward for e in experiences),
+            "rlp/policy_logprob_mean": mean(policy_lps),
+            "rlp/ema_logprob_mean": mean(ema_lps),
+            "rlp/positive_gain_fraction": mean(e.reward > 0 for e in experiences),
+            "rlp/thought_closed_rate": mean(closed),
+            "rlp/skipped_too_short": float(skipped),
+            **role_metrics(experiences, "rlp"),
+        }
+        return experiences, metrics

@@ -1,0 +1,212 @@
+"""The trainable policy: Megatron model chunks, DDP, (distributed) optimizer, LR schedule.
+
+All parallel plumbing for one optimizer step lives here so the trainer loop reads as the algorithm:
+``actor.train_step(micro_batches, loss_fn)`` runs Megatron's pipeline schedule
+(``get_forward_backward_func``), which calls ``loss_fn(micro_batch, vocab_parallel_logits)`` on the
+last pipeline stage. ``loss_fn`` returns ``(loss_sum, num_tokens, metrics)``: with
+``calculate_per_token_loss`` Megatron sums ``num_tokens`` over micro-batches and data-parallel ranks and
+divides the gradients once by that global count.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+from megatron_pz.config import ModelConfig, OptimizerConfig, ParallelConfig
+from megatron_pz.model.provider import build_model, transformer_config_from_hf
+from megatron_pz.train.batching import MicroBatch
+
+LossFn = Callable[[MicroBatch, torch.Tensor], tuple[torch.Tensor, torch.Tensor, dict]]
+
+
+def build_model_chunks(hf_config, model_cfg: ModelConfig, parallel: ParallelConfig, device,
+                       max_sequence_length: Optional[int] = None) -> list[torch.nn.Module]:
+    """One chunk per virtual pipeline stage (a single chunk without interleaving)."""
+    stages = parallel.virtual_pp or 1
+    return [
+        build_model(hf_config, model_cfg, parallel, device, max_sequence_length,
+                    vp_stage=(v if parallel.virtual_pp else None))
+        for v in range(stages)
+    ]
+
+
+def unwrap(chunk: torch.nn.Module) -> torch.nn.Module:
+    while hasattr(chunk, "module"):
+        chunk = chunk.module
+    return chunk
+
+
+@dataclass
+class StepResult:
+    metrics: dict[str, float]
+    grad_norm: float
+    lr: float
+    num_tokens: int
+
+
+class Actor:
+    """Owns the policy's parameters and their optimizer; one call per optimizer step."""
+
+    def __init__(self, hf_config, model_cfg: ModelConfig, parallel: ParallelConfig,
+                 opt_cfg: OptimizerConfig, device: torch.device, total_steps: int,
+                 max_sequence_length: Optional[int] = None):
+        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+        from megatron.core.distributed.finalize_model_grads import finalize_model_grads
+        from megatron.core.optimizer import OptimizerConfig as MegatronOptimizerConfig
+        from megatron.core.optimizer import get_megatron_optimizer
+        from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+        self.hf_config = hf_config
+        self.parallel = parallel
+        self.device = device
+        chunks = build_model_chunks(hf_config, model_cfg, parallel, device, max_sequence_length)
+        self.transformer_config = unwrap(chunks[0]).config
+        ddp_config = DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True,
+            overlap_grad_reduce=opt_cfg.overlap_grad_reduce,
+            overlap_param_gather=opt_cfg.overlap_param_gather,
+            use_distributed_optimizer=opt_cfg.use_distributed_optimizer,
+            average_in_collective=False,
+        )
+        self.chunks = [
+            DistributedDataParallel(config=self.transformer_config, ddp_config=ddp_config, module=c,
+                                    disable_bucketing=i > 0)
+            for i, c in enumerate(chunks)
+        ]
+        dtype = self.transformer_config.params_dtype
+        self.optimizer = get_megatron_optimizer(
+            MegatronOptimizerConfig(
+                optimizer=opt_cfg.name,
+                lr=opt_cfg.lr,
+                min_lr=opt_cfg.min_lr,
+                weight_decay=opt_cfg.weight_decay,
+                adam_beta1=opt_cfg.adam_beta1,
+                adam_beta2=opt_cfg.adam_beta2,
+                adam_eps=opt_cfg.adam_eps,
+                clip_grad=opt_cfg.clip_grad,
+                bf16=dtype == torch.bfloat16,
+                fp16=dtype == torch.float16,
+                params_dtype=dtype,
+                use_distributed_optimizer=opt_cfg.use_distributed_optimizer,
+            ),
+            self.chunks,
+        )
+        decay_steps = max(1, total_steps)
+        self.scheduler = OptimizerParamScheduler(
+            self.optimizer,
+            init_lr=0.0 if opt_cfg.warmup_steps else opt_cfg.lr,
+            max_lr=opt_cfg.lr,
+            min_lr=opt_cfg.min_lr if opt_cfg.lr_schedule != "constant" else opt_cfg.lr,
+            lr_warmup_steps=opt_cfg.warmup_steps,
+            lr_decay_steps=max(decay_steps, opt_cfg.warmup_steps + 1),
+            lr_decay_style=opt_cfg.lr_schedule,
+            start_wd=opt_cfg.weight_decay,
+            end_wd=opt_cfg.weight_decay,
+            wd_incr_steps=decay_steps,
+            wd_incr_style="constant",
+        )
+        cfg = self.transformer_config
+        cfg.finalize_model_grads_func = finalize_model_grads
+        cfg.grad_scale_func = self.optimizer.scale_loss
+        cfg.no_sync_func = [c.no_sync for c in self.chunks] if len(self.chunks) > 1 else self.chunks[0].no_sync
+        if opt_cfg.overlap_param_gather and opt_cfg.use_distributed_optimizer:
+            cfg.param_sync_func = [c.start_param_sync for c in self.chunks]
+            if len(self.chunks) == 1:
+                cfg.param_sync_func = cfg.param_sync_func[0]
+
+    # ------------------------------------------------------------------ schedule
+
+    def _run_schedule(self, micro_batches: Sequence[MicroBatch], loss_fn: LossFn, forward_only: bool):
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        def forward_step(data_iterator, model):
+            mb = next(data_iterator)
+            output = model(mb.input_ids, mb.position_ids, None)
+            return output, functools.partial(loss_fn, mb)
+
+        num = len(micro_batches)
+        iterators = [iter(list(micro_batches)) for _ in self.chunks]
+        longest = max(mb.input_ids.shape[1] for mb in micro_batches)
+        rows = max(mb.input_ids.shape[0] for mb in micro_batches)
+        return get_forward_backward_func()(
+            forward_step_func=forward_step,
+            data_iterator=iterators if len(self.chunks) > 1 else iterators[0],
+            model=self.chunks,
+            num_microbatches=num,
+            seq_length=longest,
+            micro_batch_size=rows,
+            forward_only=forward_only,
+        )
+
+    def train_step(self, micro_batches: Sequence[MicroBatch], loss_fn: LossFn) -> StepResult:
+        """Forward/backward over all micro-batches, one optimizer step, LR schedule step."""
+        for chunk in self.chunks:
+            chunk.train()
+            chunk.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        outputs = self._run_schedule(micro_batches, loss_fn, forward_only=False)
+        ok, grad_norm, _ = self.optimizer.step()
+        if ok:
+            self.scheduler.step(increment=1)
+        metrics, num_tokens = reduce_metrics(outputs)
+        return StepResult(metrics=metrics, grad_norm=float(grad_norm or 0.0),
+                          lr=self.optimizer.param_groups[0]["lr"], num_tokens=num_tokens)
+
+    @torch.no_grad()
+    def forward_values(self, micro_batches: Sequence[MicroBatch],
+                       value_fn: Callable[[MicroBatch, torch.Tensor], torch.Tensor]) -> list[torch.Tensor]:
+        """Per-token values (e.g. log-probs, entropies) for every micro-batch, on every rank.
+
+        ``value_fn(mb, logits)`` runs on the last pipeline stage and returns a [b, s] tensor; it is
+        broadcast over the pipeline group so every rank (which runs the objectives) sees it.
+        """
+        from megatron.core import parallel_state as ps
+
+        for chunk in self.chunks:
+            chunk.eval()
+        collected: list[torch.Tensor] = []
+
+        def loss_fn(mb, logits):
+            collected.append(value_fn(mb, logits).float())
+            return torch.zeros((), device=logits.device), torch.tensor(0, dtype=torch.int), {}
+
+        self._run_schedule(micro_batches, loss_fn, forward_only=True)
+        if ps.get_pipeline_model_parallel_world_size() > 1:
+            last = ps.get_pipeline_model_parallel_last_rank()
+            group = ps.get_pipeline_model_parallel_group()
+            if not ps.is_pipeline_last_stage():
+                collected = [torch.empty(mb.input_ids.shape, dtype=torch.float32) for mb in micro_batches]
+            for tensor in collected:
+                dist.broadcast(tensor, src=last, group=group)
+        for chunk in self.chunks:
+            chunk.train()
+        return collected
+
+
+def reduce_metrics(outputs: list[dict]) -> tuple[dict[str, float], int]:
+    """Sum metric tensors over micro-batches and the whole world, counting each model replica once.
+
+    Loss functions report sums (``*_sum``) plus ``num_tokens``; means are formed here from the global
+    sums, so the logged numbers do not depend on how the batch was split.
+    """
+    from megatron.core import parallel_state as ps
+
+    local_keys = sorted({k for out in outputs for k in out})
+    gathered: list = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, local_keys)  # non-last pipeline stages have no outputs
+    keys = sorted({k for ks in gathered for k in ks})
+    totals = torch.zeros(len(keys) + 1, dtype=torch.float64)
+    contributes = ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0
+    if contributes:
+        for out in outputs:
+            for i, k in enumerate(keys):
+                if k in out:
+                    totals[i] += float(out[k])
+    dist.all_reduce(totals)
+    summed = {k: totals[i].item() for i, k in enumerate(keys)}
+    return summed, int(summed.get("num_tokens", 0))

@@ -1,0 +1,113 @@
+"""Turn variable-length token sequences into padded micro-batches with little padding.
+
+Length bucketing: sequences are sorted by length and packed greedily into micro-batches whose padded
+size (rows x longest row) stays under a token budget. The local (CPU) attention cannot take packed
+``thd`` sequences, so rows are right-padded; causal attention keeps padding from touching real
+tokens, and the loss mask drops it. Padding waste is measured and reported with every step.
+
+Per-token fields are aligned with ``input_ids``: value ``[r, j]`` belongs to the prediction of token
+``j`` from the prefix ``< j`` (column 0 is never predicted and is always masked).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+import torch
+
+
+@dataclass
+class TokenSequence:
+    """One training row: tokens, which of them are trained on, and per-token values (same length)."""
+
+    tokens: list[int]
+    loss_mask: list[float]
+    per_token: dict[str, list[float]] = field(default_factory=dict)
+    index: int = 0  # position in the caller's list, to map results back
+
+
+@dataclass
+class MicroBatch:
+    input_ids: torch.Tensor  # [b, s] long
+    position_ids: torch.Tensor  # [b, s] long
+    loss_mask: torch.Tensor  # [b, s] float
+    per_token: dict[str, torch.Tensor]  # name -> [b, s] float
+    lengths: list[int]  # real length of each row
+    indices: list[int]  # TokenSequence.index of each row
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.input_ids.numel())
+
+
+def make_micro_batches(
+    sequences: Sequence[TokenSequence],
+    max_tokens_per_micro_batch: int,
+    pad_id: int = 0,
+    pad_to_multiple: int = 1,
+    min_micro_batches: int = 1,
+) -> list[MicroBatch]:
+    """Greedy length-bucketed packing; deterministic for a given input order.
+
+    ``min_micro_batches`` pads the list with fully-masked rows so every rank runs the same schedule
+    when needed (e.g. a data-parallel rank whose samples were all filtered out).
+    """
+    order = sorted(range(len(sequences)), key=lambda i: (-len(sequences[i].tokens), i))
+    groups: list[list[int]] = []
+    current: list[int] = []
+    current_len = 0
+    for i in order:
+        length = _round_up(len(sequences[i].tokens), pad_to_multiple)
+        longest = max(current_len, length)
+        if current and longest * (len(current) + 1) > max_tokens_per_micro_batch:
+            groups.append(current)
+            current, longest = [], length
+        current.append(i)
+        current_len = longest
+    if current:
+        groups.append(current)
+    batches = [_collate([sequences[i] for i in g], pad_id, pad_to_multiple) for g in groups]
+    while len(batches) < min_micro_batches:
+        batches.append(_collate([TokenSequence([pad_id, pad_id], [0.0, 0.0], index=-1)], pad_id, 1,
+                                per_token_names=_names(sequences)))
+    return batches
+
+
+def _names(sequences: Sequence[TokenSequence]) -> list[str]:
+    return sorted(sequences[0].per_token) if sequences else []
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def _collate(rows: list[TokenSequence], pad_id: int, pad_to_multiple: int,
+             per_token_names: Optional[list[str]] = None) -> MicroBatch:
+    width = _round_up(max(len(r.tokens) for r in rows), pad_to_multiple)
+    names = per_token_names if per_token_names is not None else sorted(rows[0].per_token)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.float32)
+    values = {n: torch.zeros((len(rows), width), dtype=torch.float32) for n in names}
+    for r, row in enumerate(rows):
+        n = len(row.tokens)
+        if len(row.loss_mask) != n:
+            raise ValueError(f"row {row.index}: loss_mask has {len(row.loss_mask)} entries for {n} tokens")
+        ids[r, :n] = torch.tensor(row.tokens, dtype=torch.long)
+        mask[r, :n] = torch.tensor(row.loss_mask, dtype=torch.float32)
+        for name in names:
+            vals = row.per_token.get(name)
+            if vals is None:
+                continue
+            if len(vals) != n:
+                raise ValueError(f"row {row.index}: '{name}' has {len(vals)} values for {n} tokens")
+            values[name][r, :n] = torch.tensor(vals, dtype=torch.float32)
+    mask[:, 0] = 0.0
+    positions = torch.arange(width, dtype=torch.long).unsqueeze(0).expand(len(rows), -1).contiguous()
+    return MicroBatch(ids, positions, mask, values, [len(r.tokens) for r in rows], [r.index for r in rows])
+
+
+def padding_fraction(batches: Sequence[MicroBatch]) -> float:
+    total = sum(b.num_tokens for b in batches)
+    real = sum(sum(b.lengths) for b in batches if b.indices[0] != -1)
+    return 0.0 if total == 0 else 1.0 - real / total

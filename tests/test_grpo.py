@@ -1,0 +1,134 @@
+"""GRPO advantages and loss against direct hand computations; split invariance of the token mean."""
+
+import math
+
+import pytest
+import torch
+
+from megatron_pz.rl.grpo import group_advantages, grpo_loss
+
+
+def test_group_advantages_hand_numbers():
+    adv = group_advantages([1.0, 0.0, 1.0, 1.0, 0.0, 5.0], ["a", "a", "b", "b", "b", "c"])
+    # a: mean 1/2, unbiased std sqrt(1/2); b: mean 2/3, unbiased std sqrt(1/3); c: single sample -> 0
+    sa, sb = math.sqrt(0.5), math.sqrt(1 / 3)
+    expected = [0.5 / sa, -0.5 / sa, (1 / 3) / sb, (1 / 3) / sb, (-2 / 3) / sb, 0.0]
+    assert adv.tolist() == pytest.approx(expected, rel=1e-5)
+    centred = group_advantages([1.0, 0.0, 1.0, 1.0, 0.0], ["a", "a", "b", "b", "b"], std_scale=False)
+    assert centred.tolist() == pytest.approx([0.5, -0.5, 1 / 3, 1 / 3, -2 / 3])
+    assert group_advantages([1.0, 1.0], ["a", "a"]).tolist() == [0.0, 0.0]  # zero std: eps keeps it finite
+    with pytest.raises(ValueError, match="2 rewards but 3 group ids"):
+        group_advantages([1.0, 0.0], ["a", "a", "b"])
+
+
+def _toy_batch():
+    # 5 responses in 2 groups ("a": rewards 1, 0; "b": rewards 1, 1, 0), lengths 2, 1, 3, 2, 1
+    adv_seq = group_advantages([1.0, 0.0, 1.0, 1.0, 0.0], ["a", "a", "b", "b", "b"]).tolist()
+    delta = [  # logp - logp_old per token; chosen to hit every branch of the clipped surrogate
+        [0.5, -0.1, 0.0],   # A>0: ratio 1.65 clipped at 1.28; ratio 0.90 free
+        [-0.5, 0.0, 0.0],   # A<0: ratio 0.61 clipped at 0.8
+        [-0.5, 0.2, 0.3],   # A>0: 0.61 free (min picks it), 1.22 free, 1.35 clipped
+        [0.0, 0.1, 0.0],    # A>0: free
+        [0.4, 0.0, 0.0],    # A<0: ratio 1.49 free (min picks the unclipped, more negative term)
+    ]
+    lengths = [2, 1, 3, 2, 1]
+    old = torch.linspace(-3.0, -0.5, 15).reshape(5, 3)
+    new = old + torch.tensor(delta)
+    mask = torch.tensor([[1.0 if t < n else 0.0 for t in range(3)] for n in lengths])
+    new = torch.where(mask.bool(), new, torch.full_like(new, 7.0))  # padding junk must not matter
+    return adv_seq, delta, lengths, old, new, mask
+
+
+def test_grpo_loss_and_gradient_equal_hand_computation():
+    adv_seq, delta, lengths, old, new, mask = _toy_batch()
+    logp = new.clone().requires_grad_(True)
+    loss_sum, num_tokens, metrics = grpo_loss(logp, old, torch.tensor(adv_seq), mask)
+    (loss_sum / num_tokens).backward()
+
+    exp_loss, exp_grad, clipped = 0.0, [[0.0] * 3 for _ in range(5)], 0
+    for i, n in enumerate(lengths):
+        a = adv_seq[i]
+        for t in range(n):
+            r = math.exp(delta[i][t])
+            unclipped, clipped_term = r * a, min(max(r, 0.8), 1.28) * a
+            exp_loss += -min(unclipped, clipped_term)
+            if unclipped <= clipped_term:
+                exp_grad[i][t] = -r * a  # d(-r a)/d logp
+            else:
+                clipped += 1
+    assert num_tokens.item() == 9
+    assert loss_sum.item() == pytest.approx(exp_loss, rel=1e-6)
+    assert torch.allclose(logp.grad, torch.tensor(exp_grad) / 9, atol=1e-7)
+    assert clipped == 3 and metrics["clip_fraction"] == pytest.approx(3 / 9)
+    assert metrics["num_tokens"] == 9
+
+
+def test_one_advantage_per_sequence_equals_per_token():
+    adv_seq, _, _, old, new, mask = _toy_batch()
+    per_seq, _, _ = grpo_loss(new, old, torch.tensor(adv_seq), mask)
+    per_tok, _, _ = grpo_loss(new, old, torch.tensor(adv_seq)[:, None].expand(5, 3), mask)
+    flat, _, _ = grpo_loss(new[mask.bool()], old[mask.bool()],
+                           torch.tensor(adv_seq)[:, None].expand(5, 3)[mask.bool()], torch.ones(9))
+    assert per_seq.item() == pytest.approx(per_tok.item()) == pytest.approx(flat.item())
+
+
+def test_split_into_microbatches_gives_same_loss_and_gradient():
+    torch.manual_seed(0)
+    b, s, v = 6, 7, 11
+    logits = torch.randn(b, s, v)
+    targets = torch.randint(0, v, (b, s))
+    old = torch.log_softmax(torch.randn(b, s, v), -1).gather(-1, targets[..., None]).squeeze(-1)
+    lengths = [7, 1, 3, 6, 2, 5]
+    mask = torch.tensor([[1.0 if t < n else 0.0 for t in range(s)] for n in lengths])
+    adv = torch.randn(b)
+
+    def run(splits):
+        w = logits.clone().requires_grad_(True)
+        logp = torch.log_softmax(w, -1).gather(-1, targets[..., None]).squeeze(-1)
+        parts = [grpo_loss(logp[i:j], old[i:j], adv[i:j], mask[i:j]) for i, j in splits]
+        total = sum(p[0] for p in parts) / sum(p[1] for p in parts)  # one global token count
+        total.backward()
+        per_micro_mean = sum(p[0] / p[1] for p in parts) / len(parts)
+        return total.item(), w.grad.clone(), per_micro_mean.item()
+
+    one, g_one, _ = run([(0, 6)])
+    split, g_split, naive = run([(0, 2), (2, 3), (3, 6)])
+    assert split == pytest.approx(one, rel=1e-6)
+    assert torch.allclose(g_split, g_one, atol=1e-7)
+    assert abs(naive - one) > 1e-3  # averaging per-micro-batch means would change the loss
+
+
+def test_truncated_importance_sampling_and_kl_and_metrics():
+    old = torch.tensor([-1.0, -2.0, -0.5, -1.5])
+    logp = (old + torch.tensor([0.1, -0.1, 0.0, 0.05])).requires_grad_(True)
+    rollout = old - torch.tensor([0.3, -0.2, 1.0, 0.0])  # exp(old - rollout): 1.35, 0.82, 2.72 -> 2.0, 1.0
+    adv = torch.tensor([1.0, -1.0, 0.5, 2.0])
+    mask = torch.tensor([1.0, 1.0, 1.0, 0.0])
+    ref = old - 0.2
+    entropy = torch.tensor([1.0, 2.0, 3.0, 100.0])
+    loss_sum, n, m = grpo_loss(logp, old, adv, mask, rollout_logprobs=rollout, tis_cap=2.0,
+                               ref_logprobs=ref, kl_coef=0.1, entropy=entropy)
+    d = [0.1, -0.1, 0.0]
+    w = [math.exp(0.3), math.exp(-0.2), 2.0]
+    expected = 0.0
+    for t in range(3):
+        r = math.exp(d[t])
+        a = adv[t].item()
+        pg = -min(r * a, min(max(r, 0.8), 1.28) * a)
+        k = (ref[t] - logp[t]).item()
+        expected += w[t] * pg + 0.1 * (math.exp(k) - k - 1)
+    assert loss_sum.item() == pytest.approx(expected, rel=1e-6)
+    assert n.item() == 3
+    assert m["tis/weight_mean"] == pytest.approx(sum(w) / 3, rel=1e-6)
+    assert m["tis/capped_fraction"] == pytest.approx(1 / 3)
+    assert m["rollout/logp_diff_mean"] == pytest.approx((0.3 + 0.2 + 1.0) / 3, rel=1e-6)
+    assert m["rollout/logp_diff_max"] == pytest.approx(1.0)
+    assert m["entropy"] == pytest.approx(2.0)
+    assert m["ratio_mean"] == pytest.approx(sum(math.exp(x) for x in d) / 3, rel=1e-6)
+    assert m["approx_kl"] == pytest.approx(sum(math.exp(x) - 1 - x for x in d) / 3, rel=1e-5)
+    # the IS weight is a constant: the gradient is weight x the surrogate's gradient
+    loss_sum.backward()
+    r0 = math.exp(0.1)
+    k0 = (ref[0] - logp[0]).item()
+    assert logp.grad[0].item() == pytest.approx(w[0] * (-r0 * 1.0) + 0.1 * (1 - math.exp(k0)), rel=1e-5)
+    assert logp.grad[3].item() == 0.0

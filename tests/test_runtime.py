@@ -1,0 +1,58 @@
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from megatron_pz.config import ConfigError, ModelConfig
+from megatron_pz.model import load_hf_config, transformer_config_from_hf
+
+
+def test_import_pulls_no_gpu_stack():
+    code = (
+        "import sys, megatron_pz, megatron_pz.cli, megatron_pz.model, megatron_pz.runtime, megatron_pz.config;"
+        "megatron_pz.cli.build_parser();"
+        "bad=[m for m in sys.modules if m.split('.')[0] in ('transformer_engine','vllm','apex')];"
+        "print(bad); sys.exit(1 if bad else 0)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_cpu_compat_maps_cuda_assumptions():
+    from multiproc import REPO_ROOT, WORKERS
+
+    result = subprocess.run([sys.executable, str(WORKERS / "cpu_compat_check.py")], capture_output=True,
+                            text=True, timeout=300, cwd=REPO_ROOT,
+                            env={**__import__("os").environ, "PYTHONPATH": str(REPO_ROOT)})
+    assert result.returncode == 0 and "cpu-compat ok" in result.stdout, result.stderr[-4000:]
+
+
+def test_transformer_config_mapping():
+    hf = load_hf_config(dict(model_type="qwen3_moe", vocab_size=512, hidden_size=64, intermediate_size=128,
+                             num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2, head_dim=32,
+                             moe_intermediate_size=48, num_experts=8, num_experts_per_tok=2,
+                             norm_topk_prob=False, mlp_only_layers=[0], rms_norm_eps=1e-5,
+                             rope_parameters={"rope_theta": 1e6, "rope_type": "default"}))
+    cfg = transformer_config_from_hf(hf, ModelConfig())
+    assert (cfg.num_layers, cfg.hidden_size, cfg.num_attention_heads, cfg.num_query_groups) == (4, 64, 8, 2)
+    assert cfg.kv_channels == 32 and cfg.qk_layernorm and cfg.normalization == "RMSNorm"
+    assert cfg.layernorm_epsilon == 1e-5 and cfg.gated_linear_unit and not cfg.add_bias_linear
+    assert cfg.num_moe_experts == 8 and cfg.moe_router_topk == 2 and cfg.moe_ffn_hidden_size == 48
+    assert cfg.moe_router_pre_softmax  # norm_topk_prob=False: softmax over all experts, no renorm
+    assert cfg.moe_layer_freq == [0, 1, 1, 1]
+    assert cfg.params_dtype == torch.float32 and cfg.calculate_per_token_loss
+    llama = load_hf_config(dict(model_type="llama", vocab_size=512, hidden_size=64, intermediate_size=128,
+                                num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4))
+    assert not transformer_config_from_hf(llama).qk_layernorm
+
+
+def test_bad_hf_config_is_named(tmp_path):
+    (tmp_path / "config.json").write_text('{"model_type": "gpt2"}')
+    with pytest.raises(ConfigError, match="model_type='gpt2'"):
+        load_hf_config(tmp_path)
+    with pytest.raises(ConfigError, match="not found"):
+        load_hf_config(tmp_path / "missing")
+    with pytest.raises(ConfigError, match="fp8"):
+        from megatron_pz.config import Config, load_config
+        load_config(None, ["model.fp8=hybrid", "model.spec=local"], cls=Config)
