@@ -6,7 +6,7 @@ before timing). Same prompts (random token ids, mixed lengths), batch sizes 1/8/
 temperature-1 sampling, a fixed number of new tokens per sequence (no EOS) so both sides produce
 the same token count. Prints tokens/s and the Megatron/HF ratio, plus the greedy token agreement.
 
-Run: ``python bench/bench_rollout.py [--new-tokens 64] [--repeats 2]`` (single process, no torchrun).
+Run: ``python bench/bench_rollout.py [--new-tokens 64] [--repeats 3] [--threads 1]`` (one process).
 Not a test: timings depend on the machine.
 """
 
@@ -92,12 +92,15 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--batch-sizes", default="1,8,32")
-    parser.add_argument("--repeats", type=int, default=2, help="timed runs per cell (best is kept)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per cell (best is kept)")
     parser.add_argument("--vocab", type=int, default=8192)
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads for both sides (1 avoids OpenMP oversubscription on a shared box)")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
 
     from megatron_pz.rollout.megatron_engine import MegatronRolloutEngine
 

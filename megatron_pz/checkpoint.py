@@ -122,11 +122,41 @@ def _sharded_state(model_chunks, optimizer, extra_models, is_loading: bool,
         for key, value in _model_state(chunks, prefix=f"extra_models.{name}.").items():
             state[f"extra_models.{name}.{key}"] = value
     if optimizer is not None:
+        if is_loading:
+            _materialize_optimizer_state(optimizer)
         model_only = {k: v for k, v in state.items() if k.startswith("model")}
         state["optimizer"] = optimizer.sharded_state_dict(
             model_only, is_loading=is_loading,
             metadata={"distrib_optim_sharding_type": optimizer_format, "chained_optim_avoid_prefix": True})
     return state
+
+
+def _materialize_optimizer_state(optimizer) -> None:
+    """A fresh DistributedOptimizer over torch Adam has no state (not even ``step``) until its first step,
+    and its ``state_dict`` asserts on that. Megatron fills such state with a zero-gradient step before
+    loading (``_init_optimizer_states_with_dummy_values``); every value is overwritten by the load."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if isinstance(opt, DistributedOptimizer) and not opt.optimizer.state:
+            opt._init_optimizer_states_with_dummy_values()
+
+
+def _restore_adam_steps(optimizer) -> None:
+    """With torch's Adam (no apex/TE), the distributed optimizer keeps the iteration count per param
+    group in its common state, but its per-bucket parameter state also carries a ``step`` that the load
+    leaves at the placeholder value; Adam's bias correction reads the per-param one. Make them agree."""
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(opt, "optimizer", None)
+        if inner is None:
+            continue
+        for group in inner.param_groups:
+            if "step" not in group or group["step"] is None:
+                continue
+            for p in group["params"]:
+                state = inner.state.get(p)
+                if state and "step" in state:
+                    state["step"] = torch.tensor(float(group["step"]), dtype=torch.float32)
 
 
 def capture_rng_state() -> dict:
@@ -323,17 +353,20 @@ def load_checkpoint(path, model_chunks, optimizer=None, scheduler=None, extra_mo
     loaded = dist_checkpointing.load(state, str(ckpt), strict="assume_ok_unexpected")
 
     def load_chunks(chunks, prefix):
-        if len(chunks) == 1:
-            _unwrap(chunks[0]).load_state_dict(loaded[f"{prefix}model"], strict=strict)
-        else:
-            for i, chunk in enumerate(chunks):
-                _unwrap(chunk).load_state_dict(loaded[f"{prefix}model{i}"], strict=strict)
+        keys = ["model"] if len(chunks) == 1 else [f"model{i}" for i in range(len(chunks))]
+        for chunk, key in zip(chunks, keys):
+            sd = loaded[f"{prefix}{key}"]
+            if prefix:  # extra models' tensor names carry their prefix (unique checkpoint keys)
+                sd = {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in sd.items()}
+            _unwrap(chunk).load_state_dict(sd, strict=strict)
 
     load_chunks(model_chunks, "")
     for name, chunks in (extra_models or {}).items():
         load_chunks(chunks, f"extra_models.{name}.")
     if optimizer is not None:
-        optimizer.load_state_dict(loaded["optimizer"])
+        with torch.no_grad():  # it copies into leaf main params in place
+            optimizer.load_state_dict(loaded["optimizer"])
+        _restore_adam_steps(optimizer)
     common = loaded.get("pz_common", {})
     if scheduler is not None:
         if common.get("scheduler") is None:

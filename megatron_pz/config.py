@@ -26,6 +26,7 @@ class ModelConfig:
     """Which network to build. ``hf_config`` is a Hugging Face model folder (or config.json)."""
 
     hf_config: Optional[str] = None  # folder with config.json, or the json file itself
+    architecture: dict = field(default_factory=dict)  # inline HF config (with model_type) when no folder
     hf_overrides: dict = field(default_factory=dict)  # applied on top of the HF config
     spec: str = "auto"  # auto | te | local   (auto: te on GPU when transformer_engine imports)
     fp8: Optional[str] = None  # None | hybrid | e4m3 (Transformer Engine only)
@@ -74,11 +75,7 @@ class RuntimeConfig:
     seed: int = 1234
     timeout_minutes: int = 30
     deterministic: bool = False
-
-
-def _section_types() -> dict[str, type]:
-    """Sections owned by subsystems, imported lazily to keep this module light."""
-    return {}
+    world_size: Optional[int] = None  # expected ranks (cluster configs); checked at start-up when set
 
 
 @dataclass
@@ -175,7 +172,7 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
 
 def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]] = None, cls: type = None):
     """Read YAML (optional), apply overrides, build and validate the config tree."""
-    cls = cls or root_config_class()
+    cls = cls or Config
     data: dict = {}
     if path is not None:
         path = Path(path)
@@ -187,11 +184,28 @@ def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]
             raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
         if not isinstance(data, dict):
             raise ConfigError(f"config file {path} must hold a mapping at the top level")
+        data = _expand_env(data)
         data = _resolve_relative_paths(data, path.parent)
     data = apply_overrides(data, overrides or [])
     cfg = from_dict(cls, data)
     validate_static(cfg)
     return cfg
+
+
+def _expand_env(node):
+    """``${VAR}`` in string values expands from the environment (cluster scripts set paths that way)."""
+    import os
+
+    if isinstance(node, dict):
+        return {k: _expand_env(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_expand_env(v) for v in node]
+    if isinstance(node, str) and "$" in node:
+        expanded = os.path.expandvars(node)
+        if "${" in expanded:
+            raise ConfigError(f"config value {node!r} uses an environment variable that is not set")
+        return expanded
+    return node
 
 
 def _resolve_relative_paths(data: dict, base: Path) -> dict:
@@ -210,19 +224,6 @@ def _resolve_relative_paths(data: dict, base: Path) -> dict:
         return node
 
     return walk(data)
-
-
-_ROOT_CLASS: Optional[type] = None
-
-
-def register_root_config(cls: type) -> None:
-    """Let the trainer register its extended root config (with data/rollout/objective sections)."""
-    global _ROOT_CLASS
-    _ROOT_CLASS = cls
-
-
-def root_config_class() -> type:
-    return _ROOT_CLASS or Config
 
 
 def validate_static(cfg: Any) -> None:

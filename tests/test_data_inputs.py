@@ -206,3 +206,23 @@ def test_cli_registers_subcommands():
     assert args.func is pre.run_from_args and args.workers == 2 and args.max_span_words == 5
     args = parser.parse_args(["train-tokenizer", "dump.xml.bz2", "--out", "t", "--vocab-size", "512"])
     assert args.func is tt.run_from_args and args.vocab_size == 512
+
+
+def test_punkt_loaded_from_disk(tmp_path, wiki_tokenizer):
+    from megatron_pz.data.sentences import SentenceSplitter, load_punkt, save_punkt, train_punkt
+
+    text = "Dr. Smith met Mr. Jones at 5 p.m. in the U.S. capital. They talked. " * 40
+    params = train_punkt([text])
+    save_punkt(params, tmp_path / "punkt.json")
+    loaded = load_punkt(tmp_path / "punkt.json")
+    assert loaded.abbrev_types == params.abbrev_types and "dr" in loaded.abbrev_types
+    line = "Dr. Smith met Mr. Jones. They talked."
+    assert [line[s:e] for s, e in SentenceSplitter(loaded).spans(line)] == [
+        "Dr. Smith met Mr. Jones.", "They talked."
+    ]
+    (tmp_path / "docs.jsonl").write_text(json.dumps({"title": "Fox", "text": PROSE * 2}) + "\n")
+    preprocess([tmp_path / "docs.jsonl"], tmp_path / "out", wiki_tokenizer, progress=False,
+               punkt_path=str(tmp_path / "punkt.json"), min_passage_tokens=8)
+    assert (tmp_path / "out" / "punkt.json").read_bytes() == (tmp_path / "punkt.json").read_bytes()
+    with pytest.raises(ValueError, match="not a Punkt parameter file"):
+        load_punkt(tmp_path / "docs.jsonl")

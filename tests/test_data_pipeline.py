@@ -162,6 +162,7 @@ def test_kill_and_resume_equals_one_run(tmp_path, wiki_dump, wiki_tokenizer, wik
         sys.executable, str(REPO / "tools" / "preprocess_wiki.py"), str(wiki_dump), "--out", str(out),
         "--tokenizer", str(wiki_tokenizer), "--no-progress",
         "--pages-per-shard", str(WIKI_OPTIONS["pages_per_shard"]),
+        "--fit-pages", str(WIKI_OPTIONS["fit_pages"]),
         "--passage-tokens", str(WIKI_OPTIONS["passage_tokens"]),
         "--max-passage-tokens", str(WIKI_OPTIONS["max_passage_tokens"]),
         "--min-passage-tokens", str(WIKI_OPTIONS["min_passage_tokens"]),

@@ -103,8 +103,8 @@ def test_megatron_engine_single_process():
 def test_megatron_engine_tp2_pp2_ep2_equal_tp1():
     out = run_torchrun("rollout_parallel.py", nproc=2, timeout=300)
     assert out.count("ROLLOUT_PARALLEL_OK") == 2
-    for layout in ("TP=2", "PP=2", "EP=2 (MoE)"):
-        assert out.count(f"{layout} equals the TP=1 reference") == 2
+    for layout, reference in (("TP=2", "TP=1"), ("PP=2", "TP=1"), ("EP=2 (MoE)", "EP=1")):
+        assert out.count(f"{layout} equals the {reference} reference") == 2
 
 
 @pytest.mark.slow

@@ -104,7 +104,8 @@ def megatron_to_hf_tensors(model_chunks, hf_config) -> Iterator[tuple[str, torch
 
     Collective: all ranks of this stage's TP and EP groups must iterate it together (it all-gathers
     TP shards and routed experts). Layer indices in names are global. Tensors of one layer are
-    gathered, yielded, and released before the next layer starts.
+    gathered, yielded, and released before the next layer starts. Without TP/EP gathering a yielded
+    tensor may share storage with the parameter: copy it if you keep it across an optimizer step.
     """
     layout = Layout.current()
     num_experts = num_experts_of(hf_config)

@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 from typing import Optional
 
+from .config import DataConfig
 from .preprocess import preprocess
 from .sample import gensim_wiki_sample
 from .tokenizer import train_bpe_tokenizer
@@ -40,3 +41,17 @@ def ensure_default_dataset(
         min_passage_tokens=min(32, passage_tokens),
     )
     return out
+
+
+def resolve_data_path(cfg: DataConfig, workers: int = 1) -> Path:
+    """The folder a run reads: ``cfg.path`` when set, else the embedded default (built if needed)."""
+    if cfg.path is not None:
+        path = Path(cfg.path)
+        if not (path / "manifest.json").is_file():
+            raise FileNotFoundError(
+                f"data.path={path}: no manifest.json there; build it with `megatron-pz preprocess`"
+            )
+        return path
+    return ensure_default_dataset(
+        cfg.default_cache_dir, cfg.default_vocab_size, cfg.default_passage_tokens, workers=workers
+    )

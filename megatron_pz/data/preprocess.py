@@ -21,6 +21,7 @@ import argparse
 import hashlib
 import itertools
 import json
+import multiprocessing
 import os
 import shutil
 import signal
@@ -200,8 +201,6 @@ def preprocess(
     out = Path(out_dir)
     files = expand_inputs(inputs)
     out.mkdir(parents=True, exist_ok=True)
-    for sub in ("shards", "text"):
-        (out / sub).mkdir(exist_ok=True)
     tokenizer = load_tokenizer(tokenizer_dir)
     run = {
         "format_version": FORMAT_VERSION,
@@ -219,6 +218,8 @@ def preprocess(
         manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
         if {k: manifest.get(k) for k in run} == run:
             return manifest
+    for sub in ("shards", "text"):
+        (out / sub).mkdir(exist_ok=True)
     if not (out / "tokenizer" / "tokenizer_config.json").is_file():
         copy_tokenizer(tokenizer, out / "tokenizer")
     for stray in itertools.chain((out / "shards").glob("*.tmp"), (out / "text").glob("*.tmp")):
@@ -227,7 +228,12 @@ def preprocess(
     pages = _numbered_pages(files, cfg.max_pages)
     import megatron.core.datasets.indexed_dataset  # noqa: F401  (once here, inherited by forked workers)
 
-    pool = ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(str(out), cfg)) if workers > 1 else None
+    pool = None
+    if workers > 1:  # fork: workers inherit the imports above instead of paying them again
+        pool = ProcessPoolExecutor(
+            workers, mp_context=multiprocessing.get_context("fork"),
+            initializer=_init_worker, initargs=(str(out), cfg),
+        )
     try:
         if pool is None:
             _init_worker(str(out), cfg)
@@ -316,25 +322,24 @@ def _run_shards(out: Path, cfg: PreprocessConfig, items, pool, workers: int, pro
     completed_now = 0
     bar = tqdm(unit="page", desc="preprocess", disable=not progress, dynamic_ncols=True)
 
-    def collect(block: bool) -> None:
+    def finished(shard: int, marker: dict) -> None:
         nonlocal completed_now
+        markers[shard] = marker
+        completed_now += 1
+        if kill_after and completed_now >= kill_after:
+            os.kill(os.getpid(), signal.SIGKILL)  # fault injection: an abrupt kill mid-run
+
+    def collect(block: bool) -> None:
         while pending and (block or pending[0][1].done()):
             shard, future = pending.pop(0)
-            markers[shard] = future.result()
-            completed_now += 1
-            if kill_after and completed_now >= kill_after:
-                os.kill(os.getpid(), signal.SIGKILL)
+            finished(shard, future.result())
 
     def dispatch(shard: int, batch: list) -> None:
-        nonlocal completed_now
         done = _shard_done(out, shard)
-        if done is not None:
+        if done is not None:  # completed by an earlier, interrupted run
             markers[shard] = done
         elif pool is None:
-            markers[shard] = process_shard(shard, batch)
-            completed_now += 1
-            if kill_after and completed_now >= kill_after:
-                os.kill(os.getpid(), signal.SIGKILL)
+            finished(shard, process_shard(shard, batch))
         else:
             pending.append((shard, pool.submit(process_shard, shard, batch)))
             while len(pending) >= 2 * workers:  # bounded memory: at most 2 shards per worker in flight

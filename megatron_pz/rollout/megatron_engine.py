@@ -23,6 +23,14 @@ group must run the same number of forward passes even when its prompts finish ea
 fewer batches): the number of batches, the cache length and the "all done" flag are all-reduced over
 the EP group, and a rank with nothing left decodes a dummy row whose output is discarded.
 
+Sequence parallelism (TE spec) cannot split one-token decode steps: it is switched off for the
+rollout and restored after, as Megatron's own static controller does (kept in MoE layers when TP and
+EP are both > 1). Context parallelism is refused with a clear error.
+
+Cost note (CPU, local spec): Megatron's static KV path caches keys *before* RoPE and re-rotates (and,
+for GQA, re-expands) the whole cache at every step, an O(length) elementwise cost per layer that
+Hugging Face's cache avoids; it dominates the gap measured by ``bench/bench_rollout.py``.
+
 Log-probs are those of the raw model (temperature 1, unfiltered) for each sampled token; see
 :mod:`megatron_pz.rollout.sampling`.
 """
@@ -189,6 +197,7 @@ class MegatronRolloutEngine:
         and :func:`sample_tokens` samples without materialising the vocabulary.
         """
         was_training = [m.training for m in self.model_chunks]
+        sequence_parallel = self._disable_sequence_parallel()
         hooks = []
         for chunk in self.model_chunks:
             model = _unwrap(chunk)
@@ -207,6 +216,26 @@ class MegatronRolloutEngine:
                 hook.remove()
             for m, flag in zip(self.model_chunks, was_training):
                 m.train(flag)
+            if sequence_parallel:
+                self._disable_sequence_parallel(restore=True)
+
+    def _disable_sequence_parallel(self, restore: bool = False) -> bool:
+        """Sequence parallelism (TE spec, GPU) cannot split a one-token decode step. As Megatron's own
+        static-batching controller does, turn it off for the rollout, except in MoE layers when
+        TP and EP are both > 1 (their dispatcher relies on it). Returns whether anything changed."""
+        from megatron.core.transformer.moe.moe_layer import BaseMoELayer
+        from megatron.core.transformer.utils import set_model_to_sequence_parallel
+
+        changed = False
+        for chunk in self.model_chunks:
+            model = _unwrap(chunk)
+            config = model.config
+            if not restore and not config.sequence_parallel:
+                continue
+            tp_ep = config.tensor_model_parallel_size > 1 and config.expert_model_parallel_size > 1
+            set_model_to_sequence_parallel(model, restore, exclude_modules=[BaseMoELayer] if tp_ep else None)
+            changed = True
+        return changed
 
     def _group_max(self, value: int, group) -> int:
         if group is None:
@@ -290,13 +319,13 @@ class MegatronRolloutEngine:
                 packed = None
             if self.pp_size > 1:
                 packed = self._broadcast_from_last_stage(packed, batch)
-            sampled = packed[0].long()
+            sampled, sampled_logprobs = packed[0].long().tolist(), packed[1].tolist()
             for r in range(batch):
                 if done[r] or position < lengths[r]:
                     continue  # finished, or still inside its prompt (teacher forced below)
-                token = int(sampled[r])
+                token = sampled[r]
                 generated[r].append(token)
-                logprobs[r].append(float(packed[1, r]))
+                logprobs[r].append(sampled_logprobs[r])
                 tokens[r, position] = token
                 if token in self.eos_ids:
                     done[r], reasons[r] = True, "eos"

@@ -121,8 +121,11 @@ class Actor:
 
     # ------------------------------------------------------------------ schedule
 
-    def _run_schedule(self, micro_batches: Sequence[MicroBatch], loss_fn: LossFn, forward_only: bool):
+    def _run_schedule(self, micro_batches: Sequence[MicroBatch], loss_fn: LossFn, forward_only: bool,
+                      chunks: Optional[list] = None):
         from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        chunks = chunks or self.chunks
 
         def forward_step(data_iterator, model):
             mb = next(data_iterator)
@@ -130,13 +133,13 @@ class Actor:
             return output, functools.partial(loss_fn, mb)
 
         num = len(micro_batches)
-        iterators = [iter(list(micro_batches)) for _ in self.chunks]
+        iterators = [iter(list(micro_batches)) for _ in chunks]
         longest = max(mb.input_ids.shape[1] for mb in micro_batches)
         rows = max(mb.input_ids.shape[0] for mb in micro_batches)
         return get_forward_backward_func()(
             forward_step_func=forward_step,
-            data_iterator=iterators if len(self.chunks) > 1 else iterators[0],
-            model=self.chunks,
+            data_iterator=iterators if len(chunks) > 1 else iterators[0],
+            model=chunks,
             num_microbatches=num,
             seq_length=longest,
             micro_batch_size=rows,
@@ -159,7 +162,8 @@ class Actor:
 
     @torch.no_grad()
     def forward_values(self, micro_batches: Sequence[MicroBatch],
-                       value_fn: Callable[[MicroBatch, torch.Tensor], torch.Tensor]) -> list[torch.Tensor]:
+                       value_fn: Callable[[MicroBatch, torch.Tensor], torch.Tensor],
+                       chunks: Optional[list] = None) -> list[torch.Tensor]:
         """Per-token values (e.g. log-probs, entropies) for every micro-batch, on every rank.
 
         ``value_fn(mb, logits)`` runs on the last pipeline stage and returns a [b, s] tensor; it is
@@ -167,7 +171,8 @@ class Actor:
         """
         from megatron.core import parallel_state as ps
 
-        for chunk in self.chunks:
+        chunks = chunks or self.chunks
+        for chunk in chunks:
             chunk.eval()
         collected: list[torch.Tensor] = []
 
@@ -175,7 +180,7 @@ class Actor:
             collected.append(value_fn(mb, logits).float())
             return torch.zeros((), device=logits.device), torch.tensor(0, dtype=torch.int), {}
 
-        self._run_schedule(micro_batches, loss_fn, forward_only=True)
+        self._run_schedule(micro_batches, loss_fn, forward_only=True, chunks=chunks)
         if ps.get_pipeline_model_parallel_world_size() > 1:
             last = ps.get_pipeline_model_parallel_last_rank()
             group = ps.get_pipeline_model_parallel_group()
@@ -183,9 +188,29 @@ class Actor:
                 collected = [torch.empty(mb.input_ids.shape, dtype=torch.float32) for mb in micro_batches]
             for tensor in collected:
                 dist.broadcast(tensor, src=last, group=group)
-        for chunk in self.chunks:
+        for chunk in chunks:
             chunk.train()
         return collected
+
+
+def equalize_micro_batches(batches: list[MicroBatch], pad_id: int = 0) -> list[MicroBatch]:
+    """Pad every rank's list to the world's longest with fully-masked micro-batches.
+
+    Expert parallelism runs all-to-alls inside every MoE layer's forward, so all ranks must run the
+    same number of forward passes even though their data (and so their bucketing) differ.
+    """
+    from megatron_pz.train.batching import make_micro_batches
+
+    count = torch.tensor([len(batches)], dtype=torch.int64)
+    dist.all_reduce(count, op=dist.ReduceOp.MAX)
+    missing = int(count.item()) - len(batches)
+    if missing > 0:
+        names = sorted(batches[0].per_token) if batches else []
+        fillers = make_micro_batches([], 8, pad_id, min_micro_batches=missing)
+        for f in fillers:
+            f.per_token = {n: torch.zeros_like(f.loss_mask) for n in names}
+        batches = list(batches) + fillers
+    return batches
 
 
 def reduce_metrics(outputs: list[dict]) -> tuple[dict[str, float], int]:

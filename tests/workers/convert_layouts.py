@@ -41,6 +41,35 @@ def forward_logits(model, ids):
     return box[0]
 
 
+def check_te_names(model, hf_config, tag):
+    """The TE spec cannot be built on CPU: rename this local-spec model's parameters to TE's names,
+    check the renaming is invertible, and that the TE names map every HF tensor exactly once."""
+    from collections import Counter
+
+    from megatron_pz.convert.mapping import (expected_hf_tensors, is_moe_layer, local_name_from_te,
+                                             param_spec, te_name_from_local)
+
+    names = [n for n, _ in model.named_parameters()]
+    te = [te_name_from_local(n, is_moe_layer(hf_config, int(n.split(".")[2])) if n.startswith("decoder.layers.")
+                             else False) for n in names]
+    assert len(set(te)) == len(te), f"{tag}: TE names collide"
+    assert [local_name_from_te(n) for n in te] == names, f"{tag}: TE renaming is not invertible"
+    assert not any(n.endswith("input_layernorm.weight") for n in te), f"{tag}: input norm not fused in TE names"
+    if "moe" in tag:
+        assert any(".mlp.experts.linear_fc1.weight3" in n for n in te), f"{tag}: no grouped expert names"
+    else:
+        assert any(n.endswith("mlp.linear_fc1.layer_norm_weight") for n in te), f"{tag}: pre-MLP norm not fused"
+    counts = Counter()
+    for n in te:
+        local = local_name_from_te(n)
+        layer = int(local.split(".")[2]) if local.startswith("decoder.layers.") else None
+        counts.update(param_spec(hf_config, local, layer, num_local_experts=4 if "moe" in tag else 0).hf_names)
+    if getattr(hf_config, "tie_word_embeddings", False):
+        assert "output_layer.weight" not in names
+    assert set(counts) == set(expected_hf_tensors(hf_config)), f"{tag}: TE names do not cover the HF tensors"
+    assert max(counts.values()) == 1, f"{tag}: some HF tensor is mapped twice: {counts.most_common(2)}"
+
+
 def main():
     from megatron_pz.checkpoint import save_checkpoint
     from megatron_pz.config import ParallelConfig
@@ -83,6 +112,8 @@ def main():
             all_names = [n for ns in by_stage.values() for n in ns]
             assert len(all_names) == len(set(all_names)), f"{tag}: a tensor was yielded by two stages"
             assert set(all_names) == set(expected_hf_tensors(hf_config)), f"{tag}: yielded set differs"
+            if (tp, pp, ep) == (1, 1, 1):
+                check_te_names(model, hf_config, tag)
             save_checkpoint(workdir / f"ckpt_{tag}", 0, [model], hf_config=hf_config, tokenizer_dir=hf_dir)
             if dist.get_rank() == 0:
                 torch.save(got, workdir / f"logits_{tag}.pt")

@@ -1,4 +1,4 @@
-"""Two-rank checks: TP=2, PP=2 and EP=2 (MoE) rollouts equal TP=1 rollouts of the same weights.
+"""Two-rank checks: TP=2 and PP=2 rollouts equal TP=1 rollouts, EP=2 (MoE) equals EP=1, same weights.
 
 Weights are made once at TP=1 (fixed seed), exported to full HF-named tensors with
 ``megatron_to_hf_tensors`` and loaded into each other layout with ``load_hf_tensors`` (in memory;
@@ -44,7 +44,7 @@ def rollouts(model, cfg, prompts):
     return {name: engine.generate(prompts, p) for name, p in PARAMS.items()}
 
 
-def compare(name, got, ref, tol=2e-4):
+def compare(name, got, ref, tol=2e-4, reference="TP=1"):
     for key in PARAMS:
         for g_group, r_group in zip(got[key], ref[key], strict=True):
             for g, r in zip(g_group, r_group, strict=True):
@@ -52,7 +52,7 @@ def compare(name, got, ref, tol=2e-4):
                 assert g.finish_reason == r.finish_reason and g.text == r.text
                 diff = max((abs(a - b) for a, b in zip(g.logprobs, r.logprobs)), default=0.0)
                 assert diff < tol, f"{name}/{key}: logprob diff {diff}"
-    print(f"rank {dist.get_rank()}: {name} equals the TP=1 reference", flush=True)
+    print(f"rank {dist.get_rank()}: {name} equals the {reference} reference", flush=True)
 
 
 def save(model, cfg):
@@ -107,7 +107,7 @@ def main():
     model = build(moe)
     load(model, moe, moe_weights)
     assert len(model.decoder.layers[0].mlp.experts.local_experts) == 2
-    compare("EP=2 (MoE)", rollouts(model, moe, mine), moe_ref)
+    compare("EP=2 (MoE)", rollouts(model, moe, mine), moe_ref, reference="EP=1")
     dist.barrier()
     print("ROLLOUT_PARALLEL_OK", flush=True)
 

@@ -86,24 +86,29 @@ def main():
     k = printable[0]
     stop_char = chr(ref.token_ids[k])
     first = ref.token_ids.index(ref.token_ids[k])  # earliest occurrence is where it must stop
-    prev_text = tok.decode(ref.token_ids[:first])
-    two = prev_text[-1:] + stop_char  # a stop string spanning two tokens ends at the same place
     stopped = engine.generate([prompts[0]], SamplingParams(max_new_tokens=steps, temperature=0.0,
                                                            stop=["NEVER-THERE", stop_char]))[0][0]
     assert stopped.finish_reason == "stop", stopped
     assert stopped.token_ids == ref.token_ids[: first + 1], (stopped.token_ids, ref.token_ids)
     assert stopped.text == tok.decode(ref.token_ids[: first + 1]) and stopped.text.endswith(stop_char)
-    if len(two) == 2 and "\ufffd" not in two:
-        spanning = engine.generate([prompts[0]], SamplingParams(max_new_tokens=steps, temperature=0.0,
-                                                                stop=[two]))[0][0]
-        assert spanning.finish_reason == "stop" and spanning.text.endswith(two)
-        assert spanning.token_ids == ref.token_ids[: first + 1]
+    # a two-token stop string: the first pair of consecutive printable tokens of a longer greedy run;
+    # the sequence must stop at the first token whose prefix text contains it
+    long_ref = engine.generate([prompts[0]], SamplingParams(max_new_tokens=40, temperature=0.0))[0][0].token_ids
+    pair = next(i for i in range(1, len(long_ref))
+                if all(33 <= t < 127 for t in long_ref[i - 1: i + 1]))
+    two = chr(long_ref[pair - 1]) + chr(long_ref[pair])
+    end = next(e for e in range(len(long_ref)) if two in tok.decode(long_ref[: e + 1]))
+    spanning = engine.generate([prompts[0]], SamplingParams(max_new_tokens=40, temperature=0.0, stop=[two]))[0][0]
+    assert spanning.finish_reason == "stop" and spanning.text.endswith(two), spanning
+    assert spanning.token_ids == long_ref[: end + 1], (spanning.token_ids, long_ref)
+    print(f"  two-token stop string {two!r}: ok")
     # a stop string occurring later than another one does not win because it is listed first
     later = chr(ref.token_ids[-1]) if 33 <= ref.token_ids[-1] < 127 else None
     if later and later not in tok.decode(ref.token_ids[: first + 1]):
         both = engine.generate([prompts[0]], SamplingParams(max_new_tokens=steps, temperature=0.0,
                                                             stop=[later, stop_char]))[0][0]
         assert both.token_ids == ref.token_ids[: first + 1]
+        print(f"  earliest of stop strings {[later, stop_char]!r}: ok")
     print("stop strings: ok")
 
     # 3. EOS: finish at the first EOS token, keep it in token_ids.

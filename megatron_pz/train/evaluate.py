@@ -1,0 +1,58 @@
+"""In-run evaluation on held-out passages, with the run's own rollout engine (greedy).
+
+- mask accuracy: the predictor task on fixed (seeded) random span candidates, the same items at
+  every evaluation, so the numbers before and after RL compare;
+- generator valid-mask rate: does the generator's ``\\mask{}`` parse and pass validation.
+Each data-parallel rank evaluates its slice; the counts are summed over ranks.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from megatron_pz.eval.mask_accuracy import build_mask_items, mask_prediction_accuracy
+from megatron_pz.objectives.base import encode
+from megatron_pz.objectives.pretrainzero import build_generator_prompt, parse_mask, validate_mask
+from megatron_pz.rollout.base import SamplingParams
+
+
+def _greedy(engine, tokenizer, max_new_tokens: int, stop: list):
+    def generate(prompts: list[str]) -> list[str]:
+        ids = [encode(tokenizer, p) for p in prompts]
+        params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0, stop=list(stop), n=1, seed=0)
+        return [group[0].text for group in engine.generate(ids, params)]
+
+    return generate
+
+
+def evaluate(engine, tokenizer, heldout, cfg, dp_rank: int, dp_size: int) -> dict[str, float]:
+    """``cfg`` is the RunConfig; returns eval/* metrics identical on every rank."""
+    t, o = cfg.train, cfg.objective
+    items, _ = build_mask_items(heldout, spans_per_passage=1, max_passages=t.eval_passages, seed=o.seed,
+                                replace_all=o.replace_all, whole_words_only=o.whole_words_only)
+    mine = items[dp_rank::dp_size]
+    correct = 0.0
+    if mine:
+        result = mask_prediction_accuracy(
+            mine, _greedy(engine, tokenizer, t.eval_max_new_tokens, o.predictor_stop),
+            normalize=o.normalize_answer, batch=max(1, len(mine)))
+        correct = result["accuracy"] * result["num_spans"]
+    passages = [heldout[i] for i in range(min(t.eval_passages, len(heldout)))][dp_rank::dp_size]
+    valid = 0.0
+    if passages:
+        texts = _greedy(engine, tokenizer, t.eval_max_new_tokens, o.generator_stop)(
+            [build_generator_prompt(p.text) for p in passages])
+        valid = float(sum(validate_mask(p.text, parse_mask(x, o.mask_pick), o)[0] for p, x in zip(passages, texts)))
+    totals = torch.tensor([correct, float(len(mine)), valid, float(len(passages))], dtype=torch.float64)
+    if dist.is_initialized():
+        from megatron.core import parallel_state as ps
+
+        totals /= ps.get_tensor_model_parallel_world_size() * ps.get_pipeline_model_parallel_world_size() \
+            * ps.get_context_parallel_world_size()
+        dist.all_reduce(totals)
+    return {
+        "eval/mask_accuracy": (totals[0] / totals[1].clamp(min=1)).item(),
+        "eval/num_spans": totals[1].item(),
+        "eval/generator_valid_mask_rate": (totals[2] / totals[3].clamp(min=1)).item(),
+    }

@@ -1,0 +1,73 @@
+"""Step metrics: averaged over data-parallel ranks, printed on rank 0, written to TensorBoard and JSONL.
+
+The JSONL file (``run_dir/metrics.jsonl``) is what ``tools/plot_run.py`` and tests read.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+
+def mean_over_ranks(metrics: dict[str, float]) -> dict[str, float]:
+    """Average each key over the ranks that report it (model-parallel ranks report the same values)."""
+    gathered: list = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, sorted(metrics))
+    keys = sorted({k for ks in gathered for k in ks})
+    values = torch.zeros(2 * len(keys), dtype=torch.float64)
+    for i, k in enumerate(keys):
+        if k in metrics:
+            values[2 * i] = float(metrics[k])
+            values[2 * i + 1] = 1.0
+    dist.all_reduce(values)
+    return {k: (values[2 * i] / values[2 * i + 1]).item() for i, k in enumerate(keys) if values[2 * i + 1] > 0}
+
+
+class MetricsLogger:
+    CONSOLE_KEYS = (
+        "generator/reward_mean", "predictor/accuracy", "generator/valid_mask_rate", "generator/difficulty",
+        "predictor/reward_mean", "rlp/reward_mean", "loss", "entropy", "generator/response_length_mean",
+        "predictor/response_length_mean", "tokens_per_s", "time/rollout_s", "time/train_s", "padding_fraction",
+        "eval/mask_accuracy",
+    )
+
+    def __init__(self, run_dir: str | os.PathLike, tensorboard: bool = True, enabled: Optional[bool] = None):
+        self.enabled = (dist.get_rank() == 0) if enabled is None else enabled
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.writer = None
+        if self.enabled:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            if tensorboard:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.writer = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+
+    def log(self, step: int, metrics: dict[str, float], phase: str = "rl") -> None:
+        if not self.enabled:
+            return
+        record = {"phase": phase, "step": step, **{k: float(v) for k, v in metrics.items()}}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        if self.writer is not None:
+            for k, v in metrics.items():
+                self.writer.add_scalar(f"{phase}/{k}", float(v), step)
+            self.writer.flush()
+        shown = [f"{k.split('/')[-1] if k.count('/') == 1 and k.startswith('time') else k}={metrics[k]:.4g}"
+                 for k in self.CONSOLE_KEYS if k in metrics]
+        print(f"[{phase} step {step}] " + "  ".join(shown), flush=True)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def read_metrics(run_dir: str | os.PathLike) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

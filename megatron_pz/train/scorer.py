@@ -1,0 +1,51 @@
+"""The :class:`~megatron_pz.objectives.base.Scorer` the objectives see, on Megatron forward passes.
+
+Teacher-forced log-probs (policy or RLP's EMA teacher) and next-token entropies, computed
+vocab-parallel on the last pipeline stage and broadcast to every rank of the pipeline, so objectives
+run identically on all model-parallel ranks.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from megatron_pz.rl.logprobs import vocab_parallel_entropy
+from megatron_pz.train.batching import TokenSequence, make_micro_batches
+from megatron_pz.train.losses import token_logprobs
+
+
+class MegatronScorer:
+    def __init__(self, actor, teacher_chunks: Optional[list] = None, pad_id: int = 0,
+                 max_tokens_per_micro_batch: int = 16384):
+        self.actor = actor
+        self.teacher_chunks = teacher_chunks
+        self.pad_id = pad_id
+        self.max_tokens = max_tokens_per_micro_batch
+
+    def _values(self, sequences, value_fn, chunks) -> list[list[float]]:
+        rows = [TokenSequence(list(s), [1.0] * len(s), index=i) for i, s in enumerate(sequences)]
+        batches = make_micro_batches(rows, self.max_tokens, self.pad_id)
+        from megatron_pz.train.actor import equalize_micro_batches
+
+        batches = equalize_micro_batches(batches, self.pad_id)
+        values = self.actor.forward_values(batches, value_fn, chunks=chunks)
+        out: list[list[float]] = [[] for _ in sequences]
+        for mb, vals in zip(batches, values):
+            for r, (idx, length) in enumerate(zip(mb.indices, mb.lengths)):
+                if idx >= 0:
+                    out[idx] = vals[r, :length].tolist()
+        return out
+
+    def token_logprobs(self, sequences: list[list[int]], model: str = "policy") -> list[list[float]]:
+        if model not in ("policy", "ema"):
+            raise ValueError(f"model must be 'policy' or 'ema', got {model!r}")
+        if model == "ema" and self.teacher_chunks is None:
+            raise RuntimeError("the EMA teacher was asked for, but this run has none (objective.name != rlp)")
+        chunks = self.teacher_chunks if model == "ema" else None
+        values = self._values(sequences, token_logprobs, chunks)
+        return [v[1:] for v in values]
+
+    def token_entropies(self, sequences: list[list[int]]) -> list[list[float]]:
+        return self._values(sequences, lambda mb, logits: vocab_parallel_entropy(logits.float()), None)

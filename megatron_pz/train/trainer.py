@@ -1,0 +1,310 @@
+"""The RL loop: passages -> objective rollouts and rewards -> one GRPO update -> metrics/checkpoints.
+
+Read top to bottom, :func:`train` is the algorithm's schedule; parallelism lives in
+:class:`~megatron_pz.train.actor.Actor`, rollouts in :mod:`megatron_pz.rollout`, the objective in
+:mod:`megatron_pz.objectives`, the loss in :mod:`megatron_pz.rl.grpo`.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from megatron_pz.config import ConfigError, validate_parallel_sizes
+from megatron_pz.train.batching import TokenSequence, make_micro_batches, padding_fraction
+from megatron_pz.train.config import RunConfig
+
+
+# ------------------------------------------------------------------ pieces of one step
+
+
+def experiences_to_sequences(experiences) -> list[TokenSequence]:
+    """Prompt + response rows; the loss covers response tokens only, each carrying its advantage."""
+    rows = []
+    for i, e in enumerate(experiences):
+        if not e.trainable or not e.response_ids:
+            continue
+        p, r = len(e.prompt_ids), len(e.response_ids)
+        tokens = list(e.prompt_ids) + list(e.response_ids)
+        per_token = {"advantages": [0.0] * p + [float(e.advantage or 0.0)] * r}
+        if e.rollout_logprobs is not None:
+            per_token["rollout_logprobs"] = [0.0] * p + [float(x) for x in e.rollout_logprobs]
+        rows.append(TokenSequence(tokens, [0.0] * p + [1.0] * r, per_token, index=i))
+    return rows
+
+
+def make_grpo_loss_fn(grpo_cfg):
+    """Adapts :func:`megatron_pz.rl.grpo.grpo_loss` to the actor's micro-batches (vocab-parallel)."""
+    from megatron_pz.rl.grpo import grpo_loss
+    from megatron_pz.rl.logprobs import vocab_parallel_entropy
+    from megatron_pz.train.losses import token_logprobs
+
+    def loss_fn(mb, logits):
+        logp = token_logprobs(mb, logits)
+        old = mb.per_token.get("old_logprobs", logp.detach())
+        with torch.no_grad():
+            entropy = torch.nn.functional.pad(vocab_parallel_entropy(logits[:, :-1].float()), (1, 0))
+        rollout = mb.per_token.get("rollout_logprobs")
+        loss_sum, num_tokens, metrics = grpo_loss(
+            logp, old, mb.per_token["advantages"], mb.loss_mask,
+            clip_low=grpo_cfg.clip_low, clip_high=grpo_cfg.clip_high,
+            rollout_logprobs=rollout, tis_cap=grpo_cfg.tis_cap if rollout is not None else None,
+            kl_coef=0.0, entropy=entropy)
+        n = float(num_tokens)
+        sums = {f"{k}_sum": v * n for k, v in metrics.items() if not k.endswith("_max") and k != "num_tokens"}
+        sums.update(loss_sum=loss_sum.detach(), num_tokens=num_tokens.detach())
+        return loss_sum, num_tokens.to(torch.int), sums
+
+    return loss_fn
+
+
+def token_means(summed: dict[str, float]) -> dict[str, float]:
+    n = max(1.0, summed.get("num_tokens", 0.0))
+    out = {k[:-4]: v / n for k, v in summed.items() if k.endswith("_sum")}
+    out["loss"] = out.pop("loss", 0.0)
+    out["train_tokens"] = summed.get("num_tokens", 0.0)
+    return out
+
+
+# ------------------------------------------------------------------ setup
+
+
+def resolve_hf_config(cfg: RunConfig):
+    from megatron_pz.model import load_hf_config
+
+    source = cfg.model.hf_config or dict(cfg.model.architecture)
+    hf = load_hf_config(source, cfg.model.hf_overrides)
+    if cfg.model.hf_config and cfg.model.architecture:  # the YAML states the shapes it was sized for
+        for key, expected in cfg.model.architecture.items():
+            actual = getattr(hf, key, None)
+            if key != "model_type" and actual != expected and not (key == "num_experts" and
+                                                                    getattr(hf, "num_local_experts", None) == expected):
+                raise ConfigError(f"model.architecture.{key}={expected!r} but {cfg.model.hf_config} has {actual!r}")
+    return hf
+
+
+def check_vocab(hf, tokenizer) -> None:
+    if len(tokenizer) > hf.vocab_size:
+        raise ConfigError(f"the tokenizer has {len(tokenizer)} tokens but the model's vocab_size is "
+                          f"{hf.vocab_size} (model.hf_config / model.architecture)")
+
+
+def _data_on_rank0_first(cfg: RunConfig):
+    """Build the embedded default dataset once (rank 0), then every rank opens it."""
+    from megatron_pz.data.default import resolve_data_path
+
+    path = resolve_data_path(cfg.data) if dist.get_rank() == 0 else None
+    holder = [str(path) if path else None]
+    dist.broadcast_object_list(holder, src=0)
+    return Path(holder[0])
+
+
+class Run:
+    """Everything a training run holds; built once, used by warm start, RL loop and eval."""
+
+    def __init__(self, cfg: RunConfig):
+        from megatron.core import parallel_state as ps
+
+        from megatron_pz.data.dataset import PassageDataset
+        from megatron_pz.data.tokenizer import load_tokenizer
+        from megatron_pz.runtime import initialize
+
+        self.cfg = cfg
+        # Everything that can be checked without work is checked before any work starts.
+        self.hf_config = resolve_hf_config(cfg)
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if cfg.runtime.world_size and cfg.runtime.world_size != world:
+            raise ConfigError(f"runtime.world_size={cfg.runtime.world_size} but {world} ranks were launched")
+        validate_parallel_sizes(cfg.parallel, self.hf_config, world)
+        self.info = initialize(cfg.parallel, cfg.runtime)
+        self.data_path = _data_on_rank0_first(cfg)
+        self.dataset = PassageDataset(self.data_path, split="train", heldout_fraction=cfg.data.heldout_fraction)
+        self.heldout = PassageDataset(self.data_path, split="heldout", heldout_fraction=cfg.data.heldout_fraction)
+        self.tokenizer = load_tokenizer(self.dataset.tokenizer_dir)
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        check_vocab(self.hf_config, self.tokenizer)
+        self.dp_rank = ps.get_data_parallel_rank()
+        self.dp_size = ps.get_data_parallel_world_size()
+        self.run_dir = Path(cfg.train.run_dir)
+        self.ckpt_root = self.run_dir / "checkpoints"
+        self.warm_root = self.run_dir / "warm_start"
+        from megatron_pz.train.metrics import MetricsLogger
+
+        self.logger = MetricsLogger(self.run_dir, tensorboard=cfg.train.tensorboard)
+
+    def max_sequence_length(self) -> int:
+        o = self.cfg.objective
+        longest_response = max(o.generator_max_tokens, o.predictor_max_tokens, o.ntr_max_tokens,
+                               o.rlp_thought_max_tokens + 2)
+        return self.cfg.train.max_prompt_tokens + longest_response + 8
+
+    def build_actor(self, opt_cfg, total_steps: int):
+        from megatron_pz.train.actor import Actor
+
+        return Actor(self.hf_config, self.cfg.model, self.cfg.parallel, opt_cfg, self.info.device,
+                     total_steps=total_steps, max_sequence_length=self.max_sequence_length())
+
+    def save(self, root, step, actor, teacher=None, extra_state=None, with_optimizer=True):
+        from megatron_pz.checkpoint import save_checkpoint
+
+        return save_checkpoint(root, step, actor.chunks, optimizer=actor.optimizer if with_optimizer else None,
+                               scheduler=actor.scheduler if with_optimizer else None,
+                               extra_models={"ema": teacher} if teacher else None, extra_state=extra_state,
+                               hf_config=self.hf_config, tokenizer_dir=self.dataset.tokenizer_dir)
+
+
+def _any_rank(flag: bool) -> bool:
+    value = torch.tensor([int(flag)])
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
+def _prune(root: Path, keep_last: int) -> None:
+    if keep_last <= 0 or dist.get_rank() != 0:
+        return
+    import shutil
+
+    iters = sorted(p for p in root.glob("iter_*") if p.is_dir())
+    for old in iters[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def warm_start(run: Run) -> Optional[Path]:
+    """Run (or reuse) the warm start; returns the checkpoint RL starts from."""
+    from megatron_pz.checkpoint import latest_checkpoint
+    from megatron_pz.config import OptimizerConfig
+    from megatron_pz.train.warm_start import run_warm_start
+
+    done = latest_checkpoint(run.warm_root)
+    if done is not None:
+        return done
+    ws = run.cfg.warm_start
+    opt = OptimizerConfig(lr=ws.lr, min_lr=ws.min_lr, lr_schedule="cosine", warmup_steps=ws.warmup_steps,
+                          weight_decay=0.01, adam_beta2=0.98, clip_grad=1.0,
+                          use_distributed_optimizer=run.cfg.optimizer.use_distributed_optimizer)
+    actor = run.build_actor(opt, total_steps=ws.steps)
+    summary = run_warm_start(actor, run.dataset, run.tokenizer, run.cfg, run.logger, run.dp_rank, run.dp_size,
+                             run.pad_id)
+    run.logger.log(ws.steps, summary, phase="warm_start")
+    path = run.save(run.warm_root, ws.steps, actor, with_optimizer=False, extra_state={"summary": summary})
+    del actor
+    return path
+
+
+def usable_passages(run: Run) -> list[int]:
+    """Passages whose longest prompt fits ``train.max_prompt_tokens`` (the rest are counted, not used)."""
+    limit = run.cfg.train.max_prompt_tokens - 200  # room for the longest instruction template
+    usable = [i for i in range(len(run.dataset)) if len(run.dataset[i].token_ids) <= limit]
+    skipped = len(run.dataset) - len(usable)
+    if skipped and dist.get_rank() == 0:
+        print(f"data: {skipped} of {len(run.dataset)} training passages exceed the prompt budget "
+              f"(train.max_prompt_tokens={run.cfg.train.max_prompt_tokens}) and are skipped", flush=True)
+    return usable
+
+
+def train(cfg: RunConfig) -> dict:
+    """Warm start (if configured), then the RL loop; resumes from ``run_dir/checkpoints``."""
+    from megatron_pz.checkpoint import latest_checkpoint, load_checkpoint
+    from megatron_pz.objectives.base import build_objective
+    from megatron_pz.rl.ema import EmaTeacher
+    from megatron_pz.rollout.factory import build_rollout_engine
+    from megatron_pz.train.actor import build_model_chunks, equalize_micro_batches
+    from megatron_pz.train.evaluate import evaluate
+    from megatron_pz.train.metrics import mean_over_ranks
+    from megatron_pz.train.sampler import PassageSampler
+    from megatron_pz.train.scorer import MegatronScorer
+
+    run = Run(cfg)
+    t = cfg.train
+    resume_from = latest_checkpoint(run.ckpt_root) if t.resume else None
+    start_weights = None
+    if resume_from is None:
+        if cfg.warm_start.enabled:
+            start_weights = warm_start(run)
+        elif t.init_checkpoint:
+            start_weights = Path(t.init_checkpoint)
+
+    actor = run.build_actor(cfg.optimizer, total_steps=t.steps)
+    teacher = None
+    if cfg.objective.name == "rlp":
+        teacher = build_model_chunks(run.hf_config, cfg.model, cfg.parallel, run.info.device,
+                                     run.max_sequence_length())
+        for chunk in teacher:
+            chunk.requires_grad_(False)
+    ema = EmaTeacher(teacher, tau=cfg.objective.ema_tau) if teacher else None
+    sampler = PassageSampler(run.dataset, t.passages_per_step, run.dp_rank, run.dp_size, cfg.runtime.seed,
+                             usable=usable_passages(run))
+    step = 0
+    if resume_from is not None:
+        state = load_checkpoint(resume_from, actor.chunks, actor.optimizer, actor.scheduler,
+                                extra_models={"ema": teacher} if teacher else None)
+        step = int(state["step"])
+        sampler.load_state_dict(state["sampler"])
+        if ema is not None:
+            ema.initialized = bool(state.get("ema_initialized", True))
+        if dist.get_rank() == 0:
+            print(f"resumed from {resume_from} at step {step}", flush=True)
+    elif start_weights is not None:
+        load_checkpoint(start_weights, actor.chunks, restore_rng=False)
+    if ema is not None and not ema.initialized:
+        ema.initialize_from(actor.chunks)
+
+    engine = build_rollout_engine(cfg.rollout, actor.chunks, run.tokenizer, run.hf_config)
+    objective = build_objective(cfg.objective, run.tokenizer)
+    scorer = MegatronScorer(actor, teacher, run.pad_id, t.max_tokens_per_micro_batch)
+    loss_fn = make_grpo_loss_fn(cfg.grpo)
+
+    def run_eval(at_step):
+        metrics = evaluate(engine, run.tokenizer, run.heldout, cfg, run.dp_rank, run.dp_size)
+        run.logger.log(at_step, metrics, phase="eval")
+        return metrics
+
+    stop_requested = []
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, lambda *_: stop_requested.append(True))
+
+    before = run_eval(step) if resume_from is None else None
+    last_metrics: dict = {}
+    while step < t.steps:
+        t0 = time.perf_counter()
+        passages = sampler.next_batch()
+        experiences, metrics = objective.collect(passages, engine, scorer, step)
+        t1 = time.perf_counter()
+        rows = experiences_to_sequences(experiences)
+        batches = equalize_micro_batches(make_micro_batches(rows, t.max_tokens_per_micro_batch, run.pad_id),
+                                         run.pad_id)
+        result = actor.train_step(batches, loss_fn)
+        if ema is not None:
+            ema.update(actor.chunks)
+        t2 = time.perf_counter()
+        step += 1
+        rollout_tokens = float(sum(len(e.response_ids) for e in experiences))
+        metrics.update(padding_fraction=padding_fraction(batches), rollout_tokens=rollout_tokens,
+                       **{"time/rollout_s": t1 - t0, "time/train_s": t2 - t1})
+        metrics = mean_over_ranks(metrics)
+        metrics.update(token_means(result.metrics), lr=result.lr, grad_norm=result.grad_norm)
+        metrics["tokens_per_s"] = (metrics["rollout_tokens"] * run.dp_size + result.num_tokens) / max(t2 - t0, 1e-9)
+        last_metrics = metrics
+        if step % t.log_interval == 0 or step == t.steps:
+            run.logger.log(step, metrics)
+        stopping = _any_rank(bool(stop_requested))
+        if step % t.save_interval == 0 or step == t.steps or stopping:
+            extra = {"sampler": sampler.state_dict(), "ema_initialized": bool(ema and ema.initialized)}
+            run.save(run.ckpt_root, step, actor, teacher, extra_state=extra)
+            _prune(run.ckpt_root, t.keep_last)
+        if stopping:
+            if dist.get_rank() == 0:
+                print(f"stop signal: checkpoint written at step {step}; resubmit to continue", flush=True)
+            run.logger.close()
+            return {"before": before, "after": None, "last": last_metrics, "step": step, "stopped": True}
+        if t.eval_interval and step % t.eval_interval == 0 and step != t.steps:
+            run_eval(step)
+    after = run_eval(step)
+    run.logger.close()
+    return {"before": before, "after": after, "last": last_metrics, "step": step}

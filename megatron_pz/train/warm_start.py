@@ -1,0 +1,85 @@
+"""Warm start from scratch: next-token pretraining plus the two task formats (tiny CPU default).
+
+Rows are plain passages (language modelling) or task-format examples built from the passages
+themselves: the generator prompt answered with ``\\mask{<random span candidate>}`` and the predictor
+prompt (that span masked) answered with ``\\boxed{<span>}``, each ended by EOS. After it, both roles'
+outputs parse, so the RL phase starts from a policy that plays the game (badly).
+"""
+
+from __future__ import annotations
+
+import random
+import time
+
+from megatron_pz.objectives.base import encode, token_list
+from megatron_pz.objectives.pretrainzero import (
+    build_generator_prompt,
+    build_predictor_prompt,
+    mask_passage,
+    validate_mask,
+)
+from megatron_pz.train.batching import TokenSequence, make_micro_batches
+from megatron_pz.train.losses import next_token_loss
+
+
+def _pick_span(passage, rng: random.Random, objective_cfg):
+    candidates = list(passage.candidates)
+    rng.shuffle(candidates)
+    for cand in candidates[:8]:
+        if validate_mask(passage.text, cand.text, objective_cfg)[0]:
+            return cand.text
+    return None
+
+
+def format_rows(passage, rng: random.Random, tokenizer, objective_cfg) -> list[list[int]]:
+    """The generator and predictor examples of one passage (empty if it has no usable span)."""
+    span = _pick_span(passage, rng, objective_cfg)
+    if span is None:
+        return []
+    eos = [tokenizer.eos_token_id]
+    masked = mask_passage(passage.text, span, objective_cfg.replace_all, objective_cfg.whole_words_only)
+    generator = encode(tokenizer, build_generator_prompt(passage.text)) + encode(tokenizer, f"\\mask{{{span}}}") + eos
+    predictor = encode(tokenizer, build_predictor_prompt(masked)) + encode(tokenizer, f" \\boxed{{{span}}}") + eos
+    return [generator, predictor]
+
+
+def warm_start_rows(dataset, step: int, cfg, tokenizer, seed: int, dp_rank: int, dp_size: int) -> list[TokenSequence]:
+    ws = cfg.warm_start
+    rng = random.Random(f"{seed}/warm/{step}")
+    picks = [rng.randrange(len(dataset)) for _ in range(ws.rows_per_step)]
+    rows: list[list[int]] = []
+    n_format = int(round(ws.rows_per_step * ws.format_fraction))
+    for i, idx in enumerate(picks):
+        passage = dataset[idx]
+        if i < n_format:
+            examples = format_rows(passage, rng, tokenizer, cfg.objective)
+            if examples:
+                rows.append(examples[i % 2])
+                continue
+        rows.append(token_list(passage) + [tokenizer.eos_token_id])
+    mine = rows[dp_rank::dp_size]
+    return [TokenSequence(r, [1.0] * len(r), index=i) for i, r in enumerate(mine)]
+
+
+def run_warm_start(actor, dataset, tokenizer, cfg, logger, dp_rank: int, dp_size: int, pad_id: int) -> dict:
+    """Train ``actor`` (freshly initialised, with the warm-start LR) for ``warm_start.steps``."""
+    from megatron_pz.train.actor import equalize_micro_batches
+
+    first = last = None
+    tokens = 0
+    start = time.perf_counter()
+    for step in range(cfg.warm_start.steps):
+        rows = warm_start_rows(dataset, step, cfg, tokenizer, cfg.runtime.seed, dp_rank, dp_size)
+        batches = equalize_micro_batches(
+            make_micro_batches(rows, cfg.train.max_tokens_per_micro_batch, pad_id), pad_id)
+        result = actor.train_step(batches, next_token_loss)
+        loss = result.metrics["loss_sum"] / max(1.0, result.metrics["num_tokens"])
+        first = loss if first is None else first
+        last = loss
+        tokens += result.num_tokens
+        if step % cfg.train.log_interval == 0 or step == cfg.warm_start.steps - 1:
+            elapsed = time.perf_counter() - start
+            logger.log(step, {"loss": loss, "lr": result.lr, "grad_norm": result.grad_norm,
+                              "tokens_per_s": tokens / max(elapsed, 1e-9)}, phase="warm_start")
+    return {"warm_start/first_loss": first, "warm_start/last_loss": last,
+            "warm_start/seconds": time.perf_counter() - start}

@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Shared launcher for the sbatch scripts in this folder (sourced by them, not submitted directly).
+# Runs one torchrun per node under srun; every rank runs `megatron-pz train`. Re-submitting the same
+# job (or SLURM requeue) resumes from $RUN_DIR/checkpoints automatically (train.resume: true).
+#
+# Inputs (environment): CONFIG (YAML), MODEL_DIR (Hugging Face model folder), RUN_DIR (output),
+# optional DATA_DIR (preprocessed passages), VENV (python env to activate), EXTRA_OVERRIDES.
+set -euo pipefail
+
+: "${CONFIG:?set CONFIG to a run YAML under examples/}"
+: "${MODEL_DIR:?set MODEL_DIR to the Hugging Face model folder (config.json + safetensors)}"
+: "${RUN_DIR:?set RUN_DIR to a shared output folder}"
+export MODEL_DIR RUN_DIR
+export DATA_DIR="${DATA_DIR:-$RUN_DIR/data}"
+GPUS_PER_NODE="${GPUS_PER_NODE:-8}"
+[[ -n "${VENV:-}" ]] && source "$VENV/bin/activate"
+
+mkdir -p "$RUN_DIR/logs"
+MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"
+MASTER_PORT="${MASTER_PORT:-29500}"
+WORLD_SIZE=$((SLURM_NNODES * GPUS_PER_NODE))
+
+# NCCL / PyTorch settings for multi-node H100 (InfiniBand); override per cluster as needed.
+export CUDA_DEVICE_MAX_CONNECTIONS=1          # Megatron TP/SP comm-compute overlap ordering
+export TORCH_NCCL_ASYNC_ERROR_HANDLING=1      # fail fast instead of hanging on a dead rank
+export NCCL_IB_TIMEOUT="${NCCL_IB_TIMEOUT:-22}"
+export NCCL_IB_QPS_PER_CONNECTION="${NCCL_IB_QPS_PER_CONNECTION:-4}"
+export NCCL_NVLS_ENABLE="${NCCL_NVLS_ENABLE:-0}"
+export NCCL_DEBUG="${NCCL_DEBUG:-WARN}"
+export PYTORCH_CUDA_ALLOC_CONF="${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}"
+export VLLM_ALLOW_INSECURE_SERIALIZATION=1   # weight-sync RPC payloads between the actor and vLLM workers
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-8}"
+
+# One-time import of the HF weights into a Megatron distributed checkpoint (resharded on load, so
+# one CPU process at TP=PP=EP=1 suffices for any training layout).
+INIT_CKPT="$RUN_DIR/init"
+if [[ ! -f "$INIT_CKPT/latest_checkpointed_iteration.txt" ]]; then
+  srun --nodes=1 --ntasks=1 megatron-pz convert hf-to-megatron --hf "$MODEL_DIR" --out "$INIT_CKPT" --tp 1 --pp 1 --ep 1
+fi
+
+srun --kill-on-bad-exit=1 --ntasks-per-node=1 bash -c "
+  torchrun --nnodes=$SLURM_NNODES --nproc_per_node=$GPUS_PER_NODE --node_rank=\$SLURM_NODEID \
+    --rdzv_backend=c10d --rdzv_endpoint=$MASTER_ADDR:$MASTER_PORT --rdzv_id=$SLURM_JOB_ID \
+    -m megatron_pz.cli train '$CONFIG' \
+      train.run_dir='$RUN_DIR' train.init_checkpoint='$INIT_CKPT' runtime.world_size=$WORLD_SIZE \
+      ${EXTRA_OVERRIDES:-}
+" 2>&1 | tee -a "$RUN_DIR/logs/train-$SLURM_JOB_ID.log"

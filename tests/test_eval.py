@@ -1,0 +1,65 @@
+"""Held-out mask-prediction accuracy: prompts built like training, scored with the training reward."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from megatron_pz.data.dataset import Passage, SpanCandidate
+from megatron_pz.eval.mask_accuracy import build_mask_items, hf_greedy_generator, mask_prediction_accuracy
+from megatron_pz.objectives.prompts import MASK_TOKEN
+
+
+def _passage(index, text, spans):
+    cands = []
+    for span in spans:
+        start = text.index(span)
+        cands.append(SpanCandidate(span, start, start + len(span), 0, 1, len(span.split()), 5.0))
+    return Passage(index=index, title=f"t{index}", text=text, token_ids=np.zeros(3, dtype=np.int64), candidates=cands)
+
+
+PASSAGES = [
+    _passage(0, "Paris is the capital of France. Paris has museums.", ["Paris", "France"]),
+    _passage(1, "The Danube flows through Vienna.", ["Danube"]),
+    _passage(2, "No candidates here.", []),
+]
+
+
+def test_items_mask_every_occurrence_and_are_deterministic():
+    items, counts = build_mask_items(PASSAGES, spans_per_passage=2, seed=3)
+    assert counts == {"passages": 2, "skipped_no_candidates": 1, "skipped_span_absent": 0}
+    assert sorted((it.passage_index, it.span) for it in items) == [(0, "France"), (0, "Paris"), (1, "Danube")]
+    for it in items:  # the passage appears with every occurrence of the span masked
+        assert PASSAGES[it.passage_index].text.replace(it.span, MASK_TOKEN) in it.prompt
+    paris = next(it for it in items if it.span == "Paris")
+    assert "Paris" not in paris.prompt.split(MASK_TOKEN, 1)[1]
+    assert build_mask_items(PASSAGES, spans_per_passage=2, seed=3)[0] == items  # deterministic
+
+
+def test_accuracy_is_the_exact_match_rate():
+    items, _ = build_mask_items(PASSAGES, spans_per_passage=2, seed=0)
+    oracle = lambda prompts: [f"It is \\boxed{{{next(i.span for i in items if i.prompt == p)}}}" for p in prompts]
+    assert mask_prediction_accuracy(items, oracle)["accuracy"] == 1.0
+    wrong = lambda prompts: ["\\boxed{London}" for _ in prompts]
+    assert mask_prediction_accuracy(items, wrong)["accuracy"] == 0.0
+    # one of three right -> 1/3; lower-case answer counts only with normalisation
+    first = items[0].span
+    mixed = lambda prompts: [f"\\boxed{{{first.lower()}}}" for _ in prompts]
+    assert mask_prediction_accuracy(items, mixed)["accuracy"] == 0.0
+    assert mask_prediction_accuracy(items, mixed, normalize=True)["accuracy"] == pytest.approx(1 / 3)
+
+
+def test_greedy_generation_with_a_real_hf_model(tmp_path):
+    """A tiny random transformers model through the whole path: deterministic greedy outputs."""
+    from workers.convert_models import write_hf_folder
+
+    write_hf_folder("llama", tmp_path / "m")
+    items, _ = build_mask_items(PASSAGES, spans_per_passage=1, seed=0)
+    gen = hf_greedy_generator(tmp_path / "m", max_new_tokens=4)
+    r1 = mask_prediction_accuracy(items, gen)
+    r2 = mask_prediction_accuracy(items, gen)
+    assert r1["num_spans"] == 2 and [s["response"] for s in r1["samples"]] == [s["response"] for s in r2["samples"]]
+    assert all(isinstance(s["response"], str) and len(s["response"]) > 0 for s in r1["samples"])
+    json.dumps(r1)  # serialisable as the CLI writes it
