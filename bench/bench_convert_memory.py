@@ -69,6 +69,13 @@ class Sampler:
         return result
 
 
+def _max_rss_mib() -> float:
+    """Whole-process peak RSS (anonymous + mapped file pages) from the kernel, for comparison."""
+    import resource
+
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
 def write_random_hf(cfg: dict, folder: Path) -> int:
     """Random float32 safetensors, one shard per layer (+1 for embeddings/head), with index. Returns bytes."""
     import torch
@@ -119,7 +126,7 @@ def child_import(hf_dir: str, out: str) -> dict:
     save_checkpoint(out, 0, [model], hf_config=hf)
     phases["save_checkpoint"] = sampler.mark()
     params = sum(p.numel() * p.element_size() for p in model.parameters())
-    return {"model_param_mib": round(params / 2**20, 1), "phases": phases}
+    return {"model_param_mib": round(params / 2**20, 1), "phases": phases, "max_rss_mib": _max_rss_mib()}
 
 
 def child_export(ckpt: str, out: str) -> dict:
@@ -138,7 +145,7 @@ def child_export(ckpt: str, out: str) -> dict:
     hf_io.HFShardWriter = MarkingWriter
     m2h.export_hf_checkpoint(ckpt, out, max_shard_bytes=256 * 2**20, device="cpu")
     phases["map_and_write_hf"] = sampler.mark()
-    return {"phases": phases}
+    return {"phases": phases, "max_rss_mib": _max_rss_mib()}
 
 
 def run_child(fn: str, *args: str) -> dict:

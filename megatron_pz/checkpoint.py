@@ -17,6 +17,7 @@ reshards them when the TP/PP/EP layout at load differs from the one at save.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import random
@@ -217,6 +218,10 @@ def save_checkpoint(root, step: int, model_chunks, optimizer=None, scheduler=Non
 
     from megatron_pz.convert.hf_io import copy_tokenizer_files
 
+    if importlib.util.find_spec("psutil") is None:
+        # megatron-core's torch_dist writer forks a process that needs psutil; without it the child
+        # dies and the parent waits forever instead of failing.
+        raise CheckpointError("saving a checkpoint needs the 'psutil' package (pip install psutil)")
     root = Path(root)
     final = root / iter_dir_name(step)
     tmp = root / f".tmp_{iter_dir_name(step)}"

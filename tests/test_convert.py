@@ -47,7 +47,8 @@ def work(tmp_path_factory):
                           str(work / "hf_qwen3"), "--out", str(work / "cli_ckpt"), "--tp", "2", "--device", "cpu"],
                          cwd=REPO_ROOT, env=_env(), capture_output=True, text=True, timeout=300)
     assert cli.returncode == 0, cli.stdout[-4000:] + cli.stderr[-4000:]
-    pairs = [str(work / "cli_ckpt"), str(work / "export_cli")]
+    pairs = ["--import-bf16", str(work / "hf_qwen3_moe"), str(work / "bf16_ckpt"),
+             str(work / "bf16_ckpt"), str(work / "export_bf16"), str(work / "cli_ckpt"), str(work / "export_cli")]
     for tag, _ in EXPORTS:
         pairs += [str(work / f"ckpt_{tag}"), str(work / f"export_{tag}")]
     run_torchrun("convert_export.py", *pairs, nproc=1, timeout=300)
@@ -93,6 +94,19 @@ def test_megatron_to_hf_round_trip_and_logits(work, tag, case):
     assert AutoTokenizer.from_pretrained(str(exported)).eos_token == "<|endoftext|>"  # copied through
 
 
+def test_bfloat16_import_and_export(work):
+    """An fp32 HF folder imported as a bf16 Megatron model exports as a uniform bf16 folder holding
+    exactly the bf16 rounding of every original tensor (norms included, which Megatron keeps in fp32)."""
+    from transformers import AutoModelForCausalLM
+
+    folder, _ = work
+    original, back = _tensors(folder / "hf_qwen3_moe"), _tensors(folder / "export_bf16")
+    assert set(back) == set(original)
+    for name, tensor in original.items():
+        assert back[name].dtype == torch.bfloat16 and torch.equal(back[name], tensor.to(torch.bfloat16)), name
+    assert AutoModelForCausalLM.from_pretrained(str(folder / "export_bf16")).dtype == torch.bfloat16
+
+
 def test_cli_checkpoint_layout_and_metadata(work):
     from megatron_pz.checkpoint import latest_checkpoint, read_metadata
 
@@ -105,7 +119,7 @@ def test_cli_checkpoint_layout_and_metadata(work):
     assert (path / "hf_config.json").is_file()
 
 
-def test_lm_eval_scores_the_exported_model(work, tmp_path):
+def test_lm_eval_scores_the_exported_model(work, tmp_path, monkeypatch):
     """lm-eval's accuracy on a local 4-question task equals the argmax of our own log-likelihoods."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -114,8 +128,8 @@ def test_lm_eval_scores_the_exported_model(work, tmp_path):
     folder, _ = work
     model_dir = folder / "export_cli"
     task_dir = REPO_ROOT / "tests" / "data" / "lm_eval_task"
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     result = run_lm_eval(model_dir, ["pz_tiny_mc"], output=tmp_path / "r.json", include_path=task_dir)
     acc = result["results"]["pz_tiny_mc"]["acc,none"]
     assert json.loads((tmp_path / "r.json").read_text())["results"]["pz_tiny_mc"]["acc,none"] == acc

@@ -150,7 +150,7 @@ def test_broken_markup_page_is_counted_not_passed_on(tmp_path, wiki_tokenizer):
     assert texts["Broken"] == PROSE.strip()  # the unclosed template line is dropped, prose kept
 
 
-def test_parquet_and_jsonl_give_the_same_passages(tmp_path, wiki_tokenizer):
+def test_parquet_arrow_and_jsonl_give_the_same_passages(tmp_path, wiki_tokenizer):
     import datasets
 
     rows = [{"id": str(i), "url": "", "title": f"Fox {i}", "text": PROSE * (i + 1)} for i in range(6)]
@@ -159,10 +159,14 @@ def test_parquet_and_jsonl_give_the_same_passages(tmp_path, wiki_tokenizer):
         for row in rows:
             f.write(json.dumps({"title": row["title"], "text": row["text"]}) + "\n")
     opts = dict(progress=False, passage_tokens=200, min_passage_tokens=8)
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "saved"))
+    (arrow,) = (tmp_path / "saved").glob("*.arrow")
     a = preprocess([tmp_path / "wiki.parquet"], tmp_path / "a", wiki_tokenizer, **opts)
     b = preprocess([tmp_path / "wiki.jsonl"], tmp_path / "b", wiki_tokenizer, **opts)
-    assert a["counts"] == b["counts"] and a["counts"]["articles"] == 6
-    assert (tmp_path / "a" / "passages.bin").read_bytes() == (tmp_path / "b" / "passages.bin").read_bytes()
+    c = preprocess([arrow], tmp_path / "c", wiki_tokenizer, **opts)
+    assert a["counts"] == b["counts"] == c["counts"] and a["counts"]["articles"] == 6
+    for other in ("b", "c"):
+        assert (tmp_path / other / "passages.bin").read_bytes() == (tmp_path / "a" / "passages.bin").read_bytes()
     ds = PassageDataset(tmp_path / "a")
     assert ds[0].title == "Fox 0" and ds[0].text == PROSE.strip()
     assert len(ds) > 6  # the longer articles were cut into several passages

@@ -63,3 +63,27 @@ def test_greedy_generation_with_a_real_hf_model(tmp_path):
     assert r1["num_spans"] == 2 and [s["response"] for s in r1["samples"]] == [s["response"] for s in r2["samples"]]
     assert all(isinstance(s["response"], str) and len(s["response"]) > 0 for s in r1["samples"])
     json.dumps(r1)  # serialisable as the CLI writes it
+
+
+@pytest.mark.slow
+def test_eval_cli_mask_accuracy_on_preprocessed_heldout(tmp_path):
+    """`megatron-pz eval --mask-accuracy` end to end: gensim Wikipedia -> preprocess -> held-out split ->
+    greedy predictions of a tiny HF model -> accuracy equal to the mean of the per-span rewards."""
+    from megatron_pz.cli import main
+    from megatron_pz.data.preprocess import preprocess
+    from megatron_pz.data.sample import gensim_wiki_sample
+    from workers.convert_models import write_hf_folder
+
+    model_dir = tmp_path / "model"
+    write_hf_folder("llama", model_dir)
+    data = tmp_path / "data"
+    preprocess([gensim_wiki_sample()], data, model_dir, workers=1, progress=False, max_pages=40, fit_pages=40,
+               punkt_chars=200_000, passage_tokens=256, max_passage_tokens=512)
+    out = tmp_path / "eval.json"
+    rc = main(["eval", "--model", str(model_dir), "--mask-accuracy", "--data", str(data), "--heldout-fraction",
+               "0.5", "--max-passages", "3", "--max-new-tokens", "3", "--output", str(out)])
+    assert rc == 0
+    result = json.loads(out.read_text())["mask_accuracy"]
+    assert result["passages"] == 3 and result["num_spans"] + result["skipped_span_absent"] == 3
+    rewards = [s["reward"] for s in result["samples"]]
+    assert result["accuracy"] == pytest.approx(sum(rewards) / len(rewards))

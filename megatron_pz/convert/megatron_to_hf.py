@@ -12,6 +12,8 @@ import os
 import shutil
 from pathlib import Path
 
+import torch
+
 from megatron_pz.config import ConfigError, ModelConfig, ParallelConfig, RuntimeConfig
 
 
@@ -43,8 +45,10 @@ def export_hf_checkpoint(ckpt, out, max_shard_bytes: int = 2 * 1024**3, device: 
     if tmp.exists():
         shutil.rmtree(tmp)
     writer = HFShardWriter(tmp, max_shard_bytes)
+    out_dtype = getattr(torch, dtype)
     for name, tensor in megatron_to_hf_tensors([model], hf_config):
-        writer.add(name, tensor.cpu())
+        # Megatron may keep some tensors (norms) in fp32 inside a bf16 model; HF folders are uniform.
+        writer.add(name, tensor.to(device="cpu", dtype=out_dtype))
     written = set(writer.finish())
     expected = set(expected_hf_tensors(hf_config))
     if written != expected:

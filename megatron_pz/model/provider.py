@@ -232,6 +232,13 @@ def build_model(
 
     model_cfg = model_cfg or ModelConfig()
     parallel = parallel or ParallelConfig()
+    if parallel_state.model_parallel_is_initialized():  # a mismatch would silently build wrong stages
+        actual = (parallel_state.get_tensor_model_parallel_world_size(),
+                  parallel_state.get_pipeline_model_parallel_world_size(),
+                  parallel_state.get_expert_model_parallel_world_size())
+        if actual != (parallel.tp, parallel.pp, parallel.ep):
+            raise ConfigError(f"build_model: parallel tp/pp/ep={(parallel.tp, parallel.pp, parallel.ep)} but the "
+                              f"runtime was initialised with {actual}; pass the same ParallelConfig")
     device = device or (torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available()
                         else torch.device("cpu"))
     config = transformer_config_from_hf(hf_config, model_cfg, parallel, device)

@@ -38,6 +38,7 @@ Log-probs are those of the raw model (temperature 1, unfiltered) for each sample
 from __future__ import annotations
 
 import contextlib
+import hashlib
 from typing import Iterable, Optional, Sequence
 
 import torch
@@ -176,15 +177,21 @@ class MegatronRolloutEngine:
         out: list[list[Optional[Completion]]] = [[None] * params.n for _ in prompts]
         with self._rollout_mode():
             for b in range(num_batches):
-                generator = torch.Generator(device=self.device)
-                generator.manual_seed((seed * 1_000_003 + self.dp_rank * 10_007 + b) % (2**63))
                 if b < len(batches):
-                    done = self._decode_batch([items[k][2] for k in batches[b]], params, generator)
+                    # one stream per (seed, prompt, sample index): what is sampled for a prompt does
+                    # not depend on its batch-mates, the batch size or the data-parallel layout
+                    row_seeds = [self._row_seed(seed, items[k][2], items[k][1]) for k in batches[b]]
+                    done = self._decode_batch([items[k][2] for k in batches[b]], params, row_seeds)
                     for k, completion in zip(batches[b], done):
                         out[items[k][0]][items[k][1]] = completion
                 else:  # nothing left here, but EP peers still decode: keep stepping with them
-                    self._decode_batch([[0]], params, generator, dummy=True)
+                    self._decode_batch([[0]], params, [self._row_seed(seed, [0], b)], dummy=True)
         return out  # type: ignore[return-value]
+
+    @staticmethod
+    def _row_seed(seed: int, prompt: list[int], sample_index: int) -> int:
+        digest = hashlib.blake2b(repr((int(seed), sample_index, prompt)).encode(), digest_size=8).digest()
+        return int.from_bytes(digest, "little") % (2**62)
 
     # ------------------------------------------------------------------ decoding
 
@@ -286,7 +293,7 @@ class MegatronRolloutEngine:
         context.sequence_len_offset += length
         return logits
 
-    def _decode_batch(self, prompts: list[list[int]], params: SamplingParams, generator,
+    def _decode_batch(self, prompts: list[list[int]], params: SamplingParams, row_seeds: list[int],
                       dummy: bool = False) -> list[Completion]:
         from megatron.core.inference.contexts import StaticInferenceContext
 
@@ -313,7 +320,12 @@ class MegatronRolloutEngine:
         position = shortest
         while True:
             if is_last_stage:
-                sampled, lps = sample_tokens(logits, vocab_start, self.vocab_size, spec, generator, self.tp_group)
+                # noise for row r's k-th sampled token comes from (row seed, k) only, so rows still
+                # reading their prompt, batch-mates and batch size leave a row's samples unchanged
+                step_generators = [_seeded_generator(row_seed, len(generated[r]), self.device)
+                                   for r, row_seed in enumerate(row_seeds)]
+                sampled, lps = sample_tokens(logits, vocab_start, self.vocab_size, spec, step_generators,
+                                             self.tp_group)
                 packed = torch.stack([sampled.double(), lps.double()])
             else:
                 packed = None
@@ -350,3 +362,9 @@ class MegatronRolloutEngine:
             completions.append(Completion(prompt_ids=prompts[r], token_ids=generated[r], text=text,
                                           logprobs=logprobs[r], finish_reason=reasons[r]))
         return completions
+
+
+def _seeded_generator(row_seed: int, index: int, device) -> torch.Generator:
+    generator = torch.Generator(device=device)
+    generator.manual_seed((row_seed * 1_000_003 + index) % (2**63))
+    return generator

@@ -57,9 +57,20 @@ def all_gather_stack(tensor: torch.Tensor, group) -> torch.Tensor:
     return torch.stack(parts)
 
 
-def gumbel_noise(batch: int, vocab_size: int, generator: torch.Generator, device) -> torch.Tensor:
-    """``[batch, vocab_size]`` standard Gumbel noise from ``generator`` (same on every rank)."""
-    u = torch.rand(batch, vocab_size, generator=generator, device=device, dtype=torch.float32)
+def gumbel_noise(batch: int, vocab_size: int, generator, device) -> torch.Tensor:
+    """``[batch, vocab_size]`` standard Gumbel noise (same on every rank).
+
+    ``generator`` is one ``torch.Generator`` for the batch, or a list with one per row: per-row
+    streams make a sample depend only on its own seed, not on which rows share its batch (so the
+    data-parallel size or the batching cannot change what is sampled).
+    """
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != batch:
+            raise ValueError(f"{len(generator)} generators for a batch of {batch}")
+        u = torch.stack([torch.rand(vocab_size, generator=g, device=device, dtype=torch.float32)
+                         for g in generator])
+    else:
+        u = torch.rand(batch, vocab_size, generator=generator, device=device, dtype=torch.float32)
     tiny = torch.finfo(torch.float32).tiny
     return -torch.log(-torch.log(u.clamp(min=tiny, max=1.0 - 1e-7)))
 
@@ -116,7 +127,7 @@ def sample_tokens(
     vocab_start: int,
     vocab_size: int,
     spec: SamplingSpec,
-    generator: Optional[torch.Generator],
+    generator,
     group=None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sample one token per row of vocab-parallel ``logits [b, V/TP]``.
