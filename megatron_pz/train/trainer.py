@@ -124,8 +124,9 @@ class Run:
         validate_parallel_sizes(cfg.parallel, self.hf_config, world)
         self.info = initialize(cfg.parallel, cfg.runtime)
         self.data_path = _data_on_rank0_first(cfg)
-        self.dataset = PassageDataset(self.data_path, split="train", heldout_fraction=cfg.data.heldout_fraction)
-        self.heldout = PassageDataset(self.data_path, split="heldout", heldout_fraction=cfg.data.heldout_fraction)
+        opts = dict(heldout_fraction=cfg.data.heldout_fraction, max_span_words=cfg.data.max_span_words)
+        self.dataset = PassageDataset(self.data_path, split="train", **opts)
+        self.heldout = PassageDataset(self.data_path, split="heldout", **opts)
         self.tokenizer = load_tokenizer(self.dataset.tokenizer_dir)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
         check_vocab(self.hf_config, self.tokenizer)
