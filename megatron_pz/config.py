@@ -38,6 +38,8 @@ class ModelConfig:
     recompute: Optional[str] = None  # None | full | selective
     attention_dropout: float = 0.0
     hidden_dropout: float = 0.0
+    # False: skip Megatron's random init (weights are about to be loaded; halves peak memory at import)
+    init_weights: bool = True
 
 
 @dataclass

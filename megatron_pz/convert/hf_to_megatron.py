@@ -51,7 +51,9 @@ def build_model_from_hf(hf_dir, parallel: ParallelConfig, dtype: str = "auto", d
     skipped = check_against_config(reader, hf_config)  # same verdict on every rank, before any collective
     info = initialize(parallel, RuntimeConfig(device=device))
     validate_parallel_sizes(parallel, hf_config, info.world_size)
-    model = build_model(hf_config, ModelConfig(params_dtype=params_dtype_of(hf_config, dtype), spec="auto"),
+    # every parameter is overwritten below (unused/missing tensors are errors), so skip the random init
+    model = build_model(hf_config, ModelConfig(params_dtype=params_dtype_of(hf_config, dtype), spec="auto",
+                                               init_weights=False),
                         parallel, device=info.device)
     used = load_hf_tensors([model], hf_config, reader.get)
     everyone: list[Optional[set]] = [None] * info.world_size

@@ -153,6 +153,7 @@ def transformer_config_from_hf(
         fp16=dtype == torch.float16,
         use_cpu_initialization=device.type != "cuda",
         init_method_std=getattr(hf_config, "initializer_range", 0.02),
+        perform_initialization=model_cfg.init_weights,
         # Rollout batches have varying lengths; Megatron's allgather dispatcher cannot handle that.
         variable_seq_lengths=model_cfg.moe_token_dispatcher != "allgather",
         # Loss = sum over tokens; Megatron divides grads by the token count summed over

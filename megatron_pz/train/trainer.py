@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -201,7 +202,9 @@ def warm_start(run: Run) -> Optional[Path]:
 def usable_passages(run: Run) -> list[int]:
     """Passages whose longest prompt fits ``train.max_prompt_tokens`` (the rest are counted, not used)."""
     limit = run.cfg.train.max_prompt_tokens - 200  # room for the longest instruction template
-    usable = [i for i in range(len(run.dataset)) if len(run.dataset[i].token_ids) <= limit]
+    # lengths straight from the IndexedDataset's index: no passage is decoded at start-up
+    lengths = run.dataset.tokens.sequence_lengths[[run.dataset.document_index(i) for i in range(len(run.dataset))]]
+    usable = [int(i) for i in np.flatnonzero(lengths <= limit)]
     skipped = len(run.dataset) - len(usable)
     if skipped and dist.get_rank() == 0:
         print(f"data: {skipped} of {len(run.dataset)} training passages exceed the prompt budget "
