@@ -46,6 +46,13 @@ def test_validate_mask_reasons():
     assert validate_mask("x " * 7 + "end", "x", CFG) == (True, "ok")
     assert validate_mask("x " * 8 + "end", "x", CFG) == (False, "too_frequent")
     assert validate_mask("x " * 8 + "end", "x", ObjectiveConfig(max_mask_occurrences=9)) == (True, "ok")
+    # function-word-only masks are valid under the paper's rule, invalid with content_words_only
+    content = ObjectiveConfig(content_words_only=True)
+    assert validate_mask(TEXT, "the", CFG) == (True, "ok")
+    assert validate_mask(TEXT, "the", content) == (False, "stopwords_only")
+    assert validate_mask(TEXT, "on the", content) == (False, "stopwords_only")
+    assert validate_mask(TEXT, "on the mat", content) == (True, "ok")
+    assert validate_mask(TEXT, "The cat", content) == (True, "ok")
 
 
 def test_mask_passage():

@@ -65,6 +65,10 @@ def test_end_to_end_pretrainzero(tmp_path, cache):
         assert 0.0 <= r["generator/valid_mask_rate"] <= 1.0 and r["generator/num_samples"] == 8
         assert 0.0 <= r["padding_fraction"] < 0.6 and r["tokens_per_s"] > 0
     assert "held-out mask accuracy: before RL" in out
+    samples = [json.loads(l) for l in (full / "samples.jsonl").read_text().splitlines()]
+    per_step_role = {(r["step"], r["role"]) for r in samples}
+    assert {(1, "generator"), (2, "generator")} <= per_step_role and len(samples) <= 2 * 2 * 2
+    assert all(isinstance(r["response"], str) and "valid" in r["info"] for r in samples if r["role"] == "generator")
     assert sorted(p.name for p in (full / "checkpoints").glob("iter_*")) == ["iter_0000002"]  # keep_last=1
     assert (full / "warm_start" / "latest_checkpointed_iteration.txt").is_file()
     png = tmp_path / "curves.png"  # the plot tool renders the run
@@ -116,6 +120,23 @@ def test_two_ranks_match_one(tmp_path, cache, reference, layout):
         assert b[step]["grad_norm"] == pytest.approx(a[step]["grad_norm"], rel=1e-4, abs=1e-6)
         assert b[step]["train_tokens"] == a[step]["train_tokens"]
         assert b[step]["rlp/reward_mean"] == pytest.approx(a[step]["rlp/reward_mean"], abs=1e-5)
+        assert a[step]["grad_norm"] > 1e-6
+
+
+def test_virtual_pipeline_matches_one_rank(tmp_path, cache):
+    """PP=2 with 2 virtual stages (Megatron's interleaved 1F1B schedule) on a 4-layer model: the same
+    3 RLP steps as one process. Its own reference, because the shared one has 2 layers."""
+    layers = "model.architecture.num_hidden_layers=4"
+    train(tmp_path / "warm", cache, layers, "train.steps=1", "train.save_interval=1")
+    args = [layers, *COMMON, f"train.init_checkpoint={tmp_path / 'warm' / 'warm_start'}"]
+    train(tmp_path / "one", cache, *args)
+    train(tmp_path / "vpp", cache, *args, "parallel.pp=2", "parallel.virtual_pp=2", nproc=2)
+    _, a = rl_records(tmp_path / "one")
+    _, b = rl_records(tmp_path / "vpp")
+    for step in (1, 2, 3):
+        assert b[step]["rlp/response_length_mean"] == a[step]["rlp/response_length_mean"]
+        assert b[step]["loss"] == pytest.approx(a[step]["loss"], abs=2e-5)
+        assert b[step]["grad_norm"] == pytest.approx(a[step]["grad_norm"], rel=1e-4, abs=1e-6)
         assert a[step]["grad_norm"] > 1e-6
 
 

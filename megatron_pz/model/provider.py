@@ -155,7 +155,8 @@ def transformer_config_from_hf(
         init_method_std=getattr(hf_config, "initializer_range", 0.02),
         perform_initialization=model_cfg.init_weights,
         # Rollout batches have varying lengths; Megatron's allgather dispatcher cannot handle that.
-        variable_seq_lengths=model_cfg.moe_token_dispatcher != "allgather",
+        # The interleaved (virtual pipeline) schedule gets fixed shapes instead (equalize_micro_batches).
+        variable_seq_lengths=model_cfg.moe_token_dispatcher != "allgather" and not parallel.virtual_pp,
         # Loss = sum over tokens; Megatron divides grads by the token count summed over
         # micro-batches and DP ranks (one global count: a batch split differently trains the same).
         calculate_per_token_loss=True,

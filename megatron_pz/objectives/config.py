@@ -50,6 +50,10 @@ class ObjectiveConfig:
     mask_pick: str = "last"  # last | first
     # paper-silent: an invalid or unparseable mask earns this reward, and gets no predictor rollouts.
     invalid_mask_reward: float = 0.0
+    # paper-silent: the paper's validity rule is only "occurs, fewer than 8 times". With this on, a
+    # mask made only of function words ("the", "of the") is invalid too ('stopwords_only'): the prompt
+    # asks for entities, and a weak policy otherwise settles on masking "the" and predicting "the".
+    content_words_only: bool = False
 
     # ---- rewards
     normalize_answer: bool = False  # paper: exact match; True: casefold + collapse whitespace

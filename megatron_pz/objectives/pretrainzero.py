@@ -34,6 +34,7 @@ from megatron_pz.objectives.base import (
     sample,
     to_experiences,
 )
+from megatron_pz.data.spans import STOPWORDS, word_keys
 from megatron_pz.objectives.config import ObjectiveConfig
 from megatron_pz.objectives.prompts import (  # noqa: F401
     MASK_TOKEN,
@@ -57,11 +58,13 @@ def count_occurrences(text: str, span: str, whole_words_only: bool = True) -> in
 
 
 def validate_mask(passage_text: str, span: str | None, cfg: ObjectiveConfig) -> tuple[bool, str]:
-    """(ok, reason): reason is 'ok', 'unparseable', 'empty', 'absent' or 'too_frequent'."""
+    """(ok, reason): 'ok', 'unparseable', 'empty', 'stopwords_only', 'absent' or 'too_frequent'."""
     if span is None:
         return False, "unparseable"
     if not span.strip():
         return False, "empty"
+    if cfg.content_words_only and all(word in STOPWORDS for word in word_keys(span)):
+        return False, "stopwords_only"
     n = count_occurrences(passage_text, span, cfg.whole_words_only)
     if n == 0:
         return False, "absent"

@@ -198,19 +198,52 @@ def equalize_micro_batches(batches: list[MicroBatch], pad_id: int = 0) -> list[M
 
     Expert parallelism runs all-to-alls inside every MoE layer's forward, so all ranks must run the
     same number of forward passes even though their data (and so their bucketing) differ.
+
+    With a virtual pipeline, Megatron's interleaved schedule needs the count to be a multiple of PP
+    (its default micro-batch group per virtual stage), and it exchanges activations with one fixed
+    shape (it hangs on per-micro-batch shapes), so every micro-batch is also padded to the world's
+    largest [rows, length]; padding rows carry index -1 and no loss.
     """
+    from megatron.core import parallel_state as ps
+
     from megatron_pz.train.batching import make_micro_batches
 
-    count = torch.tensor([len(batches)], dtype=torch.int64)
-    dist.all_reduce(count, op=dist.ReduceOp.MAX)
-    missing = int(count.item()) - len(batches)
+    interleaved = (ps.get_virtual_pipeline_model_parallel_world_size() or 1) > 1
+    rows = max((mb.input_ids.shape[0] for mb in batches), default=1)
+    width = max((mb.input_ids.shape[1] for mb in batches), default=2)
+    sizes = torch.tensor([len(batches), rows, width], dtype=torch.int64)
+    dist.all_reduce(sizes, op=dist.ReduceOp.MAX)
+    target, rows, width = (int(v) for v in sizes.tolist())
+    if interleaved:
+        pp = ps.get_pipeline_model_parallel_world_size()
+        target = max(pp, -(-target // pp) * pp)
+    missing = target - len(batches)
     if missing > 0:
         names = sorted(batches[0].per_token) if batches else []
         fillers = make_micro_batches([], 8, pad_id, min_micro_batches=missing)
         for f in fillers:
             f.per_token = {n: torch.zeros_like(f.loss_mask) for n in names}
         batches = list(batches) + fillers
+    if interleaved:
+        batches = [pad_micro_batch(mb, rows, width, pad_id) for mb in batches]
     return batches
+
+
+def pad_micro_batch(mb: MicroBatch, rows: int, width: int, pad_id: int) -> MicroBatch:
+    """``mb`` grown to [rows, width] with pad tokens that carry no loss (rows added: index -1)."""
+    b, s = mb.input_ids.shape
+    if (b, s) == (rows, width):
+        return mb
+
+    def grow(t: torch.Tensor, fill) -> torch.Tensor:
+        out = torch.full((rows, width), fill, dtype=t.dtype)
+        out[:b, :s] = t
+        return out
+
+    positions = torch.arange(width, dtype=torch.long).unsqueeze(0).expand(rows, -1).contiguous()
+    return MicroBatch(grow(mb.input_ids, pad_id), positions, grow(mb.loss_mask, 0.0),
+                      {k: grow(v, 0.0) for k, v in mb.per_token.items()},
+                      list(mb.lengths) + [0] * (rows - b), list(mb.indices) + [-1] * (rows - b))
 
 
 def reduce_metrics(outputs: list[dict]) -> tuple[dict[str, float], int]:

@@ -35,6 +35,7 @@ class TrainConfig:
     eval_passages: int = 64  # held-out passages for the mask-prediction eval
     eval_max_new_tokens: int = 64
     tensorboard: bool = True
+    log_samples: int = 2  # responses per role per step written to run_dir/samples.jsonl (0: none)
 
 
 @dataclass
@@ -54,6 +55,8 @@ class WarmStartConfig:
     min_lr: float = 3e-4
     warmup_steps: int = 20
     format_fraction: float = 0.5  # share of rows that are task-format examples (half each role)
+    space_in_answer: bool = False  # write answers as \boxed{ span} (see warm_start.format_rows)
+    answer_only_loss: bool = False  # True: format examples train on their answer tokens only (SFT-style)
 
 
 @dataclass

@@ -33,7 +33,7 @@ class MetricsLogger:
         "generator/reward_mean", "predictor/accuracy", "generator/valid_mask_rate", "generator/difficulty",
         "predictor/reward_mean", "rlp/reward_mean", "loss", "entropy", "generator/response_length_mean",
         "predictor/response_length_mean", "tokens_per_s", "time/rollout_s", "time/train_s", "padding_fraction",
-        "eval/mask_accuracy",
+        "eval/mask_accuracy", "eval/generator_valid_mask_rate",
     )
 
     def __init__(self, run_dir: str | os.PathLike, tensorboard: bool = True, enabled: Optional[bool] = None):
@@ -62,6 +62,25 @@ class MetricsLogger:
         shown = [f"{k.split('/')[-1] if k.count('/') == 1 and k.startswith('time') else k}={metrics[k]:.4g}"
                  for k in self.CONSOLE_KEYS if k in metrics]
         print(f"[{phase} step {step}] " + "  ".join(shown), flush=True)
+
+    def log_samples(self, step: int, experiences: list, tokenizer, per_role: int) -> None:
+        """Append the first ``per_role`` responses of each role (this rank's) to ``samples.jsonl``.
+
+        The numbers say *that* a policy improves; the samples say *what* it learned (e.g. a generator
+        that settled on masking "the"), which no scalar shows.
+        """
+        if not self.enabled or per_role <= 0:
+            return
+        taken: dict[str, int] = {}
+        with open(self.path.with_name("samples.jsonl"), "a") as f:
+            for e in experiences:
+                if taken.get(e.role, 0) >= per_role:
+                    continue
+                taken[e.role] = taken.get(e.role, 0) + 1
+                record = {"step": step, "role": e.role, "group": e.group, "reward": e.reward,
+                          "trainable": e.trainable, "response": tokenizer.decode(e.response_ids),
+                          "info": {k: v for k, v in e.info.items() if isinstance(v, (str, int, float, bool))}}
+                f.write(json.dumps(record, ensure_ascii=False) + "\n")
 
     def close(self) -> None:
         if self.writer is not None:

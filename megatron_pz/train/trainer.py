@@ -297,6 +297,7 @@ def train(cfg: RunConfig) -> dict:
         last_metrics = metrics
         if step % t.log_interval == 0 or step == t.steps:
             run.logger.log(step, metrics)
+            run.logger.log_samples(step, experiences, run.tokenizer, t.log_samples)
         stopping = _any_rank(bool(stop_requested))
         if step % t.save_interval == 0 or step == t.steps or stopping:
             extra = {"sampler": sampler.state_dict(), "ema_initialized": bool(ema and ema.initialized)}

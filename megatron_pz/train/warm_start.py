@@ -31,34 +31,52 @@ def _pick_span(passage, rng: random.Random, objective_cfg):
     return None
 
 
-def format_rows(passage, rng: random.Random, tokenizer, objective_cfg) -> list[list[int]]:
-    """The generator and predictor examples of one passage (empty if it has no usable span)."""
+def format_rows(passage, rng: random.Random, tokenizer, objective_cfg, space_in_answer: bool = False
+                ) -> list[tuple[list[int], int]]:
+    """The generator and predictor examples of one passage as (tokens, prompt length); empty if it has
+    no usable span.
+
+    ``space_in_answer`` writes ``\\boxed{ span}``: byte-level BPEs tokenize a word after a space as
+    the word's usual token, but right after ``{`` as rare space-less pieces (``{se|ver|al}``), which a
+    tiny model cannot learn to spell in minutes. Parsed spans are stripped, so rewards are unchanged.
+    """
     span = _pick_span(passage, rng, objective_cfg)
     if span is None:
         return []
     eos = [tokenizer.eos_token_id]
+    answer = f" {span}" if space_in_answer else span
     masked = mask_passage(passage.text, span, objective_cfg.replace_all, objective_cfg.whole_words_only)
-    generator = encode(tokenizer, build_generator_prompt(passage.text)) + encode(tokenizer, f"\\mask{{{span}}}") + eos
-    predictor = encode(tokenizer, build_predictor_prompt(masked)) + encode(tokenizer, f" \\boxed{{{span}}}") + eos
-    return [generator, predictor]
+    generator = encode(tokenizer, build_generator_prompt(passage.text))
+    predictor = encode(tokenizer, build_predictor_prompt(masked))
+    return [(generator + encode(tokenizer, f"\\mask{{{answer}}}") + eos, len(generator)),
+            (predictor + encode(tokenizer, f" \\boxed{{{answer}}}") + eos, len(predictor))]
 
 
 def warm_start_rows(dataset, step: int, cfg, tokenizer, seed: int, dp_rank: int, dp_size: int) -> list[TokenSequence]:
+    """This rank's rows of one warm-start step: plain passages (loss on every token) and task-format
+    examples (loss on the answer only with ``answer_only_loss``, as in supervised fine-tuning: the
+    prompt's ~150 tokens would otherwise drown the ~4 answer tokens whose copying is the skill taught).
+    """
     ws = cfg.warm_start
     rng = random.Random(f"{seed}/warm/{step}")
     picks = [rng.randrange(len(dataset)) for _ in range(ws.rows_per_step)]
-    rows: list[list[int]] = []
+    rows: list[TokenSequence] = []
     n_format = int(round(ws.rows_per_step * ws.format_fraction))
     for i, idx in enumerate(picks):
         passage = dataset[idx]
         if i < n_format:
-            examples = format_rows(passage, rng, tokenizer, cfg.objective)
+            examples = format_rows(passage, rng, tokenizer, cfg.objective, ws.space_in_answer)
             if examples:
-                rows.append(examples[i % 2])
+                tokens, prompt_len = examples[i % 2]
+                skip = prompt_len if ws.answer_only_loss else 0
+                rows.append(TokenSequence(tokens, [0.0] * skip + [1.0] * (len(tokens) - skip)))
                 continue
-        rows.append(token_list(passage) + [tokenizer.eos_token_id])
+        tokens = token_list(passage) + [tokenizer.eos_token_id]
+        rows.append(TokenSequence(tokens, [1.0] * len(tokens)))
     mine = rows[dp_rank::dp_size]
-    return [TokenSequence(r, [1.0] * len(r), index=i) for i, r in enumerate(mine)]
+    for i, row in enumerate(mine):
+        row.index = i
+    return mine
 
 
 def run_warm_start(actor, dataset, tokenizer, cfg, logger, dp_rank: int, dp_size: int, pad_id: int) -> dict:
