@@ -117,6 +117,19 @@ def test_every_candidate_decodes_to_its_text(wiki_out):
     assert aligned_words / total_words > 0.99
 
 
+def test_span_length_limits_filter_candidates(wiki_out):
+    out, _ = wiki_out
+    full, short = PassageDataset(out), PassageDataset(out, max_span_words=2, max_span_tokens=1)
+    for i in range(0, len(full), 50):
+        everything = {(c.char_start, c.char_end): c for c in full[i].candidates}
+        kept = short[i].candidates
+        # exactly the candidates of <= 2 words spelled by a single token
+        assert {(c.char_start, c.char_end) for c in kept} == {
+            key for key, c in everything.items() if c.num_words <= 2 and c.token_end - c.token_start == 1}
+        assert all(c.token_end - c.token_start == 1 for c in kept)
+    assert any(short[i].candidates for i in range(0, len(short), 50))
+
+
 def test_candidates_do_not_cross_sentences(wiki_out):
     out, _ = wiki_out
     ds = PassageDataset(out)

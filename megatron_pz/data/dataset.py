@@ -56,6 +56,7 @@ class PassageDataset:
         split: str = "all",
         heldout_fraction: float = 0.02,
         max_span_words: Optional[int] = None,
+        max_span_tokens: Optional[int] = None,
     ):
         from megatron.core.datasets.indexed_dataset import IndexedDataset
 
@@ -77,6 +78,7 @@ class PassageDataset:
         files = self.manifest["files"]
         built_k = self.manifest["options"]["max_span_words"]
         self.max_span_words = built_k if max_span_words is None else min(max_span_words, built_k)
+        self.max_span_tokens = max_span_tokens  # None: any length
         total = self.manifest["counts"]["passages"]
         for key in ("passages", "words"):
             for suffix in (".bin", ".idx"):
@@ -151,6 +153,9 @@ class PassageDataset:
         words = self.word_table(doc)
         spans = candidate_arrays(words, self.max_span_words)
         first, last = spans["first"], spans["last"]
+        if self.max_span_tokens is not None:
+            keep = words[last, 3] - words[first, 2] <= self.max_span_tokens
+            first, last, spans = first[keep], last[keep], {k: v[keep] for k, v in spans.items()}
         return {
             "char_start": words[first, 0].astype(np.int64),
             "char_end": words[last, 1].astype(np.int64),

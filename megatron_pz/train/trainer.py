@@ -125,7 +125,8 @@ class Run:
         validate_parallel_sizes(cfg.parallel, self.hf_config, world)
         self.info = initialize(cfg.parallel, cfg.runtime)
         self.data_path = _data_on_rank0_first(cfg)
-        opts = dict(heldout_fraction=cfg.data.heldout_fraction, max_span_words=cfg.data.max_span_words)
+        opts = dict(heldout_fraction=cfg.data.heldout_fraction, max_span_words=cfg.data.max_span_words,
+                    max_span_tokens=cfg.data.max_span_tokens)
         self.dataset = PassageDataset(self.data_path, split="train", **opts)
         self.heldout = PassageDataset(self.data_path, split="heldout", **opts)
         self.tokenizer = load_tokenizer(self.dataset.tokenizer_dir)
