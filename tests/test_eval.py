@@ -38,6 +38,24 @@ def test_items_mask_every_occurrence_and_are_deterministic():
     assert build_mask_items(PASSAGES, spans_per_passage=2, seed=3)[0] == items  # deterministic
 
 
+def test_word_items_take_any_valid_word_including_function_words():
+    from megatron_pz.eval.mask_accuracy import valid_words
+
+    text = "the cat and the dog and the bird saw the fish and the cow and the hen and the ox and the pig"
+    # "the" occurs 8 times: too frequent under the paper's rule (< 8); "and" (6 times) is valid
+    assert valid_words(text) == ["cat", "and", "dog", "bird", "saw", "fish", "cow", "hen", "ox", "pig"]
+    assert "the" in valid_words(text, max_occurrences=9)
+    items, counts = build_mask_items(PASSAGES, spans_per_passage=50, seed=1, spans="words")
+    assert counts == {"passages": 3, "skipped_no_candidates": 0, "skipped_span_absent": 0}
+    assert {it.span for it in items if it.passage_index == 0} == {
+        "Paris", "is", "the", "capital", "of", "France", "has", "museums"}
+    assert {it.span for it in items if it.passage_index == 2} == {"No", "candidates", "here"}
+    the = next(it for it in items if it.span == "the")
+    assert "Paris is [mask] capital of France" in the.prompt
+    with pytest.raises(Exception, match="spans must be one of"):
+        build_mask_items(PASSAGES, spans="tokens")
+
+
 def test_accuracy_is_the_exact_match_rate():
     items, _ = build_mask_items(PASSAGES, spans_per_passage=2, seed=0)
     oracle = lambda prompts: [f"It is \\boxed{{{next(i.span for i in items if i.prompt == p)}}}" for p in prompts]

@@ -64,7 +64,8 @@ def test_end_to_end_pretrainzero(tmp_path, cache):
     for r in rl.values():  # the generator role ran for every passage and was logged
         assert 0.0 <= r["generator/valid_mask_rate"] <= 1.0 and r["generator/num_samples"] == 8
         assert 0.0 <= r["padding_fraction"] < 0.6 and r["tokens_per_s"] > 0
-    assert "held-out mask accuracy: before RL" in out
+    assert "held-out mask accuracy (span candidates): before RL" in out and "(any valid word)" in out
+    assert evals[0]["eval/num_words"] > 0 and 0.0 <= evals[-1]["eval/word_mask_accuracy"] <= 1.0
     samples = [json.loads(l) for l in (full / "samples.jsonl").read_text().splitlines()]
     per_step_role = {(r["step"], r["role"]) for r in samples}
     assert {(1, "generator"), (2, "generator")} <= per_step_role and len(samples) <= 2 * 2 * 2

@@ -19,6 +19,8 @@ def register(subparsers) -> None:
     p.add_argument("--heldout-fraction", type=float, default=0.02)
     p.add_argument("--max-passages", type=int, default=100)
     p.add_argument("--spans-per-passage", type=int, default=1)
+    p.add_argument("--spans", choices=("candidates", "words"), default="candidates",
+                   help="mask the preprocessor's span candidates (content words) or any valid single word")
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--normalize", action="store_true", help="normalised instead of exact match")
     p.add_argument("--device", default="cpu")
@@ -46,7 +48,7 @@ def _run(args) -> int:
     if args.mask_accuracy:
         summary["mask_accuracy"] = run_mask_accuracy(
             args.model, args.data, None, args.spans_per_passage, args.max_passages, args.heldout_fraction,
-            args.max_new_tokens, args.normalize, args.seed, args.device, args.dtype)
+            args.max_new_tokens, args.normalize, args.seed, args.device, args.dtype, args.spans)
     write_json_atomic(args.output, summary)
     brief = {k: v.get("results", {k2: v2 for k2, v2 in v.items() if k2 != "samples"})
              for k, v in summary.items() if isinstance(v, dict)}

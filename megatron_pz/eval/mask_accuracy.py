@@ -8,6 +8,7 @@ Hugging Face model, and the answer is scored with the training reward (:func:`pr
 from __future__ import annotations
 
 import random
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -22,30 +23,53 @@ class MaskItem:
     prompt: str
 
 
+SPAN_SOURCES = ("candidates", "words")
+_WORD = re.compile(r"\w+(?:['’-]\w+)*")
+
+
+def valid_words(text: str, max_occurrences: int = 8) -> list[str]:
+    """Distinct words of ``text`` (in order of first use) that are valid masks by the paper's rule
+    alone: present, fewer than ``max_occurrences`` times as a whole word. Function words included."""
+    from megatron_pz.objectives.pretrainzero import count_occurrences
+
+    seen = dict.fromkeys(m.group(0) for m in _WORD.finditer(text))
+    return [w for w in seen if count_occurrences(text, w, True) < max_occurrences]
+
+
 def build_mask_items(passages, spans_per_passage: int = 1, max_passages: Optional[int] = None,
-                     seed: int = 0, replace_all: bool = True, whole_words_only: bool = True) -> tuple[list[MaskItem], dict]:
-    """Prompts for held-out passages; returns (items, counts of passages used/skipped and why)."""
+                     seed: int = 0, replace_all: bool = True, whole_words_only: bool = True,
+                     spans: str = "candidates", max_occurrences: int = 8) -> tuple[list[MaskItem], dict]:
+    """Prompts for held-out passages; returns (items, counts of passages used/skipped and why).
+
+    ``spans="candidates"``: the preprocessor's span candidates (content words, 1..K words: the hard
+    task). ``spans="words"``: any single word that the paper's validity rule accepts, function words
+    included (what the generator may legally mask). Both are drawn by a seeded RNG per passage, so every
+    evaluation of a run scores the same items.
+    """
     from megatron_pz.objectives.pretrainzero import build_predictor_prompt, mask_passage
 
+    if spans not in SPAN_SOURCES:
+        raise ConfigError(f"mask accuracy: spans must be one of {SPAN_SOURCES}, got {spans!r}")
     items: list[MaskItem] = []
     counts = {"passages": 0, "skipped_no_candidates": 0, "skipped_span_absent": 0}
     for i in range(len(passages)):
         if max_passages is not None and counts["passages"] >= max_passages:
             break
         passage = passages[i]
-        if not passage.candidates:
+        pool = [c.text for c in passage.candidates] if spans == "candidates" else \
+            valid_words(passage.text, max_occurrences)
+        if not pool:
             counts["skipped_no_candidates"] += 1
             continue
         counts["passages"] += 1
         rng = random.Random(seed * 1_000_003 + passage.index)
-        chosen = rng.sample(passage.candidates, min(spans_per_passage, len(passage.candidates)))
-        for cand in chosen:
+        for span in rng.sample(pool, min(spans_per_passage, len(pool))):
             try:
-                masked = mask_passage(passage.text, cand.text, replace_all, whole_words_only)
+                masked = mask_passage(passage.text, span, replace_all, whole_words_only)
             except ValueError:  # e.g. a span whose edge is not a word boundary under whole-word matching
                 counts["skipped_span_absent"] += 1
                 continue
-            items.append(MaskItem(passage.index, cand.text, build_predictor_prompt(masked)))
+            items.append(MaskItem(passage.index, span, build_predictor_prompt(masked)))
     return items, counts
 
 
@@ -95,15 +119,15 @@ def mask_prediction_accuracy(items: list[MaskItem], generate: Callable[[list[str
 def run_mask_accuracy(model_dir, data_path, output=None, spans_per_passage: int = 1,
                       max_passages: Optional[int] = 100, heldout_fraction: float = 0.02,
                       max_new_tokens: int = 32, normalize: bool = False, seed: int = 0,
-                      device: str = "cpu", dtype: str = "float32") -> dict:
+                      device: str = "cpu", dtype: str = "float32", spans: str = "candidates") -> dict:
     from megatron_pz.data.dataset import PassageDataset
     from megatron_pz.eval.lm_eval_runner import write_json_atomic
 
     passages = PassageDataset(data_path, split="heldout", heldout_fraction=heldout_fraction)
-    items, counts = build_mask_items(passages, spans_per_passage, max_passages, seed)
+    items, counts = build_mask_items(passages, spans_per_passage, max_passages, seed, spans=spans)
     result = mask_prediction_accuracy(items, hf_greedy_generator(model_dir, device, dtype, max_new_tokens),
                                       normalize=normalize)
-    result.update(counts, model=str(model_dir), data=str(Path(data_path)), seed=seed)
+    result.update(counts, model=str(model_dir), data=str(Path(data_path)), seed=seed, spans=spans)
     if output is not None:
         write_json_atomic(output, result)
     return result

@@ -30,8 +30,10 @@ def run(args: argparse.Namespace) -> int:
 
     if dist.get_rank() == 0:
         b, a = result.get("before") or {}, result.get("after") or {}
-        print("held-out mask accuracy: before RL {} -> after RL {}; generator valid-mask rate: {} -> {}".format(
+        print("held-out mask accuracy (span candidates): before RL {} -> after RL {}; (any valid word): {} -> {}; "
+              "generator valid-mask rate: {} -> {}".format(
             _fmt(b.get("eval/mask_accuracy")), _fmt(a.get("eval/mask_accuracy")),
+            _fmt(b.get("eval/word_mask_accuracy")), _fmt(a.get("eval/word_mask_accuracy")),
             _fmt(b.get("eval/generator_valid_mask_rate")), _fmt(a.get("eval/generator_valid_mask_rate"))))
     from megatron_pz.runtime import destroy
 

@@ -1,7 +1,7 @@
 """In-run evaluation on held-out passages, with the run's own rollout engine (greedy).
 
-- mask accuracy: the predictor task on fixed (seeded) random span candidates, the same items at
-  every evaluation, so the numbers before and after RL compare;
+- mask accuracy: the predictor task on fixed (seeded) random span candidates, and on fixed random
+  single words (any valid mask), the same items at every evaluation, so before and after RL compare;
 - generator valid-mask rate: does the generator's ``\\mask{}`` parse and pass validation.
 Each data-parallel rank evaluates its slice; the counts are summed over ranks.
 """
@@ -27,24 +27,33 @@ def _greedy(engine, tokenizer, max_new_tokens: int, stop: list):
 
 
 def evaluate(engine, tokenizer, heldout, cfg, dp_rank: int, dp_size: int) -> dict[str, float]:
-    """``cfg`` is the RunConfig; returns eval/* metrics identical on every rank."""
+    """``cfg`` is the RunConfig; returns eval/* metrics identical on every rank.
+
+    ``eval/mask_accuracy`` masks the preprocessor's span candidates (content words: the hard task);
+    ``eval/word_mask_accuracy`` masks any single word the paper's validity rule accepts (function
+    words included: what the generator may legally pick). Both use fixed seeded items.
+    """
     t, o = cfg.train, cfg.objective
-    items, _ = build_mask_items(heldout, spans_per_passage=1, max_passages=t.eval_passages, seed=o.seed,
-                                replace_all=o.replace_all, whole_words_only=o.whole_words_only)
-    mine = items[dp_rank::dp_size]
-    correct = 0.0
-    if mine:
-        result = mask_prediction_accuracy(
-            mine, _greedy(engine, tokenizer, t.eval_max_new_tokens, o.predictor_stop),
-            normalize=o.normalize_answer, batch=max(1, len(mine)))
-        correct = result["accuracy"] * result["num_spans"]
+    generate_answer = _greedy(engine, tokenizer, t.eval_max_new_tokens, o.predictor_stop)
+    totals = []
+    for source in ("candidates", "words"):
+        items, _ = build_mask_items(heldout, spans_per_passage=1, max_passages=t.eval_passages, seed=o.seed,
+                                    replace_all=o.replace_all, whole_words_only=o.whole_words_only,
+                                    spans=source, max_occurrences=o.max_mask_occurrences)
+        mine = items[dp_rank::dp_size]
+        correct = 0.0
+        if mine:
+            result = mask_prediction_accuracy(mine, generate_answer, normalize=o.normalize_answer,
+                                              batch=max(1, len(mine)))
+            correct = result["accuracy"] * result["num_spans"]
+        totals += [correct, float(len(mine))]
     passages = [heldout[i] for i in range(min(t.eval_passages, len(heldout)))][dp_rank::dp_size]
     valid = 0.0
     if passages:
         texts = _greedy(engine, tokenizer, t.eval_max_new_tokens, o.generator_stop)(
             [build_generator_prompt(p.text) for p in passages])
         valid = float(sum(validate_mask(p.text, parse_mask(x, o.mask_pick), o)[0] for p, x in zip(passages, texts)))
-    totals = torch.tensor([correct, float(len(mine)), valid, float(len(passages))], dtype=torch.float64)
+    totals = torch.tensor(totals + [valid, float(len(passages))], dtype=torch.float64)
     if dist.is_initialized():
         from megatron.core import parallel_state as ps
 
@@ -54,5 +63,7 @@ def evaluate(engine, tokenizer, heldout, cfg, dp_rank: int, dp_size: int) -> dic
     return {
         "eval/mask_accuracy": (totals[0] / totals[1].clamp(min=1)).item(),
         "eval/num_spans": totals[1].item(),
-        "eval/generator_valid_mask_rate": (totals[2] / totals[3].clamp(min=1)).item(),
+        "eval/word_mask_accuracy": (totals[2] / totals[3].clamp(min=1)).item(),
+        "eval/num_words": totals[3].item(),
+        "eval/generator_valid_mask_rate": (totals[4] / totals[5].clamp(min=1)).item(),
     }
