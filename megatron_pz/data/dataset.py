@@ -152,10 +152,10 @@ class PassageDataset:
         """Candidates of document ``doc`` as arrays (char/token spans, num_words, idf), no objects."""
         words = self.word_table(doc)
         spans = candidate_arrays(words, self.max_span_words)
-        first, last = spans["first"], spans["last"]
         if self.max_span_tokens is not None:
-            keep = words[last, 3] - words[first, 2] <= self.max_span_tokens
-            first, last, spans = first[keep], last[keep], {k: v[keep] for k, v in spans.items()}
+            keep = words[spans["last"], 3] - words[spans["first"], 2] <= self.max_span_tokens
+            spans = {k: v[keep] for k, v in spans.items()}
+        first, last = spans["first"], spans["last"]
         return {
             "char_start": words[first, 0].astype(np.int64),
             "char_end": words[last, 1].astype(np.int64),

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from megatron_pz.eval.mask_accuracy import SPAN_SOURCES
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("eval", help="evaluate an exported Hugging Face model (lm-eval, mask accuracy)")
@@ -19,7 +21,7 @@ def register(subparsers) -> None:
     p.add_argument("--heldout-fraction", type=float, default=0.02)
     p.add_argument("--max-passages", type=int, default=100)
     p.add_argument("--spans-per-passage", type=int, default=1)
-    p.add_argument("--spans", choices=("candidates", "words"), default="candidates",
+    p.add_argument("--spans", choices=SPAN_SOURCES, default="candidates",
                    help="mask the preprocessor's span candidates (content words) or any valid single word")
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--normalize", action="store_true", help="normalised instead of exact match")
