@@ -39,12 +39,16 @@ def test_items_mask_every_occurrence_and_are_deterministic():
 
 
 def test_word_items_take_any_valid_word_including_function_words():
-    from megatron_pz.eval.mask_accuracy import valid_words
+    from megatron_pz.objectives.config import ObjectiveConfig
+    from megatron_pz.objectives.pretrainzero import valid_single_words
 
     text = "the cat and the dog and the bird saw the fish and the cow and the hen and the ox and the pig"
     # "the" occurs 8 times: too frequent under the paper's rule (< 8); "and" (6 times) is valid
-    assert valid_words(text) == ["cat", "and", "dog", "bird", "saw", "fish", "cow", "hen", "ox", "pig"]
-    assert "the" in valid_words(text, max_occurrences=9)
+    rules = ObjectiveConfig()
+    assert valid_single_words(text, rules) == ["cat", "and", "dog", "bird", "saw", "fish", "cow", "hen", "ox", "pig"]
+    assert "the" in valid_single_words(text, ObjectiveConfig(max_mask_occurrences=9))
+    assert valid_single_words(text, ObjectiveConfig(content_words_only=True)) == [
+        "cat", "dog", "bird", "saw", "fish", "cow", "hen", "ox", "pig"]
     items, counts = build_mask_items(PASSAGES, spans_per_passage=50, seed=1, spans="words")
     assert counts == {"passages": 3, "skipped_no_candidates": 0, "skipped_span_absent": 0}
     assert {it.span for it in items if it.passage_index == 0} == {

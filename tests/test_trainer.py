@@ -66,6 +66,13 @@ def test_end_to_end_pretrainzero(tmp_path, cache):
         assert 0.0 <= r["padding_fraction"] < 0.6 and r["tokens_per_s"] > 0
     assert "held-out mask accuracy (span candidates): before RL" in out and "(any valid word)" in out
     assert evals[0]["eval/num_words"] > 0 and 0.0 <= evals[-1]["eval/word_mask_accuracy"] <= 1.0
+    heldout = [json.loads(l) for l in (full / "eval_samples.jsonl").read_text().splitlines()]
+    for e in evals:  # every eval item's response is kept, and the logged rates are their means
+        mine = [h for h in heldout if h["step"] == e["step"]]
+        words = [h["reward"] for h in mine if h["eval"] == "words"]
+        gens = [h["verdict"] == "ok" for h in mine if h["eval"] == "generator"]
+        assert len(words) == e["eval/num_words"] and sum(words) / len(words) == pytest.approx(e["eval/word_mask_accuracy"])
+        assert sum(gens) / len(gens) == pytest.approx(e["eval/generator_valid_mask_rate"])
     samples = [json.loads(l) for l in (full / "samples.jsonl").read_text().splitlines()]
     per_step_role = {(r["step"], r["role"]) for r in samples}
     assert {(1, "generator"), (2, "generator")} <= per_step_role and len(samples) <= 2 * 2 * 2

@@ -8,12 +8,12 @@ Hugging Face model, and the answer is scored with the training reward (:func:`pr
 from __future__ import annotations
 
 import random
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
 from megatron_pz.config import ConfigError
+from megatron_pz.objectives.config import ObjectiveConfig
 
 
 @dataclass
@@ -24,29 +24,22 @@ class MaskItem:
 
 
 SPAN_SOURCES = ("candidates", "words")
-_WORD = re.compile(r"\w+(?:['’-]\w+)*")
-
-
-def valid_words(text: str, max_occurrences: int = 8) -> list[str]:
-    """Distinct words of ``text`` (in order of first use) that are valid masks by the paper's rule
-    alone: present, fewer than ``max_occurrences`` times as a whole word. Function words included."""
-    from megatron_pz.objectives.pretrainzero import count_occurrences
-
-    seen = dict.fromkeys(m.group(0) for m in _WORD.finditer(text))
-    return [w for w in seen if count_occurrences(text, w, True) < max_occurrences]
 
 
 def build_mask_items(passages, spans_per_passage: int = 1, max_passages: Optional[int] = None,
-                     seed: int = 0, replace_all: bool = True, whole_words_only: bool = True,
-                     spans: str = "candidates", max_occurrences: int = 8) -> tuple[list[MaskItem], dict]:
+                     seed: int = 0, spans: str = "candidates", rules: Optional[ObjectiveConfig] = None
+                     ) -> tuple[list[MaskItem], dict]:
     """Prompts for held-out passages; returns (items, counts of passages used/skipped and why).
 
     ``spans="candidates"``: the preprocessor's span candidates (content words, 1..K words: the hard
-    task). ``spans="words"``: any single word that the paper's validity rule accepts, function words
+    task). ``spans="words"``: any single word that ``rules`` (the run's ObjectiveConfig: occurrence
+    limit, whole-word matching, replace-all; default the paper's) accept as a mask, function words
     included (what the generator may legally mask). Both are drawn by a seeded RNG per passage, so every
     evaluation of a run scores the same items.
     """
-    from megatron_pz.objectives.pretrainzero import build_predictor_prompt, mask_passage
+    from megatron_pz.objectives.pretrainzero import build_predictor_prompt, mask_passage, valid_single_words
+
+    rules = rules or ObjectiveConfig()
 
     if spans not in SPAN_SOURCES:
         raise ConfigError(f"mask accuracy: spans must be one of {SPAN_SOURCES}, got {spans!r}")
@@ -57,7 +50,7 @@ def build_mask_items(passages, spans_per_passage: int = 1, max_passages: Optiona
             break
         passage = passages[i]
         pool = [c.text for c in passage.candidates] if spans == "candidates" else \
-            valid_words(passage.text, max_occurrences)
+            valid_single_words(passage.text, rules)
         if not pool:
             counts["skipped_no_candidates"] += 1
             continue
@@ -65,7 +58,7 @@ def build_mask_items(passages, spans_per_passage: int = 1, max_passages: Optiona
         rng = random.Random(seed * 1_000_003 + passage.index)
         for span in rng.sample(pool, min(spans_per_passage, len(pool))):
             try:
-                masked = mask_passage(passage.text, span, replace_all, whole_words_only)
+                masked = mask_passage(passage.text, span, rules.replace_all, rules.whole_words_only)
             except ValueError:  # e.g. a span whose edge is not a word boundary under whole-word matching
                 counts["skipped_span_absent"] += 1
                 continue

@@ -73,6 +73,16 @@ def validate_mask(passage_text: str, span: str | None, cfg: ObjectiveConfig) -> 
     return True, "ok"
 
 
+SINGLE_WORD_RE = re.compile(r"\w+(?:['’-]\w+)*")
+
+
+def valid_single_words(passage_text: str, cfg: ObjectiveConfig) -> list[str]:
+    """Distinct words of the passage (in order of first use) that :func:`validate_mask` accepts: the
+    generator's legal one-word masks, function words included unless ``content_words_only``."""
+    words = dict.fromkeys(m.group(0) for m in SINGLE_WORD_RE.finditer(passage_text))
+    return [w for w in words if validate_mask(passage_text, w, cfg)[0]]
+
+
 def mask_passage(text: str, span: str, replace_all: bool = True, whole_words_only: bool = True) -> str:
     """Replace every (or only the first) occurrence of ``span`` by ``[mask]``."""
     pattern = span_pattern(span, whole_words_only)

@@ -26,33 +26,44 @@ def _greedy(engine, tokenizer, max_new_tokens: int, stop: list):
     return generate
 
 
-def evaluate(engine, tokenizer, heldout, cfg, dp_rank: int, dp_size: int) -> dict[str, float]:
-    """``cfg`` is the RunConfig; returns eval/* metrics identical on every rank.
+def build_eval_items(heldout, cfg) -> dict[str, list]:
+    """The fixed, seeded held-out mask items of each kind (``cfg``: the RunConfig); built once per run."""
+    t, o = cfg.train, cfg.objective
+    return {source: build_mask_items(heldout, spans_per_passage=1, max_passages=t.eval_passages, seed=o.seed,
+                                     spans=source, rules=o)[0]
+            for source in ("candidates", "words")}
+
+
+def evaluate(engine, tokenizer, heldout, items: dict[str, list], cfg, dp_rank: int, dp_size: int
+             ) -> tuple[dict[str, float], list[dict]]:
+    """``cfg`` is the RunConfig, ``items`` from :func:`build_eval_items`; returns (eval/* metrics
+    identical on every rank, this rank's samples).
 
     ``eval/mask_accuracy`` masks the preprocessor's span candidates (content words: the hard task);
-    ``eval/word_mask_accuracy`` masks any single word the paper's validity rule accepts (function
-    words included: what the generator may legally pick). Both use fixed seeded items.
+    ``eval/word_mask_accuracy`` masks any single word the run's validity rules accept (function
+    words included unless ``content_words_only``: what the generator may legally pick).
     """
     t, o = cfg.train, cfg.objective
     generate_answer = _greedy(engine, tokenizer, t.eval_max_new_tokens, o.predictor_stop)
-    totals = []
+    totals, samples = [], []
     for source in ("candidates", "words"):
-        items, _ = build_mask_items(heldout, spans_per_passage=1, max_passages=t.eval_passages, seed=o.seed,
-                                    replace_all=o.replace_all, whole_words_only=o.whole_words_only,
-                                    spans=source, max_occurrences=o.max_mask_occurrences)
-        mine = items[dp_rank::dp_size]
+        mine = items[source][dp_rank::dp_size]
         correct = 0.0
         if mine:
             result = mask_prediction_accuracy(mine, generate_answer, normalize=o.normalize_answer,
                                               batch=max(1, len(mine)))
             correct = result["accuracy"] * result["num_spans"]
+            samples += [{"eval": source, **sample} for sample in result["samples"]]
         totals += [correct, float(len(mine))]
     passages = [heldout[i] for i in range(min(t.eval_passages, len(heldout)))][dp_rank::dp_size]
     valid = 0.0
     if passages:
         texts = _greedy(engine, tokenizer, t.eval_max_new_tokens, o.generator_stop)(
             [build_generator_prompt(p.text) for p in passages])
-        valid = float(sum(validate_mask(p.text, parse_mask(x, o.mask_pick), o)[0] for p, x in zip(passages, texts)))
+        verdicts = [validate_mask(p.text, parse_mask(x, o.mask_pick), o)[1] for p, x in zip(passages, texts)]
+        valid = float(sum(v == "ok" for v in verdicts))
+        samples += [{"eval": "generator", "passage": p.index, "response": x, "verdict": v}
+                    for p, x, v in zip(passages, texts, verdicts)]
     totals = torch.tensor(totals + [valid, float(len(passages))], dtype=torch.float64)
     if dist.is_initialized():
         from megatron.core import parallel_state as ps
@@ -60,10 +71,11 @@ def evaluate(engine, tokenizer, heldout, cfg, dp_rank: int, dp_size: int) -> dic
         totals /= ps.get_tensor_model_parallel_world_size() * ps.get_pipeline_model_parallel_world_size() \
             * ps.get_context_parallel_world_size()
         dist.all_reduce(totals)
-    return {
+    metrics = {
         "eval/mask_accuracy": (totals[0] / totals[1].clamp(min=1)).item(),
         "eval/num_spans": totals[1].item(),
         "eval/word_mask_accuracy": (totals[2] / totals[3].clamp(min=1)).item(),
         "eval/num_words": totals[3].item(),
         "eval/generator_valid_mask_rate": (totals[4] / totals[5].clamp(min=1)).item(),
     }
+    return metrics, samples

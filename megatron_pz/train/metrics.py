@@ -82,6 +82,15 @@ class MetricsLogger:
                           "info": {k: v for k, v in e.info.items() if isinstance(v, (str, int, float, bool))}}
                 f.write(json.dumps(record, ensure_ascii=False) + "\n")
 
+    def log_eval_samples(self, step: int, samples: list[dict]) -> None:
+        """Append every held-out eval response of this rank (rank 0: its data-parallel slice) to
+        ``eval_samples.jsonl``, so a before/after change can be read item by item."""
+        if not self.enabled or not samples:
+            return
+        with open(self.path.with_name("eval_samples.jsonl"), "a") as f:
+            for sample in samples:
+                f.write(json.dumps({"step": step, **sample}, ensure_ascii=False) + "\n")
+
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()

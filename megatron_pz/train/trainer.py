@@ -220,7 +220,7 @@ def train(cfg: RunConfig) -> dict:
     from megatron_pz.rl.ema import EmaTeacher
     from megatron_pz.rollout.factory import build_rollout_engine
     from megatron_pz.train.actor import build_model_chunks, equalize_micro_batches
-    from megatron_pz.train.evaluate import evaluate
+    from megatron_pz.train.evaluate import build_eval_items, evaluate
     from megatron_pz.train.metrics import mean_over_ranks
     from megatron_pz.train.sampler import PassageSampler
     from megatron_pz.train.scorer import MegatronScorer
@@ -265,9 +265,12 @@ def train(cfg: RunConfig) -> dict:
     scorer = MegatronScorer(actor, teacher, run.pad_id, t.max_tokens_per_micro_batch)
     loss_fn = make_grpo_loss_fn(cfg.grpo)
 
+    eval_items = build_eval_items(run.heldout, cfg)
+
     def run_eval(at_step):
-        metrics = evaluate(engine, run.tokenizer, run.heldout, cfg, run.dp_rank, run.dp_size)
+        metrics, samples = evaluate(engine, run.tokenizer, run.heldout, eval_items, cfg, run.dp_rank, run.dp_size)
         run.logger.log(at_step, metrics, phase="eval")
+        run.logger.log_eval_samples(at_step, samples)
         return metrics
 
     stop_requested = []
