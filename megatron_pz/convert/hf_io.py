@@ -126,40 +126,69 @@ def _short(names: list[str], limit: int = 12) -> str:
     return head + (f" ... ({len(names)} in all)" if len(names) > limit else "")
 
 
+# safetensors' names of the dtypes a model holds (https://github.com/huggingface/safetensors, format spec)
+SAFETENSORS_DTYPES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+
+
 class HFShardWriter:
     """Write tensors into ``model-0000i-of-0000n.safetensors`` shards plus the index, as they arrive.
 
-    A shard is written once it reaches ``max_shard_bytes``; names are fixed up at :meth:`finish` when
-    the number of shards is known.
+    Each tensor's bytes go to disk as soon as it is added, so export holds one tensor beyond the model,
+    not a shard (``safetensors.torch.save_file`` serialises a whole dict in memory, which at the usual
+    2-5 GB shard size would double an export's footprint). A shard's data is staged in a ``.data`` file;
+    when the shard reaches ``max_shard_bytes`` the safetensors header (8-byte length + JSON of dtype,
+    shape and offsets, as the format specifies) is written followed by the staged bytes. Names are fixed
+    up at :meth:`finish` when the number of shards is known.
     """
 
     def __init__(self, folder: str | Path, max_shard_bytes: int = 2 * 1024**3):
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
         self.max_shard_bytes = max_shard_bytes
-        self._pending: dict[str, torch.Tensor] = {}
-        self._pending_bytes = 0
+        self._entries: dict[str, dict] = {}
+        self._data = None
+        self._data_bytes = 0
         self._files: list[list[str]] = []
         self.total_bytes = 0
 
+    def _staging(self) -> Path:
+        return self.folder / f"shard-{len(self._files):05d}.data"
+
     def add(self, name: str, tensor: torch.Tensor) -> None:
-        if name in self._pending or any(name in f for f in self._files):
+        if name in self._entries or any(name in f for f in self._files):
             raise CheckpointFormatError(f"tensor {name} was produced twice during export")
+        if tensor.dtype not in SAFETENSORS_DTYPES:
+            raise CheckpointFormatError(f"tensor {name}: dtype {tensor.dtype} has no safetensors name")
         nbytes = tensor.numel() * tensor.element_size()
-        if self._pending and self._pending_bytes + nbytes > self.max_shard_bytes:
+        if self._entries and self._data_bytes + nbytes > self.max_shard_bytes:
             self._flush()
-        self._pending[name] = tensor.detach().contiguous()
-        self._pending_bytes += nbytes
+        if self._data is None:
+            self._data = open(self._staging(), "wb")
+        flat = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
+        self._data.write(memoryview(flat.numpy()))
+        self._entries[name] = {"dtype": SAFETENSORS_DTYPES[tensor.dtype], "shape": list(tensor.shape),
+                               "data_offsets": [self._data_bytes, self._data_bytes + nbytes]}
+        self._data_bytes += nbytes
         self.total_bytes += nbytes
 
     def _flush(self) -> None:
-        from safetensors.torch import save_file
-
-        if not self._pending:
+        if not self._entries:
             return
-        save_file(self._pending, str(self.folder / f"shard-{len(self._files):05d}.tmp"), metadata={"format": "pt"})
-        self._files.append(list(self._pending))
-        self._pending, self._pending_bytes = {}, 0
+        self._data.close()
+        header = json.dumps({"__metadata__": {"format": "pt"}, **self._entries}, separators=(",", ":")).encode()
+        header += b" " * (-len(header) % 8)  # the format pads the header so data starts 8-byte aligned
+        staging = self._staging()
+        with open(self.folder / f"shard-{len(self._files):05d}.tmp", "wb") as out, open(staging, "rb") as data:
+            out.write(len(header).to_bytes(8, "little"))
+            out.write(header)
+            shutil.copyfileobj(data, out, 64 * 1024**2)
+        staging.unlink()
+        self._files.append(list(self._entries))
+        self._entries, self._data, self._data_bytes = {}, None, 0
 
     def finish(self) -> list[str]:
         self._flush()

@@ -38,7 +38,9 @@ def export_hf_checkpoint(ckpt, out, max_shard_bytes: int = 2 * 1024**3, device: 
     hf_config = read_hf_config(ckpt_dir)
     info = initialize(ParallelConfig(), RuntimeConfig(device=device))
     dtype = meta.get("params_dtype") or "float32"
-    model = build_model(hf_config, ModelConfig(params_dtype=dtype), ParallelConfig(), device=info.device)
+    # every parameter is overwritten by the checkpoint, so skip the random init (it touches every page)
+    model = build_model(hf_config, ModelConfig(params_dtype=dtype, init_weights=False), ParallelConfig(),
+                        device=info.device)
     load_checkpoint(ckpt_dir, [model], restore_rng=False)
 
     tmp = out.parent / f".tmp_{out.name}"
