@@ -4,11 +4,11 @@ Random safetensors shards are written (one file per layer, from the config's exp
 a temp dir; each conversion then runs in its own process (world of one, TP=PP=EP=1) while a sampler
 thread reads ``RssAnon`` (heap: tensors we allocate) and ``RssFile`` (mapped safetensors pages, which
 the kernel can drop) from ``/proc/self/status``. Reported per phase against the model's own size, so
-streaming is visible. Measured at 0.44B (1,690 MiB of fp32 params, ~300 MiB of imported stack): loading
-HF tensors costs model + ~100 MiB, writing HF shards model + ~150 MiB (one tensor at a time); the
-dist-checkpoint save / load phases cost model + ~500-580 MiB, which is Megatron-Core's own handling of
-the SwiGLU ``linear_fc1`` weight (saved as two chunk *views*, which dist_checkpointing clones all at once;
-loaded as two chunks concatenated per layer before the model copy): 24 x 24 MiB here.
+streaming is visible. Measured at 0.44B (1,690 MiB of fp32 params, ~300 MiB of imported stack at
+startup): import peaks at 2,015 MiB loading HF tensors and 2,018 MiB saving the dist checkpoint; export
+at 2,031 MiB loading it and 2,016 MiB writing HF shards: model + stack + at most ~40 MiB, less than one
+layer's 60 MiB (before ``megatron_pz/checkpoint_memory.py``: 2,572 MiB for save and load, which was
+Megatron-Core cloning or concatenating every layer's SwiGLU ``linear_fc1`` halves, 24 x 24 MiB).
 
     python bench/bench_convert_memory.py            # tiny and mid (0.44B, fp32: ~1.8 GB of params)
     python bench/bench_convert_memory.py --only tiny

@@ -29,6 +29,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from megatron_pz.checkpoint_memory import without_copies
+
 LATEST_FILE = "latest_checkpointed_iteration.txt"
 META_FILE = "pz_checkpoint.json"
 HF_CONFIG_FILE = "hf_config.json"
@@ -234,8 +236,8 @@ def save_checkpoint(root, step: int, model_chunks, optimizer=None, scheduler=Non
 
     extra_state = dict(extra_state or {})
     per_rank = extra_state.pop("per_rank", None)
-    state = _sharded_state(model_chunks, optimizer, extra_models, is_loading=False,
-                           optimizer_format=optimizer_format)
+    state = without_copies(_sharded_state(model_chunks, optimizer, extra_models, is_loading=False,
+                                          optimizer_format=optimizer_format), is_loading=False)
     state["pz_per_rank"] = _per_rank_object({"rng": capture_rng_state(), "per_rank": per_rank})
     state["pz_common"] = {"step": int(step), "extra_state": extra_state,
                           "scheduler": scheduler.state_dict() if scheduler is not None else None}
@@ -348,8 +350,9 @@ def load_checkpoint(path, model_chunks, optimizer=None, scheduler=None, extra_mo
     if missing_extra:
         raise CheckpointError(f"{ckpt} holds no extra model(s) {missing_extra}; it has {meta.get('extra_models')}")
 
-    state = _sharded_state(model_chunks, optimizer, extra_models, is_loading=True,
-                           optimizer_format=meta.get("optimizer_format") or "dp_reshardable")
+    state = without_copies(_sharded_state(model_chunks, optimizer, extra_models, is_loading=True,
+                                          optimizer_format=meta.get("optimizer_format") or "dp_reshardable"),
+                           is_loading=True)
     same_world = meta["parallel"].get("world_size") == _world()
     if same_world:
         state["pz_per_rank"] = _per_rank_object(None)

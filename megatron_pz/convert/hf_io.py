@@ -185,7 +185,7 @@ class HFShardWriter:
         with open(self.folder / f"shard-{len(self._files):05d}.tmp", "wb") as out, open(staging, "rb") as data:
             out.write(len(header).to_bytes(8, "little"))
             out.write(header)
-            shutil.copyfileobj(data, out, 64 * 1024**2)
+            shutil.copyfileobj(data, out, 1024**2)  # a small buffer: the page cache does the rest
         staging.unlink()
         self._files.append(list(self._entries))
         self._entries, self._data, self._data_bytes = {}, None, 0
