@@ -18,6 +18,7 @@ saved in the output folder and reloaded on resume.
 from __future__ import annotations
 
 import argparse
+import gc
 import hashlib
 import itertools
 import json
@@ -96,6 +97,7 @@ def _ensure_state() -> None:
         splitter=SentenceSplitter(load_punkt(out / "punkt.json")),
         idf=IdfTable.from_json(json.loads((out / "idf.json").read_text(encoding="utf-8"))),
     )
+    gc.freeze()  # the long-lived tables above need no more collector passes
 
 
 def _token_dtype(vocab_size: int):
@@ -228,6 +230,10 @@ def preprocess(
     pages = _numbered_pages(files, cfg.max_pages)
     import megatron.core.datasets.indexed_dataset  # noqa: F401  (once here, inherited by forked workers)
 
+    # Everything loaded so far (torch, transformers, the tokenizer) lives as long as the run: frozen,
+    # the collector stops walking it on every pass, Megatron's per-shard gc.collect() included.
+    frozen_before = gc.get_freeze_count()
+    gc.freeze()
     pool = None
     if workers > 1:  # fork: workers inherit the imports above instead of paying them again
         pool = ProcessPoolExecutor(
@@ -239,10 +245,12 @@ def preprocess(
             _init_worker(str(out), cfg)
         fitted = _fit(out, cfg, pages, pool, progress)
         markers = _run_shards(out, cfg, itertools.chain(fitted, pages), pool, workers, progress)
+        manifest = _merge(out, cfg, run, markers, _token_dtype(len(tokenizer)))
     finally:
         if pool is not None:
             pool.shutdown(cancel_futures=True)
-    manifest = _merge(out, cfg, run, markers, _token_dtype(len(tokenizer)))
+        if not frozen_before:  # let a long-lived caller (tests, the bench) collect this run's garbage
+            gc.unfreeze()
     return manifest
 
 

@@ -1,7 +1,7 @@
 """Wikitext -> prose straight from mwparserfromhell's token stream, without building its node tree.
 
 ``clean.py`` needs only the text, the template names and the tag/link names, and all of them are in
-the flat token list the (C) tokenizer returns. Building the tree on top of it costs about 15x the
+the flat token list the (C) tokenizer returns. Building the tree on top of it costs several times the
 tokenizing (a Python object per node, a lazy import per node), so :func:`render` walks the tokens
 instead, with the same rules as ``clean._render``. Whatever the walk does not follow (markup inside a
 link title, template name or tag name; a token out of place) raises :class:`Unhandled`, and the
