@@ -7,7 +7,7 @@ every resumed run splits identically.
 
 nltk (3.10) routes every regex through ``nltk.redos``, a wrapper that runs each match under a
 wall-clock timeout; Punkt calls it several times per word, and with ``PunktToken``'s generic
-constructor that wrapping was about half of Punkt's cost. :class:`_LangVars` and :class:`_Token` run
+constructor that wrapping was about 40% of Punkt's cost. :class:`_LangVars` and :class:`_Token` run
 the very same compiled patterns (same ``regex`` engine, so the same matches) without the wrapper. The
 safety bound stays where it can matter: lines longer than ``UNTIMED_MAX_CHARS`` go through nltk's
 timed patterns. (The per-token patterns have no nested quantifiers, so they are linear anyway.)
@@ -71,7 +71,7 @@ class _Token(PunktToken):
 def train_punkt(texts: Iterable[str], max_chars: int = 1_000_000) -> PunktParameters:
     """Learn Punkt parameters from the first ``max_chars`` characters of ``texts``.
 
-    Training is pure Python (~2.5 s/MB), so the sample is bounded; abbreviation statistics saturate
+    Training is pure Python (~1 s/MB), so the sample is bounded; abbreviation statistics saturate
     long before a full dump.
     """
     trainer = PunktTrainer(lang_vars=_LangVars(), token_cls=_Token)
