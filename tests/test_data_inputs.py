@@ -14,7 +14,7 @@ from megatron_pz.data.dataset import PassageDataset
 from megatron_pz.data.preprocess import preprocess
 from megatron_pz.data.sample import GENSIM_WIKI_SAMPLE, gensim_wiki_sample
 from megatron_pz.data.sources import InputError, RawPage, iter_pages
-from megatron_pz.data.spans import IdfTable, candidate_arrays
+from megatron_pz.data.spans import WORD_RE, IdfTable, candidate_arrays, count_candidates, word_keys
 
 HEADER = '<mediawiki xmlns="http://www.mediawiki.org/xml/export-0.10/">\n'
 
@@ -191,6 +191,16 @@ def test_candidates_by_hand():
     assert spans == [(0, 0), (0, 1), (0, 2), (4, 5), (5, 5)]
     assert got["num_words"].tolist() == [1, 2, 3, 2, 1]
     assert got["idf"].tolist() == [3.0, 3.0, 3.0, 4.0, 4.0]
+    assert count_candidates(words, 3) == 5
+    # two passages stacked (one count per article): no span crosses from one to the other
+    stacked = np.concatenate([words, words])
+    assert count_candidates(stacked, 3, np.repeat([0, 1], len(words))) == 10
+
+
+def test_word_keys_lower_each_word_alone():
+    text = "ΟΔΟΣ ΣΑΣ's İstanbul U.S. don't Pierre-Joseph ΑΣ\u0301Β"
+    assert word_keys(text) == [m.group(0).lower() for m in WORD_RE.finditer(text)]
+    assert word_keys("... !") == []
 
 
 def test_idf_by_hand():

@@ -13,6 +13,7 @@ machines may not do; it is the usual short English function-word list.
 
 from __future__ import annotations
 
+import itertools
 import math
 import re
 from collections import Counter
@@ -21,6 +22,7 @@ from typing import Iterable
 import numpy as np
 
 WORD_RE = re.compile(r"\w+(?:['’\-.]\w+)*")
+_MATCH_SPAN = re.Match.span
 
 STOPWORDS = frozenset(
     """a about above after again against all am an and any are as at be because been before being
@@ -41,7 +43,13 @@ NUM_WORD_FIELDS = len(WORD_FIELDS)
 
 
 def word_keys(text: str) -> list[str]:
-    return [m.group(0).lower() for m in WORD_RE.finditer(text)]
+    """The lower-cased words of ``text``, in order.
+
+    One ``lower()`` of the words joined by NUL gives each word's own ``lower()`` (NUL is neither cased
+    nor case-ignorable, so even the Greek final-sigma rule stops at it) without a Python step per word.
+    """
+    words = WORD_RE.findall(text)
+    return "\0".join(words).lower().split("\0") if words else []
 
 
 def document_frequencies(texts: Iterable[str]) -> tuple[int, Counter]:
@@ -60,21 +68,19 @@ class IdfTable:
     def __init__(self, num_docs: int, df: dict[str, int]):
         self.num_docs = num_docs
         self.df = df
-        self._cache: dict[str, int] = {}
         self.unseen_milli = self._milli(0)
+        # every known word's value up front (one log per distinct df), so a lookup is one dict.get
+        by_df = {n: self._milli(n) for n in set(df.values())}
+        self._milli_of = {key: by_df[n] for key, n in df.items()}
 
     def _milli(self, df: int) -> int:
         return int(round(1000 * (math.log((1 + self.num_docs) / (1 + df)) + 1.0)))
 
     def milli(self, key: str) -> int:
-        value = self._cache.get(key)
-        if value is None:
-            value = self._cache[key] = self._milli(self.df.get(key, 0))
-        return value
+        return self._milli_of.get(key, self.unseen_milli)
 
     def milli_many(self, keys: list[str]) -> list[int]:
-        cache = self._cache
-        return [cache[k] if k in cache else self.milli(k) for k in keys]
+        return list(map(self._milli_of.get, keys, itertools.repeat(self.unseen_milli, len(keys))))
 
     def to_json(self) -> dict:
         return {"num_docs": self.num_docs, "df": dict(sorted(self.df.items()))}
@@ -98,20 +104,21 @@ def word_table(
     anchored at its first character and its ``token_end`` one past the token ending at its last
     character; -1 where no token edge falls there.
     """
-    matches = list(WORD_RE.finditer(text))
-    n = len(matches)
+    spans = np.fromiter(
+        itertools.chain.from_iterable(map(_MATCH_SPAN, WORD_RE.finditer(text))), dtype=np.int64
+    ).reshape(-1, 2)
+    n = len(spans)
     table = np.empty((n, NUM_WORD_FIELDS), dtype=np.int32)
     if n == 0:
         return table
-    keys = [m.group(0).lower() for m in matches]
-    spans = np.array([m.span() for m in matches], dtype=np.int64)
+    keys = word_keys(text)
     starts, ends = spans[:, 0], spans[:, 1]
     table[:, 0], table[:, 1] = starts, ends
     table[:, 2] = _edge_index(token_anchors, starts, 0)
     table[:, 3] = _edge_index(token_ends, ends, 1)
     sentence_starts = np.array([s for s, _ in sentences], dtype=np.int64)
     table[:, 4] = np.searchsorted(sentence_starts, starts, side="right") - 1
-    table[:, 5] = [k in STOPWORDS for k in keys]
+    table[:, 5] = list(map(STOPWORDS.__contains__, keys))
     table[:, 6] = idf.milli_many(keys)
     return table
 
@@ -131,8 +138,29 @@ def _edge_index(edges: np.ndarray, positions: np.ndarray, shift: int) -> np.ndar
     return np.where(hit, valid[np.clip(where, 0, len(ordered) - 1)] + shift, -1)
 
 
-def count_candidates(words: np.ndarray, max_span_words: int) -> int:
-    return int(sum(len(a) for a in _candidate_parts(words, max_span_words)[0]))
+def count_candidates(words: np.ndarray, max_span_words: int, segments: np.ndarray | None = None) -> int:
+    """How many spans :func:`candidate_arrays` gives for ``words``, without building them.
+
+    ``segments`` numbers the passage of each row when the tables of a whole article are stacked, so
+    the count takes one call per article instead of one per passage (spans never cross passages).
+    """
+    n = len(words)
+    sentence = words[:, 4]
+    start_ok, end_ok = words[:, 2] >= 0, words[:, 3] >= 0
+    content_cum = np.concatenate([[0], np.cumsum(1 - words[:, 5].astype(np.int64))])
+    total = 0
+    for length in range(1, min(max_span_words, n) + 1):
+        m = n - length + 1  # spans of this length: words [i, i + length - 1] for i < m
+        keep = (
+            (sentence[:m] == sentence[length - 1:])
+            & start_ok[:m]
+            & end_ok[length - 1:]
+            & (content_cum[length:] > content_cum[:m])
+        )
+        if segments is not None:
+            keep &= segments[:m] == segments[length - 1:]
+        total += int(np.count_nonzero(keep))
+    return total
 
 
 def candidate_arrays(words: np.ndarray, max_span_words: int) -> dict[str, np.ndarray]:
