@@ -66,7 +66,7 @@ _HEADING_LINE = re.compile(r"^(={1,6})\s*(.*?)\s*\1\s*$", re.MULTILINE)
 _INTERWIKI = re.compile(r"^:?[a-z]{2,3}(-[a-z]+)?:")
 _RESIDUE = re.compile(r"\{\{|\}\}|\[\[|\]\]|\{\||\|\}|<[a-zA-Z/][^>]*>")
 _SPACES = re.compile(r"[ \t\u00a0]+")
-_EMPTY_PARENS = re.compile(r"\(\s*[,;]?\s*\)")
+_EMPTY_PARENS = re.compile(r"\([^\S\n]*[,;]?[^\S\n]*\)")  # within one line
 _SPACE_BEFORE_PUNCT = re.compile(r" +([,.;:!?])")
 _LEFTOVER_QUOTES = re.compile(r"'{2,}")  # unbalanced ''italic'' / '''bold''' markers
 
@@ -112,13 +112,11 @@ def clean_page(page: RawPage) -> CleanResult:
         _render(code, out, templates)
     if templates & DISAMBIGUATION_TEMPLATES:
         return CleanResult(skip="disambiguation")
-    lines, broken = [], 0
-    for line in _tidy("".join(out)).split("\n"):
-        if _RESIDUE.search(line):
-            broken += 1
-            continue
-        lines.append(line)
-    text = "\n".join(lines)
+    text, broken = _tidy("".join(out)), 0
+    if _RESIDUE.search(text):  # none in the whole text (the usual case): none on any line
+        lines = text.split("\n")
+        kept = [line for line in lines if not _RESIDUE.search(line)]
+        text, broken = "\n".join(kept), len(lines) - len(kept)
     if not text:
         return CleanResult(skip="empty_after_cleaning", broken_lines=broken)
     return CleanResult(text=text, broken_lines=broken)
@@ -188,12 +186,12 @@ def _render(code, out: list[str], templates: set[str]) -> None:
 
 
 def _tidy(text: str) -> str:
-    """Collapse whitespace, remove empty parentheses left by dropped templates, drop empty lines."""
-    lines = []
-    for line in text.split("\n"):
-        line = _SPACES.sub(" ", line)
-        line = _EMPTY_PARENS.sub("", _LEFTOVER_QUOTES.sub("", line))
-        line = _SPACE_BEFORE_PUNCT.sub(r"\1", line).strip()
-        if line:
-            lines.append(line)
-    return "\n".join(lines)
+    """Collapse whitespace, remove empty parentheses left by dropped templates, drop empty lines.
+
+    The substitutions run on the whole text at once: none of them can match a line break, so this is
+    the same as running them line by line.
+    """
+    text = _SPACES.sub(" ", text)
+    text = _EMPTY_PARENS.sub("", _LEFTOVER_QUOTES.sub("", text))
+    text = _SPACE_BEFORE_PUNCT.sub(r"\1", text)
+    return "\n".join(filter(None, map(str.strip, text.split("\n"))))
