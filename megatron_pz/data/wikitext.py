@@ -70,6 +70,8 @@ def _matches(tokens: list) -> list[int]:
 
 
 class _Walk:
+    """One page's tokens, with the index of each node's closing token to skip or bound it."""
+
     def __init__(self, tokens, out, templates, dropped_tags, newline_tags, link_dropped):
         self.tokens = tokens
         self.match = _matches(tokens)
@@ -121,7 +123,7 @@ class _Walk:
         n_attrs = kinds.count(T.TagAttrStart)
         rest = kinds[n_attrs:]
         if kinds[:n_attrs] != [T.TagAttrStart] * n_attrs:
-            raise Unhandled("tag attribute after the tag's name")
+            raise Unhandled("tag attribute inside the tag's contents")
         self_closing = type(self.tokens[j]) is T.TagCloseSelfclose
         if rest not in (([],) if self_closing else ([T.TagCloseOpen], [T.TagCloseOpen, T.TagOpenClose])):
             raise Unhandled("tag layout")
