@@ -14,7 +14,16 @@ from megatron_pz.data.dataset import PassageDataset
 from megatron_pz.data.preprocess import preprocess
 from megatron_pz.data.sample import GENSIM_WIKI_SAMPLE, gensim_wiki_sample
 from megatron_pz.data.sources import InputError, RawPage, iter_pages
-from megatron_pz.data.spans import IdfTable, candidate_arrays
+from megatron_pz.data.passages import PassageBudget, cut_passages
+from megatron_pz.data.spans import (
+    NUM_WORD_FIELDS,
+    STOPWORDS,
+    WORD_RE,
+    IdfTable,
+    candidate_arrays,
+    count_candidates,
+    word_keys,
+)
 
 HEADER = '<mediawiki xmlns="http://www.mediawiki.org/xml/export-0.10/">\n'
 
@@ -191,6 +200,46 @@ def test_candidates_by_hand():
     assert spans == [(0, 0), (0, 1), (0, 2), (4, 5), (5, 5)]
     assert got["num_words"].tolist() == [1, 2, 3, 2, 1]
     assert got["idf"].tolist() == [3.0, 3.0, 3.0, 4.0, 4.0]
+    assert count_candidates(words, 3) == 5
+    # two passages stacked (one count per article): no span crosses from one to the other
+    stacked = np.concatenate([words, words])
+    assert count_candidates(stacked, 3, np.repeat([0, 1], len(words))) == 10
+
+
+def test_word_keys_lower_each_word_alone():
+    text = "ΟΔΟΣ ΣΑΣ's İstanbul U.S. don't Pierre-Joseph ΑΣ\u0301Β"
+    assert word_keys(text) == [m.group(0).lower() for m in WORD_RE.finditer(text)]
+    assert word_keys("... !") == []
+
+
+def _reference_table(text, p0, p1, sentences, token_ids, idf):
+    """A passage's word table by brute force (one token per character: token i covers text[i])."""
+    rows = []
+    starts = [s - p0 for s, _ in sentences if p0 <= s < p1]
+    tokens = [t - p0 for t in token_ids.tolist()]
+    for m in WORD_RE.finditer(text[p0:p1]):
+        s, e = m.span()
+        key = m.group(0).lower()
+        token_start = next((i for i, t in enumerate(tokens) if t == s and not text[p0 + t].isspace()), -1)
+        token_end = max((i + 1 for i, t in enumerate(tokens) if t + 1 == e), default=-1)
+        sentence = sum(1 for start in starts if start <= s) - 1
+        rows.append([s, e, token_start, token_end, sentence, key in STOPWORDS, idf.milli(key)])
+    return np.array(rows, dtype=np.int32).reshape(-1, NUM_WORD_FIELDS)
+
+
+@pytest.mark.parametrize("target", [1, 6, 12, 40])
+def test_word_tables_match_brute_force(target):
+    # sentences cut inside words ("beta.ga|mma") too: then a passage's words are its own text's
+    text = "Alpha beta.gamma delta. Epsilon zeta-eta the theta. U.S. don't stop, ok?"
+    sentences = [(0, 13), (13, 23), (24, 34), (34, 52), (53, 66), (67, 73)]
+    offsets = [(i, i + 1) for i in range(len(text))]
+    idf = IdfTable(num_docs=3, df={"alpha": 1, "the": 3, "theta": 2})
+    cut = cut_passages(text, sentences, list(range(len(text))), offsets, PassageBudget(target, 100, 1), idf, {})
+    assert cut
+    for passage in cut:
+        p0 = text.index(passage.text)
+        expected = _reference_table(text, p0, p0 + len(passage.text), sentences, passage.token_ids, idf)
+        np.testing.assert_array_equal(passage.words, expected)
 
 
 def test_idf_by_hand():

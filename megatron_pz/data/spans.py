@@ -13,6 +13,7 @@ machines may not do; it is the usual short English function-word list.
 
 from __future__ import annotations
 
+import itertools
 import math
 import re
 from collections import Counter
@@ -21,6 +22,7 @@ from typing import Iterable
 import numpy as np
 
 WORD_RE = re.compile(r"\w+(?:['’\-.]\w+)*")
+_MATCH_SPAN = re.Match.span
 
 STOPWORDS = frozenset(
     """a about above after again against all am an and any are as at be because been before being
@@ -41,7 +43,13 @@ NUM_WORD_FIELDS = len(WORD_FIELDS)
 
 
 def word_keys(text: str) -> list[str]:
-    return [m.group(0).lower() for m in WORD_RE.finditer(text)]
+    """The lower-cased words of ``text``, in order.
+
+    One ``lower()`` of the words joined by NUL gives each word's own ``lower()`` (NUL is neither cased
+    nor case-ignorable, so even the Greek final-sigma rule stops at it) without a Python step per word.
+    """
+    words = WORD_RE.findall(text)
+    return "\0".join(words).lower().split("\0") if words else []
 
 
 def document_frequencies(texts: Iterable[str]) -> tuple[int, Counter]:
@@ -60,21 +68,19 @@ class IdfTable:
     def __init__(self, num_docs: int, df: dict[str, int]):
         self.num_docs = num_docs
         self.df = df
-        self._cache: dict[str, int] = {}
         self.unseen_milli = self._milli(0)
+        # every known word's value up front (one log per distinct df), so a lookup is one dict.get
+        by_df = {n: self._milli(n) for n in set(df.values())}
+        self._milli_of = {key: by_df[n] for key, n in df.items()}
 
     def _milli(self, df: int) -> int:
         return int(round(1000 * (math.log((1 + self.num_docs) / (1 + df)) + 1.0)))
 
     def milli(self, key: str) -> int:
-        value = self._cache.get(key)
-        if value is None:
-            value = self._cache[key] = self._milli(self.df.get(key, 0))
-        return value
+        return self._milli_of.get(key, self.unseen_milli)
 
     def milli_many(self, keys: list[str]) -> list[int]:
-        cache = self._cache
-        return [cache[k] if k in cache else self.milli(k) for k in keys]
+        return list(map(self._milli_of.get, keys, itertools.repeat(self.unseen_milli, len(keys))))
 
     def to_json(self) -> dict:
         return {"num_docs": self.num_docs, "df": dict(sorted(self.df.items()))}
@@ -84,55 +90,99 @@ class IdfTable:
         return cls(int(payload["num_docs"]), {str(k): int(v) for k, v in payload["df"].items()})
 
 
-def word_table(
+def text_words(text: str, idf: IdfTable) -> np.ndarray:
+    """``[num_words, 4]`` int64 rows of ``text``: char start, char end, stopword flag, IDF * 1000."""
+    keys = word_keys(text)
+    words = np.empty((len(keys), 4), dtype=np.int64)
+    words[:, :2] = np.fromiter(  # a second regex pass, cheaper than keeping every match object
+        itertools.chain.from_iterable(map(_MATCH_SPAN, WORD_RE.finditer(text))), dtype=np.int64,
+        count=2 * len(keys),
+    ).reshape(-1, 2)
+    words[:, 2] = np.fromiter(map(STOPWORDS.__contains__, keys), dtype=bool, count=len(keys))
+    words[:, 3] = idf.milli_many(keys)
+    return words
+
+
+def word_tables(
     text: str,
-    sentences: list[tuple[int, int]],
+    idf: IdfTable,
+    passages: np.ndarray,
+    sentence_starts: np.ndarray,
+    sentence_rank: np.ndarray,
     token_anchors: np.ndarray,
     token_ends: np.ndarray,
-    idf: IdfTable,
-) -> np.ndarray:
-    """The ``[num_words, NUM_WORD_FIELDS]`` int32 table of ``text`` (a passage).
+) -> list[np.ndarray]:
+    """The ``[num_words, NUM_WORD_FIELDS]`` int32 table of each passage of an article, in one pass.
 
-    ``token_anchors`` is the first non-space character of each token (-1: whitespace-only token),
-    ``token_ends`` each token's end, both relative to ``text``. A word's ``token_start`` is the token
-    anchored at its first character and its ``token_end`` one past the token ending at its last
-    character; -1 where no token edge falls there.
+    ``passages`` holds one row per passage: char span ``p0, p1``, token span ``t0, t1`` and its first
+    sentence; ``sentence_starts`` are the article's sentence starts and ``sentence_rank`` counts, up
+    to each sentence, those that belong to a passage. Columns are relative to the passage: a word's
+    ``token_start`` is the first of the passage's tokens anchored (first non-space character, -1:
+    none) at its first character, its ``token_end`` one past the last ending at its last character,
+    -1 where no token edge falls there; its ``sentence`` counts the passage's sentences before it.
+    Words are searched once per article; a passage whose edge cuts an article word (never seen on
+    Wikipedia: passages end at sentence ends) has its own text searched instead.
     """
-    matches = list(WORD_RE.finditer(text))
-    n = len(matches)
-    table = np.empty((n, NUM_WORD_FIELDS), dtype=np.int32)
-    if n == 0:
-        return table
-    keys = [m.group(0).lower() for m in matches]
-    spans = np.array([m.span() for m in matches], dtype=np.int64)
-    starts, ends = spans[:, 0], spans[:, 1]
-    table[:, 0], table[:, 1] = starts, ends
-    table[:, 2] = _edge_index(token_anchors, starts, 0)
-    table[:, 3] = _edge_index(token_ends, ends, 1)
-    sentence_starts = np.array([s for s, _ in sentences], dtype=np.int64)
-    table[:, 4] = np.searchsorted(sentence_starts, starts, side="right") - 1
-    table[:, 5] = [k in STOPWORDS for k in keys]
-    table[:, 6] = idf.milli_many(keys)
-    return table
+    p0, p1, t0, t1, first_sentence = passages.T
+    words = text_words(text, idf)
+    w0, w1 = np.searchsorted(words[:, 0], p0), np.searchsorted(words[:, 0], p1)
+    ends_before = np.concatenate([[-1], words[:, 1]])  # end of the word before index i, at i
+    crossed = (ends_before[w0] > p0) | (ends_before[w1] > p1)
+    pieces = [words[a:b] for a, b in zip(w0.tolist(), w1.tolist())]
+    for k in np.flatnonzero(crossed).tolist():
+        own = text_words(text[p0[k]:p1[k]], idf)
+        own[:, :2] += p0[k]
+        pieces[k] = own
+    sizes = [len(piece) for piece in pieces]
+    passage = np.repeat(np.arange(len(pieces)), sizes)
+    words = np.concatenate(pieces)
+    starts, ends = words[:, 0], words[:, 1]
+    table = np.empty((len(words), NUM_WORD_FIELDS), dtype=np.int32)
+    table[:, 0], table[:, 1] = starts - p0[passage], ends - p0[passage]
+    t0, t1 = t0[passage], t1[passage]
+    # Edges ascend with the token index, so "among tokens t0..t1-1" is a clip of the article-wide range.
+    anchored = np.flatnonzero(token_anchors >= 0)
+    lo, hi = _equal_range(token_anchors[anchored], starts)
+    first = np.maximum(lo, np.searchsorted(anchored, t0))
+    hit = first < np.minimum(hi, np.searchsorted(anchored, t1))
+    table[:, 2] = np.where(hit, anchored[np.minimum(first, len(anchored) - 1)] - t0, -1)
+    lo, hi = _equal_range(token_ends, ends)
+    last_end = np.minimum(hi, t1)
+    table[:, 3] = np.where(np.maximum(lo, t0) < last_end, last_end - t0, -1)
+    sentence = np.searchsorted(sentence_starts, starts, side="right") - 1
+    table[:, 4] = sentence_rank[sentence] - sentence_rank[first_sentence[passage]]
+    table[:, 5], table[:, 6] = words[:, 2], words[:, 3]
+    return np.split(table, np.cumsum(sizes)[:-1])
 
 
-def _edge_index(edges: np.ndarray, positions: np.ndarray, shift: int) -> np.ndarray:
-    """Index (+ ``shift``) of the token whose edge equals each position, or -1 (edges ascend, -1s aside)."""
-    valid = np.flatnonzero(edges >= 0)
-    ordered = edges[valid]
-    where = np.searchsorted(ordered, positions, side="right" if shift else "left")
-    if shift:  # last token ending at the position
-        where = where - 1
-        hit = (where >= 0) & (ordered[np.clip(where, 0, len(ordered) - 1)] == positions)
-    else:  # first token anchored at the position
-        hit = (where < len(ordered)) & (ordered[np.clip(where, 0, len(ordered) - 1)] == positions)
-    if len(ordered) == 0:
-        return np.full(len(positions), -1, dtype=np.int64)
-    return np.where(hit, valid[np.clip(where, 0, len(ordered) - 1)] + shift, -1)
+def _equal_range(edges: np.ndarray, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For each position, the index range of the (ascending) ``edges`` equal to it."""
+    return np.searchsorted(edges, positions, side="left"), np.searchsorted(edges, positions, side="right")
 
 
-def count_candidates(words: np.ndarray, max_span_words: int) -> int:
-    return int(sum(len(a) for a in _candidate_parts(words, max_span_words)[0]))
+def count_candidates(words: np.ndarray, max_span_words: int, segments: np.ndarray | None = None) -> int:
+    """How many spans :func:`candidate_arrays` gives for ``words``, without building them.
+
+    ``segments`` numbers the passage of each row when the tables of a whole article are stacked, so
+    the count takes one call per article instead of one per passage (spans never cross passages).
+    """
+    n = len(words)
+    sentence = words[:, 4]
+    start_ok, end_ok = words[:, 2] >= 0, words[:, 3] >= 0
+    content_cum = np.concatenate([[0], np.cumsum(1 - words[:, 5].astype(np.int64))])
+    total = 0
+    for length in range(1, min(max_span_words, n) + 1):
+        m = n - length + 1  # spans of this length: words [i, i + length - 1] for i < m
+        keep = (
+            (sentence[:m] == sentence[length - 1:])
+            & start_ok[:m]
+            & end_ok[length - 1:]
+            & (content_cum[length:] > content_cum[:m])
+        )
+        if segments is not None:
+            keep &= segments[:m] == segments[length - 1:]
+        total += int(np.count_nonzero(keep))
+    return total
 
 
 def candidate_arrays(words: np.ndarray, max_span_words: int) -> dict[str, np.ndarray]:
