@@ -6,7 +6,8 @@ Two copies happen inside megatron-core 0.16 that we avoid without patching it:
 * **save**: its filesystem writer clones every CPU tensor whose storage is larger than the tensor
   (``_clone_if_needed``: a *view*), so that ``torch.save`` does not write the whole storage. Views are
   what the fused ``linear_fc1`` factory hands it (the gate and up halves, ``torch.chunk``) and what every
-  parameter is under Megatron DDP (slices of one contiguous buffer). All clones live until the write
+  parameter is under Megatron DDP with the distributed optimizer (slices of one contiguous param
+  buffer). All clones live until the write
   ends. We pass instead a tensor over the same bytes with a storage of exactly its own size (made via
   numpy, which shares memory), so nothing is cloned and the bytes written are the same.
 * **load**: the fc1 factory's merge concatenates the two loaded halves into a new tensor (for every
