@@ -166,13 +166,20 @@ def count_candidates(words: np.ndarray, max_span_words: int, segments: np.ndarra
     ``segments`` numbers the passage of each row when the tables of a whole article are stacked, so
     the count takes one call per article instead of one per passage (spans never cross passages).
     """
+    return sum(int(np.count_nonzero(keep)) for _, keep in _maskable(words, max_span_words, segments))
+
+
+def _maskable(words: np.ndarray, max_span_words: int, segments: np.ndarray | None = None):
+    """The candidate rule, once: for each span length, which first words start a maskable span.
+
+    Yields ``(length, keep)``; ``keep[i]`` is for words ``i .. i + length - 1``.
+    """
     n = len(words)
     sentence = words[:, 4]
     start_ok, end_ok = words[:, 2] >= 0, words[:, 3] >= 0
     content_cum = np.concatenate([[0], np.cumsum(1 - words[:, 5].astype(np.int64))])
-    total = 0
     for length in range(1, min(max_span_words, n) + 1):
-        m = n - length + 1  # spans of this length: words [i, i + length - 1] for i < m
+        m = n - length + 1
         keep = (
             (sentence[:m] == sentence[length - 1:])
             & start_ok[:m]
@@ -181,8 +188,7 @@ def count_candidates(words: np.ndarray, max_span_words: int, segments: np.ndarra
         )
         if segments is not None:
             keep &= segments[:m] == segments[length - 1:]
-        total += int(np.count_nonzero(keep))
-    return total
+        yield length, keep
 
 
 def candidate_arrays(words: np.ndarray, max_span_words: int) -> dict[str, np.ndarray]:
@@ -207,26 +213,17 @@ def candidate_arrays(words: np.ndarray, max_span_words: int) -> dict[str, np.nda
 
 
 def _candidate_parts(words: np.ndarray, max_span_words: int):
-    n = len(words)
     firsts, lasts, lengths, idfs = [], [], [], []
-    if n == 0:
+    if len(words) == 0:
         return firsts, lasts, lengths, idfs
-    sentence = words[:, 4]
     content = 1 - words[:, 5].astype(np.int64)
     idf = words[:, 6].astype(np.float64) / 1000.0
     content_cum = np.concatenate([[0], np.cumsum(content)])
     idf_cum = np.concatenate([[0.0], np.cumsum(idf * content)])
-    for length in range(1, min(max_span_words, n) + 1):
-        first = np.arange(n - length + 1)
+    for length, keep in _maskable(words, max_span_words):
+        first = np.flatnonzero(keep)
         last = first + length - 1
         n_content = content_cum[last + 1] - content_cum[first]
-        keep = (
-            (sentence[first] == sentence[last])
-            & (words[first, 2] >= 0)
-            & (words[last, 3] >= 0)
-            & (n_content > 0)
-        )
-        first, last, n_content = first[keep], last[keep], n_content[keep]
         firsts.append(first)
         lasts.append(last)
         lengths.append(np.full(len(first), length, dtype=np.int64))
