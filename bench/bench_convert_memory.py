@@ -5,10 +5,10 @@ a temp dir; each conversion then runs in its own process (world of one, TP=PP=EP
 thread reads ``RssAnon`` (heap: tensors we allocate) and ``RssFile`` (mapped safetensors pages, which
 the kernel can drop) from ``/proc/self/status``. Reported per phase against the model's own size, so
 streaming is visible. Measured at 0.44B (1,690 MiB of fp32 params, ~300 MiB of imported stack at
-startup): import peaks at 2,015 MiB loading HF tensors and 2,018 MiB saving the dist checkpoint; export
-at 2,031 MiB loading it and 2,016 MiB writing HF shards: model + stack + at most ~40 MiB, less than one
-layer's 60 MiB (before ``megatron_pz/checkpoint_memory.py``: 2,572 MiB for save and load, which was
-Megatron-Core cloning or concatenating every layer's SwiGLU ``linear_fc1`` halves, 24 x 24 MiB).
+startup): import peaks at 2,015-2,080 MiB loading HF tensors (varies between runs) and 3 MiB more saving
+the dist checkpoint; export at 2,031 MiB loading it and 2,016-2,024 MiB writing HF shards: model + stack
++ 25-90 MiB, less than the largest single tensor (the 125 MiB embedding). Before
+``megatron_pz/checkpoint_memory.py`` save and load peaked at 2,572 MiB: Megatron-Core cloning or concatenating every layer's SwiGLU ``linear_fc1`` halves, 24 x 24 MiB.
 
     python bench/bench_convert_memory.py            # tiny and mid (0.44B, fp32: ~1.8 GB of params)
     python bench/bench_convert_memory.py --only tiny

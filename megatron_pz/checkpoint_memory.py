@@ -1,14 +1,14 @@
 """Keep dist_checkpointing from copying model weights on CPU: the difference between "model + one layer"
 and "model + every SwiGLU ``linear_fc1``" of peak memory when saving, loading and converting.
 
-Two copies happen inside megatron-core 0.16 that we avoid without patching it:
+Two copies happen inside megatron-core 0.16 that we avoid without patching it, and one read order:
 
 * **save**: its filesystem writer clones every CPU tensor whose storage is larger than the tensor
   (``_clone_if_needed``: a *view*), so that ``torch.save`` does not write the whole storage. Views are
   what the fused ``linear_fc1`` factory hands it (the gate and up halves, ``torch.chunk``) and what every
   parameter is under Megatron DDP with the distributed optimizer (slices of one contiguous param
-  buffer). All clones live until the write
-  ends. We pass instead a tensor over the same bytes with a storage of exactly its own size (made via
+  buffer). All clones live until the write ends. We apply the factories ourselves (save's first step)
+  and pass instead a tensor over the same bytes with a storage of exactly its own size (made via
   numpy, which shares memory), so nothing is cloned and the bytes written are the same.
 * **load**: the fc1 factory's merge concatenates the two loaded halves into a new tensor (for every
   layer at once, before ``load_state_dict`` copies it into the model). The halves were loaded in place
@@ -47,20 +47,26 @@ def exact_storage_alias(tensor: torch.Tensor) -> torch.Tensor:
 def without_copies(sharded_state: dict, is_loading: bool) -> dict:
     """Rewrite a sharded state dict (in place, also returned) so its save or load copies no weights."""
     from megatron.core.dist_checkpointing.dict_utils import dict_list_map_inplace
-    from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory, apply_factories
 
-    def rewrite(item):
-        if isinstance(item, ShardedTensorFactory):
-            return _factory_without_copies(item, is_loading)
-        if not is_loading and isinstance(item, ShardedTensor) and item.data is not None:
-            item.data = exact_storage_alias(item.data)
-        return item
+    if not is_loading:
+        apply_factories(sharded_state)  # what save does first; afterwards every tensor it writes is here
 
-    dict_list_map_inplace(rewrite, sharded_state)
-    if is_loading:
-        for key, value in sharded_state.items():
-            if isinstance(value, dict) and (key.startswith("model") or key.startswith("extra_models.")):
-                sharded_state[key] = largest_first(value)
+        def alias(item):
+            if isinstance(item, ShardedTensor) and item.data is not None:
+                item.data = exact_storage_alias(item.data)
+            return item
+
+        dict_list_map_inplace(alias, sharded_state)
+        return sharded_state
+
+    def merge_in_place(item):
+        return _merging_in_place(item) if isinstance(item, ShardedTensorFactory) else item
+
+    dict_list_map_inplace(merge_in_place, sharded_state)
+    for key, value in sharded_state.items():
+        if isinstance(value, dict) and (key.startswith("model") or key.startswith("extra_models.")):
+            sharded_state[key] = largest_first(value)
     return sharded_state
 
 
@@ -73,8 +79,8 @@ def largest_first(model_state: dict) -> dict:
     return dict(sorted(model_state.items(), key=lambda kv: -size(kv[1])))
 
 
-def _factory_without_copies(factory, is_loading: bool):
-    """The factory with its built tensors aliased (save) or its merge made a no-op when possible (load)."""
+def _merging_in_place(factory):
+    """The factory with a merge that hands back the original tensor when the load filled it in place."""
     from megatron.core.dist_checkpointing.dict_utils import nested_values
     from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
@@ -83,12 +89,8 @@ def _factory_without_copies(factory, is_loading: bool):
 
     def build_fn(key, data, replica_id, flattened_range):
         sub_state = build(key, data, replica_id, flattened_range)
-        pieces = [sh for sh in nested_values(sub_state) if isinstance(sh, ShardedTensor)]
-        if is_loading:
-            built["source"], built["pieces"] = data, [sh.data for sh in pieces]
-        else:
-            for sh in pieces:
-                sh.data = exact_storage_alias(sh.data)
+        built["source"] = data
+        built["pieces"] = [sh.data for sh in nested_values(sub_state) if isinstance(sh, ShardedTensor)]
         return sub_state
 
     def merge_fn(sub_state):
