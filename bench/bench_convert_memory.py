@@ -8,7 +8,8 @@ streaming is visible. Measured at 0.44B (1,690 MiB of fp32 params, ~300 MiB of i
 startup): import peaks at 2,015-2,080 MiB loading HF tensors (varies between runs) and 3 MiB more saving
 the dist checkpoint; export at 2,031 MiB loading it and 2,016-2,024 MiB writing HF shards: model + stack
 + 25-90 MiB, less than the largest single tensor (the 125 MiB embedding). Before
-``megatron_pz/checkpoint_memory.py`` save and load peaked at 2,572 MiB: Megatron-Core cloning or concatenating every layer's SwiGLU ``linear_fc1`` halves, 24 x 24 MiB.
+``megatron_pz/checkpoint_memory.py`` save and load peaked at 2,572 MiB: Megatron-Core cloning or
+concatenating every layer's SwiGLU ``linear_fc1`` halves, 24 x 24 MiB.
 
     python bench/bench_convert_memory.py            # tiny and mid (0.44B, fp32: ~1.8 GB of params)
     python bench/bench_convert_memory.py --only tiny

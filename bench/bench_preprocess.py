@@ -100,11 +100,12 @@ def main() -> None:
 
         # 2) reading and cleaning alone (mwparserfromhell), also giving the text for the bare pass
         read_s, pages = best_of(lambda: list(iter_pages(dump)))
-        clean_s, texts = best_of(lambda: [r.text for r in map(clean_page, pages) if r.skip is None])
+        clean_s, cleaned = best_of(lambda: list(map(clean_page, pages)))
+        texts = [r.text for r in cleaned if r.skip is None]
 
         # 2b) the one-off fit stage (Punkt training on <= 1 MB + document frequencies), amortised on a full dump
         options = manifest["options"]
-        fit_texts = [r.text for r in map(clean_page, pages[:options["fit_pages"]]) if r.skip is None]
+        fit_texts = [r.text for r in cleaned[:options["fit_pages"]] if r.skip is None]
         fit_s, _ = best_of(lambda: (train_punkt(fit_texts, options["punkt_chars"]), document_frequencies(fit_texts)))
 
         # 3) bare tokenize-and-write of the same cleaned text
