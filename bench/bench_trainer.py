@@ -37,7 +37,9 @@ def main(argv=None) -> int:
           f"{mean('rollout_tokens'):.0f}   trained tokens/step: {mean('train_tokens'):.0f}   "
           f"padding: {mean('padding_fraction'):.1%}")
     if warm:
-        print(f"warm start: {warm[-1]['tokens_per_s']:.0f} tokens/s over {len(warm)} logged steps")
+        pads = [r["padding_fraction"] for r in warm if "padding_fraction" in r]
+        padding = f", padding {statistics.fmean(pads):.1%}" if pads else ""
+        print(f"warm start: {warm[-1]['tokens_per_s']:.0f} tokens/s over {len(warm)} logged steps{padding}")
     return 0
 
 

@@ -1,7 +1,9 @@
 """Turn variable-length token sequences into padded micro-batches with little padding.
 
-Length bucketing: sequences are sorted by length and packed greedily into micro-batches whose padded
-size (rows x longest row) stays under a token budget. The local (CPU) attention cannot take packed
+Length bucketing: sequences are sorted by length and cut into runs of neighbours (micro-batches) whose
+padded size (rows x longest row) stays under a token budget; the cuts minimise padded tokens plus a
+fixed cost per micro-batch (:data:`MICRO_BATCH_COST_TOKENS`), so a long row does not drag short ones to
+its width just because the budget had room for them. The local (CPU) attention cannot take packed
 ``thd`` sequences, so rows are right-padded; causal attention keeps padding from touching real
 tokens, and the loss mask drops it. Padding waste is measured and reported with every step.
 
@@ -41,37 +43,57 @@ class MicroBatch:
         return int(self.input_ids.numel())
 
 
+# One forward/backward pass costs about as much as this many extra padded tokens, whatever its size
+# (measured for the tiny CPU model: Python/launch work of one pass through Megatron's schedule). It only
+# decides whether splitting a micro-batch to cut padding pays; the token budget is a hard limit.
+MICRO_BATCH_COST_TOKENS = 256
+
+
 def make_micro_batches(
     sequences: Sequence[TokenSequence],
     max_tokens_per_micro_batch: int,
     pad_id: int = 0,
     pad_to_multiple: int = 1,
     min_micro_batches: int = 1,
+    micro_batch_cost_tokens: int = MICRO_BATCH_COST_TOKENS,
 ) -> list[MicroBatch]:
-    """Greedy length-bucketed packing; deterministic for a given input order.
+    """Length-bucketed micro-batches; deterministic for a given input order.
 
     ``min_micro_batches`` pads the list with fully-masked rows so every rank runs the same schedule
     when needed (e.g. a data-parallel rank whose samples were all filtered out).
     """
     order = sorted(range(len(sequences)), key=lambda i: (-len(sequences[i].tokens), i))
-    groups: list[list[int]] = []
-    current: list[int] = []
-    current_len = 0
-    for i in order:
-        length = _round_up(len(sequences[i].tokens), pad_to_multiple)
-        longest = max(current_len, length)
-        if current and longest * (len(current) + 1) > max_tokens_per_micro_batch:
-            groups.append(current)
-            current, longest = [], length
-        current.append(i)
-        current_len = longest
-    if current:
-        groups.append(current)
+    lengths = [_round_up(len(sequences[i].tokens), pad_to_multiple) for i in order]
+    groups = [order[a:b] for a, b in _cheapest_cuts(lengths, max_tokens_per_micro_batch, micro_batch_cost_tokens)]
     batches = [_collate([sequences[i] for i in g], pad_id, pad_to_multiple) for g in groups]
     while len(batches) < min_micro_batches:
         batches.append(_collate([TokenSequence([pad_id, pad_id], [0.0, 0.0], index=-1)], pad_id, 1,
                                 per_token_names=_names(sequences)))
     return batches
+
+
+def _cheapest_cuts(lengths: list[int], budget: int, cost_per_batch: int) -> list[tuple[int, int]]:
+    """Split ``lengths`` (sorted longest first) into runs ``[a, b)`` with ``(b - a) * lengths[a] <= budget``
+    (a row longer than the budget goes alone) minimising the sum of ``(b - a) * lengths[a] + cost``.
+
+    Dynamic programme over prefixes: O(n x rows per micro-batch), trivial next to a forward pass.
+    """
+    n = len(lengths)
+    best = [0] + [float("inf")] * n
+    start = [0] * (n + 1)
+    for b in range(1, n + 1):
+        for a in range(b - 1, -1, -1):
+            rows = b - a
+            if rows > 1 and rows * lengths[a] > budget:
+                break
+            cost = best[a] + rows * lengths[a] + cost_per_batch
+            if cost <= best[b]:  # ties: the larger micro-batch
+                best[b], start[b] = cost, a
+    cuts, b = [], n
+    while b > 0:
+        cuts.append((start[b], b))
+        b = start[b]
+    return cuts[::-1]
 
 
 def _names(sequences: Sequence[TokenSequence]) -> list[str]:

@@ -18,7 +18,7 @@ from megatron_pz.objectives.pretrainzero import (
     mask_passage,
     validate_mask,
 )
-from megatron_pz.train.batching import TokenSequence, make_micro_batches
+from megatron_pz.train.batching import TokenSequence, make_micro_batches, padding_fraction
 from megatron_pz.train.losses import next_token_loss
 
 
@@ -85,11 +85,13 @@ def run_warm_start(actor, dataset, tokenizer, cfg, logger, dp_rank: int, dp_size
 
     first = last = None
     tokens = 0
+    padding = []
     start = time.perf_counter()
     for step in range(cfg.warm_start.steps):
         rows = warm_start_rows(dataset, step, cfg, tokenizer, cfg.runtime.seed, dp_rank, dp_size)
         batches = equalize_micro_batches(
             make_micro_batches(rows, cfg.train.max_tokens_per_micro_batch, pad_id), pad_id)
+        padding.append(padding_fraction(batches))
         result = actor.train_step(batches, next_token_loss)
         loss = result.metrics["loss_sum"] / max(1.0, result.metrics["num_tokens"])
         first = loss if first is None else first
@@ -98,6 +100,8 @@ def run_warm_start(actor, dataset, tokenizer, cfg, logger, dp_rank: int, dp_size
         if step % cfg.train.log_interval == 0 or step == cfg.warm_start.steps - 1:
             elapsed = time.perf_counter() - start
             logger.log(step, {"loss": loss, "lr": result.lr, "grad_norm": result.grad_norm,
-                              "tokens_per_s": tokens / max(elapsed, 1e-9)}, phase="warm_start")
+                              "tokens_per_s": tokens / max(elapsed, 1e-9), "padding_fraction": padding[-1]},
+                       phase="warm_start")
     return {"warm_start/first_loss": first, "warm_start/last_loss": last,
-            "warm_start/seconds": time.perf_counter() - start}
+            "warm_start/seconds": time.perf_counter() - start,
+            "warm_start/padding_fraction": sum(padding) / max(1, len(padding))}
