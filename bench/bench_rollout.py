@@ -6,7 +6,7 @@ before timing). Same prompts (random token ids, mixed lengths), batch sizes 1/8/
 temperature-1 sampling, a fixed number of new tokens per sequence (no EOS) so both sides produce
 the same token count. Prints tokens/s and the Megatron/HF ratio, plus the greedy token agreement.
 
-Run: ``python bench/bench_rollout.py [--new-tokens 64] [--repeats 3] [--threads 1]`` (one process).
+Run: ``python bench/bench_rollout.py [--new-tokens 64] [--repeats 3] [--threads 1] [--attention sdpa|megatron]`` (one process).
 Not a test: timings depend on the machine.
 """
 
@@ -21,7 +21,7 @@ import torch
 def build(args):
     from transformers import AutoModelForCausalLM
 
-    from megatron_pz.config import ParallelConfig, RuntimeConfig
+    from megatron_pz.config import ModelConfig, ParallelConfig, RuntimeConfig
     from megatron_pz.convert.weights import megatron_to_hf_tensors
     from megatron_pz.model.provider import build_model, load_hf_config
     from megatron_pz.rollout.weight_sync import HFModelTarget
@@ -34,7 +34,7 @@ def build(args):
         head_dim=args.hidden // 4, max_position_embeddings=1024, tie_word_embeddings=False,
         eos_token_id=None, bos_token_id=None, pad_token_id=0,
     ))
-    model = build_model(hf_config).eval()
+    model = build_model(hf_config, ModelConfig(local_attention=args.attention)).eval()
     hf = AutoModelForCausalLM.from_config(hf_config).eval()
     target = HFModelTarget(hf)
     target.load_weights(megatron_to_hf_tensors([model], hf_config))
@@ -97,6 +97,8 @@ def main():
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--attention", default="sdpa", choices=("sdpa", "megatron"),
+                        help="model.local_attention of the Megatron model")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads for both sides (1 avoids OpenMP oversubscription on a shared box)")
     args = parser.parse_args()

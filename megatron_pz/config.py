@@ -29,6 +29,9 @@ class ModelConfig:
     architecture: dict = field(default_factory=dict)  # inline HF config (with model_type) when no folder
     hf_overrides: dict = field(default_factory=dict)  # applied on top of the HF config
     spec: str = "auto"  # auto | te | local   (auto: te on GPU when transformer_engine imports)
+    # local spec's core attention: sdpa (torch's fused kernel, where it equals Megatron's function) or
+    # megatron (Megatron's unfused DotProductAttention, the reference)
+    local_attention: str = "sdpa"
     fp8: Optional[str] = None  # None | hybrid | e4m3 (Transformer Engine only)
     fp8_recipe: str = "delayed"  # delayed | tensorwise | mxfp8 | blockwise
     params_dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float16
@@ -237,6 +240,8 @@ def validate_static(cfg: Any) -> None:
     m = cfg.model
     if m.spec not in ("auto", "te", "local"):
         raise ConfigError(f"model.spec must be auto|te|local, got {m.spec!r}")
+    if m.local_attention not in ("sdpa", "megatron"):
+        raise ConfigError(f"model.local_attention must be sdpa|megatron, got {m.local_attention!r}")
     if m.fp8 not in (None, "hybrid", "e4m3"):
         raise ConfigError(f"model.fp8 must be null|hybrid|e4m3, got {m.fp8!r}")
     if m.fp8 and m.spec == "local":

@@ -111,3 +111,4 @@ def test_megatron_engine_tp2_pp2_ep2_equal_tp1():
 def test_weight_sync_buckets_into_hf_model():
     out = run_torchrun("rollout_weight_sync.py", nproc=2, timeout=300)
     assert out.count("ROLLOUT_SYNC_OK") == 2
+

@@ -193,7 +193,7 @@ def transformer_config_from_hf(
     return TransformerConfig(**kwargs)
 
 
-def layer_spec(config, spec: str, vp_stage: Optional[int] = None):
+def layer_spec(config, spec: str, vp_stage: Optional[int] = None, local_attention: str = "sdpa"):
     """Decoder block spec for this pipeline stage; ``spec`` is 'te' or 'local'."""
     from megatron.core.models.gpt.gpt_layer_specs import (
         get_gpt_decoder_block_spec,
@@ -206,12 +206,21 @@ def layer_spec(config, spec: str, vp_stage: Optional[int] = None):
             get_gpt_layer_with_transformer_engine_spec,
         )
     if config.num_moe_experts:
-        return get_gpt_decoder_block_spec(
+        block = get_gpt_decoder_block_spec(
             config, use_transformer_engine=use_te, normalization="RMSNorm", vp_stage=vp_stage
         )
-    if use_te:
+        layers = block.layer_specs
+    elif use_te:
         return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=config.qk_layernorm)
-    return get_gpt_layer_local_spec(qk_layernorm=config.qk_layernorm, normalization="RMSNorm")
+    else:
+        block = get_gpt_layer_local_spec(qk_layernorm=config.qk_layernorm, normalization="RMSNorm")
+        layers = [block]
+    if not use_te and local_attention == "sdpa":
+        from megatron_pz.model.sdpa_attention import SdpaDotProductAttention
+
+        for layer in layers:
+            layer.submodules.self_attention.submodules.core_attention = SdpaDotProductAttention
+    return block
 
 
 def build_model(
@@ -256,7 +265,7 @@ def build_model(
         post_process = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
     model = GPTModel(
         config=config,
-        transformer_layer_spec=layer_spec(config, spec, vp_stage),
+        transformer_layer_spec=layer_spec(config, spec, vp_stage, model_cfg.local_attention),
         vocab_size=hf_config.vocab_size,
         max_sequence_length=max_sequence_length or getattr(hf_config, "max_position_embeddings", 4096),
         pre_process=pre_process,
