@@ -73,6 +73,36 @@ def test_accuracy_is_the_exact_match_rate():
     assert mask_prediction_accuracy(items, mixed, normalize=True)["accuracy"] == pytest.approx(1 / 3)
 
 
+
+def test_in_run_eval_rates_and_empty_item_sets():
+    """The trainer's eval: rates over the items it has; a kind with no items is absent, not 0."""
+    from types import SimpleNamespace
+
+    from megatron_pz.train.config import RunConfig
+    from megatron_pz.train.evaluate import evaluate
+    from test_objectives_support import tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    items, _ = build_mask_items(PASSAGES, spans_per_passage=2, seed=0)  # France, Paris, Danube
+
+    class Engine:  # answers "Paris" to every predictor prompt, masks "Vienna" for the generator
+        def generate(self, prompts, params):
+            text = "\\mask{Vienna}" if params.stop == ["}"] and "Choose words" in tok.decode(prompts[0]) \
+                else "\\boxed{Paris}"
+            return [[SimpleNamespace(text=text)] for _ in prompts]
+
+    cfg = RunConfig()
+    cfg.objective.generator_stop = cfg.objective.predictor_stop = ["}"]
+    metrics, samples = evaluate(Engine(), tok, PASSAGES, {"candidates": items, "words": []}, cfg, 0, 1)
+    assert metrics["eval/mask_accuracy"] == pytest.approx(1 / 3) and metrics["eval/num_spans"] == 3
+    assert "eval/word_mask_accuracy" not in metrics and metrics["eval/num_words"] == 0
+    # "Vienna" occurs in passage 1 only: valid there, absent from passages 0 and 2
+    assert metrics["eval/generator_valid_mask_rate"] == pytest.approx(1 / 3)
+    assert len(samples) == 3 + 3
+    cfg.train.eval_passages = 0
+    metrics, samples = evaluate(Engine(), tok, PASSAGES, {"candidates": [], "words": []}, cfg, 0, 1)
+    assert metrics == {"eval/num_spans": 0.0, "eval/num_words": 0.0} and samples == []
+
 def test_greedy_generation_with_a_real_hf_model(tmp_path):
     """A tiny random transformers model through the whole path: deterministic greedy outputs."""
     from workers.convert_models import write_hf_folder

@@ -71,11 +71,10 @@ def evaluate(engine, tokenizer, heldout, items: dict[str, list], cfg, dp_rank: i
         totals /= ps.get_tensor_model_parallel_world_size() * ps.get_pipeline_model_parallel_world_size() \
             * ps.get_context_parallel_world_size()
         dist.all_reduce(totals)
-    metrics = {
-        "eval/mask_accuracy": (totals[0] / totals[1].clamp(min=1)).item(),
-        "eval/num_spans": totals[1].item(),
-        "eval/word_mask_accuracy": (totals[2] / totals[3].clamp(min=1)).item(),
-        "eval/num_words": totals[3].item(),
-        "eval/generator_valid_mask_rate": (totals[4] / totals[5].clamp(min=1)).item(),
-    }
+    # a rate over no items is not 0: it is left out (the CLI prints n/a), the counts are kept
+    metrics = {"eval/num_spans": totals[1].item(), "eval/num_words": totals[3].item()}
+    for name, (hits, count) in {"eval/mask_accuracy": totals[0:2], "eval/word_mask_accuracy": totals[2:4],
+                                "eval/generator_valid_mask_rate": totals[4:6]}.items():
+        if count > 0:
+            metrics[name] = (hits / count).item()
     return metrics, samples
