@@ -31,25 +31,28 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-WORD = re.compile(r"\w+(?:['’-]\w+)*|[^\w\s]")
 REPO = Path(__file__).resolve().parents[1]
 
 
 def count_baselines(train, items) -> dict[str, float]:
     """Accuracy of count-based fill-in on single-word items (case-insensitive, as the tiny default scores)."""
+    from megatron_pz.objectives.pretrainzero import SINGLE_WORD_RE, build_predictor_prompt
     from megatron_pz.objectives.prompts import MASK_TOKEN
+
+    token_re = re.compile(SINGLE_WORD_RE.pattern + r"|[^\w\s]")  # the validity rule's words, and punctuation
+    before, after = build_predictor_prompt("\0").split("\0")  # the template around the masked passage
 
     after_left = collections.defaultdict(collections.Counter)
     between = collections.defaultdict(collections.Counter)
     for i in range(len(train)):
-        words = ["<s>"] + WORD.findall(train[i].text) + ["</s>"]
+        words = ["<s>"] + token_re.findall(train[i].text) + ["</s>"]
         for left, word, right in zip(words, words[1:], words[2:]):
             after_left[left][word] += 1
             between[(left, right)][word] += 1
     hits = collections.Counter()
     for item in items:
-        masked = item.prompt.split(f"{MASK_TOKEN}: ", 1)[1].rsplit("\nPlease reason", 1)[0]
-        words = ["<s>"] + WORD.findall(masked.replace(MASK_TOKEN, " \0 ")) + ["</s>"]
+        masked = item.prompt.removeprefix(before).removesuffix(after)
+        words = ["<s>"] + token_re.findall(masked.replace(MASK_TOKEN, " \0 ")) + ["</s>"]
         j = words.index("\0")
         left, right = words[j - 1], words[j + 1]
         by_left = after_left[left].most_common(1)[0][0] if after_left[left] else "the"

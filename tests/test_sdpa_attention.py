@@ -11,10 +11,3 @@ def test_sdpa_core_attention_equals_megatrons():
     assert "SDPA_OK" in out
     assert "kv-cache greedy decoding equal: ok" in out
 
-
-def test_local_attention_setting_is_checked():
-    from megatron_pz.config import ConfigError
-    from megatron_pz.train.config import load_run_config
-
-    with pytest.raises(ConfigError, match="model.local_attention must be sdpa\\|megatron, got 'flash'"):
-        load_run_config(None, ["model.local_attention=flash"])
