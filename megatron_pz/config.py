@@ -76,7 +76,7 @@ class OptimizerConfig:
 @dataclass
 class RuntimeConfig:
     device: str = "auto"  # auto | cpu | cuda
-    backend: str = "auto"  # auto (nccl on cuda, gloo on cpu) | nccl | gloo
+    backend: str = "auto"  # auto: gloo on CPU, "cpu:gloo,cuda:nccl" on GPU (runtime/distributed.py)
     seed: int = 1234
     timeout_minutes: int = 30
     deterministic: bool = False
@@ -250,6 +250,9 @@ def validate_static(cfg: Any) -> None:
         raise ConfigError(f"optimizer.lr_schedule must be constant|cosine|linear, got {cfg.optimizer.lr_schedule!r}")
     if cfg.runtime.device not in ("auto", "cpu", "cuda"):
         raise ConfigError(f"runtime.device must be auto|cpu|cuda, got {cfg.runtime.device!r}")
+    if cfg.runtime.backend not in ("auto", "gloo", "cpu:gloo,cuda:nccl"):
+        raise ConfigError(f"runtime.backend must be auto | gloo | cpu:gloo,cuda:nccl (a GPU world also needs a "
+                          f"CPU backend for host-side metrics), got {cfg.runtime.backend!r}")
 
 
 def validate_parallel_sizes(parallel: ParallelConfig, hf_config: Any, world_size: int) -> None:

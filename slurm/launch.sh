@@ -35,7 +35,8 @@ export OMP_NUM_THREADS="${OMP_NUM_THREADS:-8}"
 # one CPU process at TP=PP=EP=1 suffices for any training layout).
 INIT_CKPT="$RUN_DIR/init"
 if [[ ! -f "$INIT_CKPT/latest_checkpointed_iteration.txt" ]]; then
-  srun --nodes=1 --ntasks=1 megatron-pz convert hf-to-megatron --hf "$MODEL_DIR" --out "$INIT_CKPT" --tp 1 --pp 1 --ep 1
+  srun --nodes=1 --ntasks=1 megatron-pz convert hf-to-megatron --hf "$MODEL_DIR" --out "$INIT_CKPT" --tp 1 --pp 1 --ep 1 \
+    --device cpu
 fi
 
 srun --kill-on-bad-exit=1 --ntasks-per-node=1 bash -c "

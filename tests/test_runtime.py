@@ -56,3 +56,37 @@ def test_bad_hf_config_is_named(tmp_path):
     with pytest.raises(ConfigError, match="fp8"):
         from megatron_pz.config import Config, load_config
         load_config(None, ["model.fp8=hybrid", "model.spec=local"], cls=Config)
+
+
+def test_world_backend_serves_cpu_tensors_on_every_device():
+    """A GPU world must also carry the host-side collectives (metrics, flags, *_object): NCCL alone
+    fails them with "No backend type associated with device type cpu"."""
+    from megatron_pz.config import RuntimeConfig, load_config
+    from megatron_pz.runtime.distributed import world_backend
+
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+    assert world_backend(cuda) == "cpu:gloo,cuda:nccl" and world_backend(cpu) == "gloo"
+    assert world_backend(cuda, "cpu:gloo,cuda:nccl") == "cpu:gloo,cuda:nccl"
+    with pytest.raises(ConfigError, match="needs a CPU backend"):
+        world_backend(cuda, "nccl")
+    with pytest.raises(ConfigError, match="only gloo"):
+        world_backend(cpu, "nccl")
+    with pytest.raises(ConfigError, match="runtime.backend must be"):
+        load_config(None, ["runtime.backend=nccl"])
+    assert RuntimeConfig().backend == "auto"
+
+
+def test_slurm_import_builds_the_model_on_cpu():
+    """The one-time HF import reshards to TP=PP=EP=1 in one process: on a GPU node without
+    ``--device cpu`` it would build all 30B parameters on one GPU."""
+    from multiproc import REPO_ROOT
+
+    from megatron_pz.cli import build_parser
+
+    script = (REPO_ROOT / "slurm" / "launch.sh").read_text().replace("\\\n", " ")  # join continued lines
+    imports = [line for line in script.splitlines() if "convert hf-to-megatron" in line]
+    assert imports and all("--device cpu" in line for line in imports), imports
+    args = build_parser().parse_args(["convert", "hf-to-megatron", "--hf", "x", "--out", "y"])
+    assert args.device == "cpu"  # the command's own default, for anyone running it by hand
+    args = build_parser().parse_args(["convert", "megatron-to-hf", "--ckpt", "x", "--out", "y"])
+    assert args.device == "cpu"  # export reshards to one process too

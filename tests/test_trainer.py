@@ -30,8 +30,8 @@ CONFIG = str(REPO_ROOT / "examples" / "tiny_cpu.yaml")
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("pz_cache")
+def cache(pz_data_cache):
+    return pz_data_cache
 
 
 def train(run_dir, cache, *overrides, nproc=1):

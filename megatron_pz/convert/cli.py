@@ -25,14 +25,15 @@ def register(subparsers) -> None:
     imp.add_argument("--pp", type=int, default=1)
     imp.add_argument("--ep", type=int, default=1)
     imp.add_argument("--dtype", default="auto", help="auto (the HF config's dtype) | float32 | bfloat16 | float16")
-    imp.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    # cpu by default: one process builds the whole model at TP=PP=EP=1 (a 30B model does not fit one GPU)
+    imp.add_argument("--device", default="cpu", help="cpu (default) | cuda | auto")
     imp.set_defaults(func=_run_import)
 
     exp = sub.add_parser("megatron-to-hf", help="Megatron checkpoint (any layout) -> HF folder")
     exp.add_argument("--ckpt", required=True, help="checkpoint root (latest is used) or an iter_* dir")
     exp.add_argument("--out", required=True, help="HF folder to write")
     exp.add_argument("--max-shard-size-mb", type=int, default=2048)
-    exp.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    exp.add_argument("--device", default="cpu", help="cpu (default) | cuda | auto")
     exp.add_argument("--overwrite", action="store_true")
     exp.set_defaults(func=_run_export)
 

@@ -9,6 +9,7 @@ only when the TE spec is chosen.
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Any, Optional
 
@@ -87,6 +88,9 @@ def resolve_spec(model_cfg: ModelConfig, device: torch.device) -> str:
     try:
         import transformer_engine  # noqa: F401
     except ImportError:
+        warnings.warn("Transformer Engine is not installed: model.spec=auto falls back to the local layer spec on "
+                      "this GPU (no FP8, unfused norms, torch Adam); install megatron-pz[gpu] or set model.spec: local "
+                      "to silence this", stacklevel=2)
         return "local"
     return "te"
 
@@ -162,6 +166,9 @@ def transformer_config_from_hf(
         calculate_per_token_loss=True,
         moe_token_dispatcher_type=model_cfg.moe_token_dispatcher,
         deallocate_pipeline_outputs=True,
+        # No CUDA graphs. An empty scope is megatron-core 0.16.1's spelling of "whole layer"; its default
+        # "full" only raises a deprecation warning at every config built.
+        cuda_graph_scope=[],
     )
     if model_cfg.recompute == "full":
         kwargs.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
@@ -278,6 +285,12 @@ def build_model(
         rope_scaling_factor=rope_factor,
         vp_stage=vp_stage,
     )
+    # One dtype for every weight, as Megatron-LM's Float16Module casts the whole module: the local spec's
+    # norms (torch.nn.RMSNorm) are otherwise created in fp32 inside a bf16 model, and torch's fused
+    # rms_norm refuses mixed input/weight dtypes (slow path, and a warning at every forward).
+    for param in model.parameters():
+        if param.is_floating_point() and param.dtype != config.params_dtype:
+            param.data = param.data.to(config.params_dtype)
     if device.type == "cuda":
         model.cuda(device)
     return model

@@ -1,8 +1,17 @@
 """Initialise torch.distributed and Megatron's parallel groups for one process of a run.
 
 Works under ``torchrun`` (reads RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR) and as a single plain process
-(then it makes a world of one on a free loopback port). NCCL on GPU, gloo on CPU; on CPU the
-compatibility layer in :mod:`megatron_pz.runtime.cpu_compat` is applied first.
+(then it makes a world of one on a free loopback port). On CPU the world is gloo and the compatibility
+layer in :mod:`megatron_pz.runtime.cpu_compat` is applied first.
+
+The collective rule, on every device: **each collective runs on the device of its tensors, and every rank
+of one collective passes tensors on the same device.** On GPU the world is ``cpu:gloo,cuda:nccl``
+(:func:`world_backend`): one process group with a backend per device type, as verl sets it up, so
+tensors from the model (logits, log-probs, weight buckets, activations) go over NCCL and the host-side
+bookkeeping (metric sums, flags, sizes, ``*_object`` collectives) goes over gloo without a round trip
+through the GPU. Megatron's groups inherit both backends (``new_group`` without a backend copies the
+default group's). An NCCL-only world would fail at the first CPU collective ("No backend type
+associated with device type cpu").
 """
 
 from __future__ import annotations
@@ -37,6 +46,28 @@ def resolve_device(requested: str = "auto") -> torch.device:
     return resolve_device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
+CUDA_WORLD_BACKEND = "cpu:gloo,cuda:nccl"
+
+
+def world_backend(device: torch.device, requested: str = "auto") -> str:
+    """The backend string of the default process group for ``device`` (see the module docstring).
+
+    ``requested`` is ``runtime.backend``: ``auto`` picks gloo on CPU and ``cpu:gloo,cuda:nccl`` on GPU;
+    an explicit value must still serve CPU tensors (host-side metrics and flags run on CPU).
+    """
+    from megatron_pz.config import ConfigError
+
+    if requested == "auto":
+        return CUDA_WORLD_BACKEND if device.type == "cuda" else "gloo"
+    if device.type == "cpu" and requested != "gloo":
+        raise ConfigError(f"runtime.backend={requested!r} on a CPU run: only gloo (or auto) runs on CPU")
+    if device.type == "cuda" and requested != CUDA_WORLD_BACKEND:
+        raise ConfigError(f"runtime.backend={requested!r} on a GPU run: the trainer reduces host-side metrics "
+                          f"on CPU tensors, so the world needs a CPU backend too; use auto or "
+                          f"{CUDA_WORLD_BACKEND!r}")
+    return requested
+
+
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -63,9 +94,7 @@ def initialize(parallel=None, runtime=None) -> RuntimeInfo:
     else:
         torch.cuda.set_device(device)
 
-    backend = runtime.backend
-    if backend == "auto":
-        backend = "nccl" if device.type == "cuda" else "gloo"
+    backend = world_backend(device, runtime.backend)
 
     if not dist.is_initialized():
         if "RANK" not in os.environ:  # a plain single process: make a world of one

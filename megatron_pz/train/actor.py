@@ -11,6 +11,7 @@ divides the gradients once by that global count.
 from __future__ import annotations
 
 import functools
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
@@ -19,7 +20,7 @@ import torch.distributed as dist
 
 from megatron_pz.config import ModelConfig, OptimizerConfig, ParallelConfig
 from megatron_pz.model.provider import build_model, transformer_config_from_hf
-from megatron_pz.train.batching import MicroBatch
+from megatron_pz.train.batching import MicroBatch, TokenSequence, make_micro_batches, sequence_multiple
 
 LossFn = Callable[[MicroBatch, torch.Tensor], tuple[torch.Tensor, torch.Tensor, dict]]
 
@@ -33,6 +34,13 @@ def build_model_chunks(hf_config, model_cfg: ModelConfig, parallel: ParallelConf
                     vp_stage=(v if parallel.virtual_pp else None))
         for v in range(stages)
     ]
+
+
+def sequence_multiple_of(config) -> int:
+    """What this model's micro-batch widths must be a multiple of (Megatron ``TransformerConfig``):
+    SP scatters the sequence over TP, CP cuts it in 2 x CP chunks, FP8 GEMMs need aligned rows."""
+    return sequence_multiple(config.tensor_model_parallel_size, config.sequence_parallel,
+                             config.context_parallel_size, config.fp8_recipe if config.fp8 else None)
 
 
 def unwrap(chunk: torch.nn.Module) -> torch.nn.Module:
@@ -66,6 +74,7 @@ class Actor:
         self.device = device
         chunks = build_model_chunks(hf_config, model_cfg, parallel, device, max_sequence_length)
         self.transformer_config = unwrap(chunks[0]).config
+        self.sequence_multiple = sequence_multiple_of(self.transformer_config)
         ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True,
             overlap_grad_reduce=opt_cfg.overlap_grad_reduce,
@@ -121,6 +130,15 @@ class Actor:
 
     # ------------------------------------------------------------------ schedule
 
+    def micro_batches(self, rows: Sequence[TokenSequence], max_tokens_per_micro_batch: int,
+                      pad_id: int) -> list[MicroBatch]:
+        """Length-bucketed micro-batches for this actor: widths padded to :attr:`sequence_multiple`,
+        the same count (and, interleaved, shape) on every rank. Built on the host; the schedule moves
+        each one to the actor's device as it runs."""
+        batches = make_micro_batches(rows, max_tokens_per_micro_batch, pad_id,
+                                     pad_to_multiple=self.sequence_multiple)
+        return equalize_micro_batches(batches, pad_id, pad_to_multiple=self.sequence_multiple)
+
     def _run_schedule(self, micro_batches: Sequence[MicroBatch], loss_fn: LossFn, forward_only: bool,
                       chunks: Optional[list] = None):
         from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -128,7 +146,7 @@ class Actor:
         chunks = chunks or self.chunks
 
         def forward_step(data_iterator, model):
-            mb = next(data_iterator)
+            mb = next(data_iterator).to(self.device)  # the one place batches meet the device
             output = model(mb.input_ids, mb.position_ids, None)
             return output, functools.partial(loss_fn, mb)
 
@@ -151,7 +169,12 @@ class Actor:
         for chunk in self.chunks:
             chunk.train()
             chunk.zero_grad_buffer()
-        self.optimizer.zero_grad()
+        with warnings.catch_warnings():
+            # megatron-core 0.16.1's distributed optimizer probes ``.grad`` of its fp32 shard views (not
+            # leaves), which torch flags; nothing is lost: the grads live in DDP's buffers.
+            warnings.filterwarnings("ignore", message=r"The \.grad attribute of a Tensor that is not a leaf",
+                                    category=UserWarning)
+            self.optimizer.zero_grad()
         outputs = self._run_schedule(micro_batches, loss_fn, forward_only=False)
         ok, grad_norm, _ = self.optimizer.step()
         if ok:
@@ -178,14 +201,16 @@ class Actor:
 
         def loss_fn(mb, logits):
             collected.append(value_fn(mb, logits).float())
-            return torch.zeros((), device=logits.device), torch.tensor(0, dtype=torch.int), {}
+            return (torch.zeros((), device=logits.device), torch.zeros((), dtype=torch.int, device=logits.device),
+                    {})
 
         self._run_schedule(micro_batches, loss_fn, forward_only=True, chunks=chunks)
         if ps.get_pipeline_model_parallel_world_size() > 1:
             last = ps.get_pipeline_model_parallel_last_rank()
             group = ps.get_pipeline_model_parallel_group()
-            if not ps.is_pipeline_last_stage():
-                collected = [torch.empty(mb.input_ids.shape, dtype=torch.float32) for mb in micro_batches]
+            if not ps.is_pipeline_last_stage():  # receive on the sender's device (one backend per collective)
+                collected = [torch.empty(mb.input_ids.shape, dtype=torch.float32, device=self.device)
+                             for mb in micro_batches]
             for tensor in collected:
                 dist.broadcast(tensor, src=last, group=group)
         for chunk in chunks:
@@ -193,7 +218,8 @@ class Actor:
         return collected
 
 
-def equalize_micro_batches(batches: list[MicroBatch], pad_id: int = 0) -> list[MicroBatch]:
+def equalize_micro_batches(batches: list[MicroBatch], pad_id: int = 0,
+                           pad_to_multiple: int = 1) -> list[MicroBatch]:
     """Pad every rank's list to the world's longest with fully-masked micro-batches.
 
     Expert parallelism runs all-to-alls inside every MoE layer's forward, so all ranks must run the
@@ -202,15 +228,14 @@ def equalize_micro_batches(batches: list[MicroBatch], pad_id: int = 0) -> list[M
     With a virtual pipeline, Megatron's interleaved schedule needs the count to be a multiple of PP
     (its default micro-batch group per virtual stage), and it exchanges activations with one fixed
     shape (it hangs on per-micro-batch shapes), so every micro-batch is also padded to the world's
-    largest [rows, length]; padding rows carry index -1 and no loss.
+    largest [rows, length]; padding rows carry index -1 and no loss. Filler widths are multiples of
+    ``pad_to_multiple`` like every other width (:func:`~megatron_pz.train.batching.sequence_multiple`).
     """
     from megatron.core import parallel_state as ps
 
-    from megatron_pz.train.batching import make_micro_batches
-
     interleaved = (ps.get_virtual_pipeline_model_parallel_world_size() or 1) > 1
     rows = max((mb.input_ids.shape[0] for mb in batches), default=1)
-    width = max((mb.input_ids.shape[1] for mb in batches), default=2)
+    width = max((mb.input_ids.shape[1] for mb in batches), default=-(-2 // pad_to_multiple) * pad_to_multiple)
     sizes = torch.tensor([len(batches), rows, width], dtype=torch.int64)
     dist.all_reduce(sizes, op=dist.ReduceOp.MAX)
     target, rows, width = (int(v) for v in sizes.tolist())
@@ -220,7 +245,7 @@ def equalize_micro_batches(batches: list[MicroBatch], pad_id: int = 0) -> list[M
     missing = target - len(batches)
     if missing > 0:
         names = sorted(batches[0].per_token) if batches else []
-        fillers = make_micro_batches([], 8, pad_id, min_micro_batches=missing)
+        fillers = make_micro_batches([], 8, pad_id, pad_to_multiple=pad_to_multiple, min_micro_batches=missing)
         for f in fillers:
             f.per_token = {n: torch.zeros_like(f.loss_mask) for n in names}
         batches = list(batches) + fillers

@@ -42,11 +42,50 @@ class MicroBatch:
     def num_tokens(self) -> int:
         return int(self.input_ids.numel())
 
+    def to(self, device: torch.device) -> "MicroBatch":
+        """This micro-batch with every tensor on ``device`` (batches are built on the host; the model
+        and its loss run on the actor's device). Non-blocking: the copies overlap the host's next work."""
+        def move(t: torch.Tensor) -> torch.Tensor:
+            return t.to(device, non_blocking=True)
+
+        return MicroBatch(move(self.input_ids), move(self.position_ids), move(self.loss_mask),
+                          {k: move(v) for k, v in self.per_token.items()}, self.lengths, self.indices)
+
 
 # One forward/backward pass costs about as much as this many extra padded tokens, whatever its size
 # (measured for the tiny CPU model: Python/launch work of one pass through Megatron's schedule). It only
 # decides whether splitting a micro-batch to cut padding pays; the token budget is a hard limit.
 MICRO_BATCH_COST_TOKENS = 256
+
+# Tokens a GEMM's row count must be a multiple of under Transformer Engine FP8, per recipe:
+# megatron-core 0.16.1 ``fp8_utils.get_fp8_align_size`` (16, 32 for mxfp8: TE's FP8 GEMMs want
+# 16-aligned dimensions, MXFP8 scales blocks of 32); blockwise scaling (TE's ``Float8BlockScaling``, the
+# DeepSeek-V3 recipe) scales 1x128 blocks, and the token dimension is a blocked dimension of the
+# weight-gradient GEMM, so 128. Not yet run by us on a GPU: read, not measured.
+FP8_TOKEN_ALIGN = {"delayed": 16, "tensorwise": 16, "mxfp8": 32, "blockwise": 128}
+
+
+def sequence_multiple(tp: int = 1, sequence_parallel: bool = False, cp: int = 1,
+                      fp8_recipe: Optional[str] = None) -> int:
+    """What every micro-batch width must be a multiple of for this model configuration.
+
+    * sequence parallelism scatters the sequence dimension over the TP ranks: width % TP == 0;
+    * context parallelism cuts the sequence into 2 x CP load-balanced chunks: width % (2 CP) == 0;
+    * FP8 needs each rank's token count aligned (:data:`FP8_TOKEN_ALIGN`); with SP a rank holds
+      width / TP tokens per row, so the alignment is multiplied by TP.
+    The factors multiply (each rank's shard must itself be aligned), which over-pads by at most one
+    multiple per row.
+    """
+    multiple = 1
+    if fp8_recipe is not None:
+        if fp8_recipe not in FP8_TOKEN_ALIGN:
+            raise ValueError(f"unknown fp8 recipe {fp8_recipe!r}; known: {sorted(FP8_TOKEN_ALIGN)}")
+        multiple *= FP8_TOKEN_ALIGN[fp8_recipe]
+    if sequence_parallel and tp > 1:
+        multiple *= tp
+    if cp > 1:
+        multiple *= 2 * cp
+    return multiple
 
 
 def make_micro_batches(
@@ -67,7 +106,7 @@ def make_micro_batches(
     groups = [order[a:b] for a, b in _cheapest_cuts(lengths, max_tokens_per_micro_batch, micro_batch_cost_tokens)]
     batches = [_collate([sequences[i] for i in g], pad_id, pad_to_multiple) for g in groups]
     while len(batches) < min_micro_batches:
-        batches.append(_collate([TokenSequence([pad_id, pad_id], [0.0, 0.0], index=-1)], pad_id, 1,
+        batches.append(_collate([TokenSequence([pad_id, pad_id], [0.0, 0.0], index=-1)], pad_id, pad_to_multiple,
                                 per_token_names=_names(sequences)))
     return batches
 

@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 
 from megatron_pz.rl.logprobs import vocab_parallel_entropy
-from megatron_pz.train.batching import TokenSequence, make_micro_batches
+from megatron_pz.train.batching import TokenSequence
 from megatron_pz.train.losses import token_logprobs
 
 
@@ -26,10 +26,7 @@ class MegatronScorer:
 
     def _values(self, sequences, value_fn, chunks) -> list[list[float]]:
         rows = [TokenSequence(list(s), [1.0] * len(s), index=i) for i, s in enumerate(sequences)]
-        batches = make_micro_batches(rows, self.max_tokens, self.pad_id)
-        from megatron_pz.train.actor import equalize_micro_batches
-
-        batches = equalize_micro_batches(batches, self.pad_id)
+        batches = self.actor.micro_batches(rows, self.max_tokens, self.pad_id)
         values = self.actor.forward_values(batches, value_fn, chunks=chunks)
         out: list[list[float]] = [[] for _ in sequences]
         for mb, vals in zip(batches, values):

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_pz.config import ConfigError, validate_parallel_sizes
-from megatron_pz.train.batching import TokenSequence, make_micro_batches, padding_fraction
+from megatron_pz.train.batching import TokenSequence, padding_fraction
 from megatron_pz.train.config import RunConfig
 
 
@@ -219,7 +219,7 @@ def train(cfg: RunConfig) -> dict:
     from megatron_pz.objectives.base import build_objective
     from megatron_pz.rl.ema import EmaTeacher
     from megatron_pz.rollout.factory import build_rollout_engine
-    from megatron_pz.train.actor import build_model_chunks, equalize_micro_batches
+    from megatron_pz.train.actor import build_model_chunks
     from megatron_pz.train.evaluate import build_eval_items, evaluate
     from megatron_pz.train.metrics import mean_over_ranks
     from megatron_pz.train.sampler import PassageSampler
@@ -285,8 +285,7 @@ def train(cfg: RunConfig) -> dict:
         experiences, metrics = objective.collect(passages, engine, scorer, step)
         t1 = time.perf_counter()
         rows = experiences_to_sequences(experiences)
-        batches = equalize_micro_batches(make_micro_batches(rows, t.max_tokens_per_micro_batch, run.pad_id),
-                                         run.pad_id)
+        batches = actor.micro_batches(rows, t.max_tokens_per_micro_batch, run.pad_id)
         result = actor.train_step(batches, loss_fn)
         if ema is not None:
             ema.update(actor.chunks)

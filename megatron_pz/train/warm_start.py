@@ -18,7 +18,7 @@ from megatron_pz.objectives.pretrainzero import (
     mask_passage,
     validate_mask,
 )
-from megatron_pz.train.batching import TokenSequence, make_micro_batches, padding_fraction
+from megatron_pz.train.batching import TokenSequence, padding_fraction
 from megatron_pz.train.losses import next_token_loss
 
 
@@ -81,16 +81,13 @@ def warm_start_rows(dataset, step: int, cfg, tokenizer, seed: int, dp_rank: int,
 
 def run_warm_start(actor, dataset, tokenizer, cfg, logger, dp_rank: int, dp_size: int, pad_id: int) -> dict:
     """Train ``actor`` (freshly initialised, with the warm-start LR) for ``warm_start.steps``."""
-    from megatron_pz.train.actor import equalize_micro_batches
-
     first = last = None
     tokens = 0
     padding = []
     start = time.perf_counter()
     for step in range(cfg.warm_start.steps):
         rows = warm_start_rows(dataset, step, cfg, tokenizer, cfg.runtime.seed, dp_rank, dp_size)
-        batches = equalize_micro_batches(
-            make_micro_batches(rows, cfg.train.max_tokens_per_micro_batch, pad_id), pad_id)
+        batches = actor.micro_batches(rows, cfg.train.max_tokens_per_micro_batch, pad_id)
         padding.append(padding_fraction(batches))
         result = actor.train_step(batches, next_token_loss)
         loss = result.metrics["loss_sum"] / max(1.0, result.metrics["num_tokens"])

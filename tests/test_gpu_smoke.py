@@ -1,0 +1,32 @@
+"""``tools/gpu_smoke.py --device cpu``: the GPU smoke script's checks run on CPU in every CI run, so
+the script cannot rot before a GPU is at hand; and the run's stderr holds no warning we have not read."""
+
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from multiproc import REPO_ROOT
+
+pytestmark = pytest.mark.slow
+CHECKS = ("train", "eval", "resume", "moved", "hf_logits")
+
+
+def test_gpu_smoke_passes_on_cpu(tmp_path, pz_data_cache):
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONWARNINGS"}
+    result = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "tools" / "gpu_smoke.py"), "--device", "cpu", "--out", str(tmp_path),
+         "--data-cache", str(pz_data_cache)],
+        capture_output=True, text=True, timeout=900, cwd=REPO_ROOT, env={**env, "PYTHONPATH": str(REPO_ROOT)})
+    out = result.stdout
+    assert result.returncode == 0, (out + result.stderr)[-6000:]
+    lines = {m.group(2): m.group(1) for m in re.finditer(r"^(PASS|FAIL) (\S+)", out, re.M)}
+    assert lines == {f"{model}/{check}": "PASS" for model in ("dense", "moe") for check in CHECKS}, out
+    assert "gpu_smoke: 10/10 checks passed" in out and "peak RSS" in out
+    diffs = re.findall(r"hf_logits .* max \|diff\| ([0-9.e-]+), mean ([0-9.e-]+)", out)
+    assert len(diffs) == 2 and all(float(m) <= 0.1 and float(a) <= 0.01 for m, a in diffs), diffs
+    # defect 7 of issue 14: the expected notices of megatron-core/torch are silenced at the source
+    warnings = [line for line in result.stderr.splitlines() if re.search(r"Warning\b", line)]
+    assert warnings == [], warnings

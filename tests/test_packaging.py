@@ -1,0 +1,32 @@
+"""The package's stated requirements: installable on the GPU images users run (Python 3.12, their own
+torch build), and a [gpu] extra that resolves with torch 2.13 and megatron-core 0.16.1."""
+
+import tomllib
+
+from packaging.requirements import Requirement
+from packaging.specifiers import SpecifierSet
+
+from multiproc import REPO_ROOT
+
+PROJECT = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]
+
+
+def _requirements(items) -> dict[str, Requirement]:
+    return {Requirement(r).name.lower(): Requirement(r) for r in items}
+
+
+def test_python_and_torch_are_ranges_that_admit_the_images_we_target():
+    python = SpecifierSet(PROJECT["requires-python"])
+    assert "3.11.7" in python and "3.12.3" in python  # CI's Python and NGC / the device machine's
+    torch = _requirements(PROJECT["dependencies"])["torch"].specifier
+    assert "2.13.0" in torch and "2.11.0" in torch  # CI's CPU build and a container's CUDA build
+    assert not any(s.operator == "==" for s in torch)  # a pin would replace the container's torch
+
+
+def test_gpu_extra_is_a_set_that_installs_with_torch_2_13():
+    gpu = _requirements(PROJECT["optional-dependencies"]["gpu"])
+    assert "apex" not in gpu  # PyPI's apex is an unrelated package
+    assert str(gpu["vllm"].specifier) == "==0.32.0"  # 0.33 pins torch 2.14
+    te = gpu["transformer-engine"]
+    assert "pytorch" in te.extras and str(te.specifier) == "==2.11.0"
+    assert "2.11.0" in SpecifierSet(">=2.9.0a0,<2.12.0")  # megatron-core 0.16.1's supported TE range
