@@ -244,6 +244,8 @@ def validate_static(cfg: Any) -> None:
         raise ConfigError(f"model.local_attention must be sdpa|megatron, got {m.local_attention!r}")
     if m.fp8 not in (None, "hybrid", "e4m3"):
         raise ConfigError(f"model.fp8 must be null|hybrid|e4m3, got {m.fp8!r}")
+    if m.fp8_recipe not in ("delayed", "tensorwise", "mxfp8", "blockwise"):
+        raise ConfigError(f"model.fp8_recipe must be delayed|tensorwise|mxfp8|blockwise, got {m.fp8_recipe!r}")
     if m.fp8 and m.spec == "local":
         raise ConfigError("model.fp8 needs the Transformer Engine spec (model.spec: te|auto)")
     if cfg.optimizer.lr_schedule not in ("constant", "cosine", "linear"):

@@ -42,6 +42,8 @@ def test_bad_override_and_enum():
         load_config(None, ["model.fp8=e5m2"], cls=Config)
     with pytest.raises(ConfigError, match="model.local_attention must be sdpa\\|megatron, got 'flash'"):
         load_config(None, ["model.local_attention=flash"], cls=Config)
+    with pytest.raises(ConfigError, match="model.fp8_recipe must be delayed\\|tensorwise\\|mxfp8\\|blockwise, got 'nvfp4'"):
+        load_config(None, ["model.fp8_recipe=nvfp4"], cls=Config)
 
 
 def test_parallel_sizes_must_divide_the_model():
