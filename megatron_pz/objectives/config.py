@@ -1,8 +1,17 @@
 """ObjectiveConfig: which reinforcement-pretraining objective to run, and every knob it has.
 
 Defaults follow the papers where they say something (PretrainZero arXiv 2512.03442, RLP arXiv
-2510.01265, RPT arXiv 2506.08007). Fields marked *paper-silent* are choices of this project; each
-says what was chosen and why, so a run's config records the full algorithm.
+2510.01265, RPT arXiv 2506.08007); the comment beside each field names the section, equation or
+figure. Fields marked *paper-silent* (or *ours*) are choices of this project; each says what was
+chosen and why, so a run's config records the full algorithm.
+
+Paper defaults: prompt_style (PretrainZero Fig. 5), group sizes (PZ §4.1; RLP), max_mask_occurrences
+and replace_all (PZ §4.4 "PretrainZero"), whole_words_only=False (PZ §4.4: whole-word masks are the
+"PretrainZero-Words" ablation), exact-match rewards (PZ eqs. 5, 8), generator reward (PZ eq. 9 and the
+acc = 0 rule), dynamic_sampling (PZ §4.1, DAPO), rlp_temperature and loss_agg (RLP Algorithm 1, eq. 8;
+PZ §4.1 follows DAPO's token-level loss), max token lengths (PZ §4.1; RLP).
+Ours: the sampling temperatures other than RLP's, mask_pick, invalid_mask_reward, content_words_only,
+normalize_answer, the leading-whitespace rule, the minimum context lengths, adv_eps.
 """
 
 from __future__ import annotations
@@ -10,6 +19,18 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 OBJECTIVE_NAMES = ("pretrainzero", "random_rlpt", "random_ntr", "entropy_ntr", "rpt", "rlp")
+LOSS_AGGS = ("token_mean", "seq_mean_token_mean")
+
+
+def paper_loss_agg(name: str) -> str:
+    """Each objective's paper aggregation of the clipped surrogate over tokens.
+
+    RLP: a per-thought mean, -(1/BG) sum_i (1/|c_i|) sum_u ... (RLP Algorithm 1, eq. 8).
+    PretrainZero and its baselines: DAPO's token-level mean (PZ §4.1 "Following DAPO", clip-higher
+    and dynamic sampling; DAPO's token-level policy-gradient loss); RPT (arXiv 2506.08007) likewise
+    trains with GRPO as in PZ §2.2 and gets the same rule here.
+    """
+    return "seq_mean_token_mean" if name == "rlp" else "token_mean"
 
 
 @dataclass
@@ -39,12 +60,19 @@ class ObjectiveConfig:
     predictor_stop: list = field(default_factory=list)
     ntr_stop: list = field(default_factory=list)
 
-    # ---- mask validity (PretrainZero): the span must occur in the passage fewer than 8 times.
+    # ---- prompts. paper: PretrainZero Figure 5 word for word; ours: the project's paraphrase
+    # (see objectives/prompts.py), a named alternative for small models.
+    prompt_style: str = "paper"
+
+    # ---- mask validity (PretrainZero §4.4): the span must occur in the passage fewer than 8 times.
     max_mask_occurrences: int = 8  # valid iff 1 <= occurrences < this
-    replace_all: bool = True  # paper: every occurrence becomes [mask]; False: only the first one
-    # paper-silent: occurrences are counted (and masked) only where they are whole words, so the
-    # span "art" does not match inside "party". The generator prompt asks for words of the passage.
-    whole_words_only: bool = True
+    # PZ §4.4: the main recipe masks every occurrence; False is the "PretrainZero-OneMask" ablation,
+    # which replaces one occurrence drawn at random (seeded by (seed, step, passage, sample)).
+    replace_all: bool = True
+    # PZ §4.4: the main recipe accepts spans that cut words ("PretrainZero may produce masks that
+    # cover incomplete words"), so occurrences are plain substring matches ("art" inside "party"
+    # counts). True is the "PretrainZero-Words" ablation (complete-word spans only), which scored lower.
+    whole_words_only: bool = False
     # paper-silent: when a response holds several \mask{...}, take the last one (the final answer
     # after the thinking, like the last \boxed{}). 'first' is the alternative.
     mask_pick: str = "last"  # last | first
@@ -56,13 +84,21 @@ class ObjectiveConfig:
     content_words_only: bool = False
 
     # ---- rewards
-    normalize_answer: bool = False  # paper: exact match; True: casefold + collapse whitespace
-    # paper-silent (RPT): the ground-truth continuation usually starts with the space that BPE glues
-    # to the next word; with this on, leading whitespace of both the answer and the continuation is
-    # ignored (the token-boundary rule is applied after removing it).
+    # PZ eq. 8 (mask prediction) and eq. 5 (random / entropy next-token reasoning: exact match of the
+    # single masked token) are exact matches; RPT keeps its own prefix reward (rpt_* below).
+    normalize_answer: bool = False  # paper: exact match; True (ours): casefold + collapse whitespace
+    # paper-silent (RPT, NTR): the ground-truth continuation usually starts with the space that BPE
+    # glues to the next word; with this on, leading whitespace of both the answer and the target is
+    # ignored (RPT: the token-boundary rule is applied after removing it; NTR: eq. 5's exact match
+    # of the target token is taken after removing it).
     rpt_ignore_leading_whitespace: bool = True
     rpt_max_answer_tokens: int = 32  # token boundaries considered for the prefix reward
     rpt_require_think_close: bool = True  # RPT: the \boxed{} answer must come after </think>
+
+    # ---- loss aggregation over tokens: token_mean (DAPO; PZ §4.1) or seq_mean_token_mean (the mean
+    # over samples of each sample's token mean; RLP Algorithm 1, eq. 8). "paper": the objective's
+    # paper rule (see paper_loss_agg).
+    loss_agg: str = "paper"
 
     # ---- advantages and filtering
     std_scale: bool = True  # GRPO: (r - mean) / (std + eps); RLP never scales by std
@@ -93,6 +129,12 @@ class ObjectiveConfig:
             raise ConfigError(f"objective.rlp_group must be >= 2 (advantage uses G/(G-1)), got {self.rlp_group}")
         if self.max_mask_occurrences < 2:
             raise ConfigError(f"objective.max_mask_occurrences must be >= 2, got {self.max_mask_occurrences}")
+        from megatron_pz.objectives.prompts import PROMPT_STYLES
+
+        if self.prompt_style not in PROMPT_STYLES:
+            raise ConfigError(f"objective.prompt_style must be one of {PROMPT_STYLES}, got {self.prompt_style!r}")
+        if self.loss_agg != "paper" and self.loss_agg not in LOSS_AGGS:
+            raise ConfigError(f"objective.loss_agg must be 'paper' or one of {LOSS_AGGS}, got {self.loss_agg!r}")
         if self.mask_pick not in ("last", "first"):
             raise ConfigError(f"objective.mask_pick must be 'last' or 'first', got {self.mask_pick!r}")
         if self.rpt_position not in ("entropy", "random"):
@@ -104,3 +146,7 @@ class ObjectiveConfig:
         for key in ("ntr_min_context_tokens", "rlp_min_context_tokens"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"objective.{key} must be >= 1, got {getattr(self, key)}")
+
+    def resolved_loss_agg(self) -> str:
+        """The aggregation this objective trains with ('paper' resolved by :func:`paper_loss_agg`)."""
+        return paper_loss_agg(self.name) if self.loss_agg == "paper" else self.loss_agg
