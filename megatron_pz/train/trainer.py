@@ -25,29 +25,52 @@ from megatron_pz.train.config import RunConfig
 # ------------------------------------------------------------------ pieces of one step
 
 
-def experiences_to_sequences(experiences) -> list[TokenSequence]:
-    """Prompt + response rows; the loss covers response tokens only, each carrying its advantage."""
+def experiences_to_sequences(experiences, loss_weights=None) -> list[TokenSequence]:
+    """Prompt + response rows; the loss covers response tokens only, each carrying its advantage,
+    its sampling temperature (log-probs are taken at it) and, if given, its aggregation weight
+    (``loss_weights[i]`` for ``experiences[i]``, see :func:`megatron_pz.rl.grpo.aggregation_weights`)."""
     rows = []
     for i, e in enumerate(experiences):
         if not e.trainable or not e.response_ids:
             continue
         p, r = len(e.prompt_ids), len(e.response_ids)
         tokens = list(e.prompt_ids) + list(e.response_ids)
-        per_token = {"advantages": [0.0] * p + [float(e.advantage or 0.0)] * r}
+        per_token = {"advantages": [0.0] * p + [float(e.advantage or 0.0)] * r,
+                     "temperature": [float(e.temperature)] * (p + r)}
         if e.rollout_logprobs is not None:
             per_token["rollout_logprobs"] = [0.0] * p + [float(x) for x in e.rollout_logprobs]
+        if loss_weights is not None:
+            per_token["loss_weight"] = [0.0] * p + [float(loss_weights[i])] * r
         rows.append(TokenSequence(tokens, [0.0] * p + [1.0] * r, per_token, index=i))
     return rows
 
 
+def update_loss_weights(experiences, loss_agg: str, dp_group=None) -> list[float]:
+    """Aggregation weight of each experience for one optimizer step over ``experiences`` (this rank's
+    share); token and sample counts are summed over the data-parallel group first."""
+    from megatron_pz.rl.grpo import aggregation_weights
+
+    lengths = [len(e.response_ids) if e.trainable else 0 for e in experiences]
+    counts = torch.tensor([float(sum(lengths)), float(sum(n > 0 for n in lengths))], dtype=torch.float64)
+    if dist.is_initialized():
+        dist.all_reduce(counts, group=dp_group)
+    tokens, samples = counts.tolist()
+    return aggregation_weights(lengths, ["all"] * len(lengths), {"all": loss_agg}, {"all": 1.0},
+                               {"all": (tokens, samples)}, tokens)
+
+
 def make_grpo_loss_fn(grpo_cfg):
-    """Adapts :func:`megatron_pz.rl.grpo.grpo_loss` to the actor's micro-batches (vocab-parallel)."""
+    """Adapts :func:`megatron_pz.rl.grpo.grpo_loss` to the actor's micro-batches (vocab-parallel).
+
+    Log-probs are taken at each row's sampling temperature; ``old_logprobs`` come from the batch when
+    the update computed them (PPO mini-batches / epochs), else they equal the current ones (ratio 1).
+    """
     from megatron_pz.rl.grpo import grpo_loss
     from megatron_pz.rl.logprobs import vocab_parallel_entropy
-    from megatron_pz.train.losses import token_logprobs
+    from megatron_pz.train.losses import token_logprobs_at_temperature
 
     def loss_fn(mb, logits):
-        logp = token_logprobs(mb, logits)
+        logp = token_logprobs_at_temperature(mb, logits)
         old = mb.per_token.get("old_logprobs", logp.detach())
         with torch.no_grad():
             entropy = torch.nn.functional.pad(vocab_parallel_entropy(logits[:, :-1].float()), (1, 0))
@@ -56,13 +79,58 @@ def make_grpo_loss_fn(grpo_cfg):
             logp, old, mb.per_token["advantages"], mb.loss_mask,
             clip_low=grpo_cfg.clip_low, clip_high=grpo_cfg.clip_high,
             rollout_logprobs=rollout, tis_cap=grpo_cfg.tis_cap if rollout is not None else None,
-            kl_coef=0.0, entropy=entropy)
+            kl_coef=0.0, entropy=entropy, dual_clip=grpo_cfg.dual_clip,
+            token_weights=mb.per_token.get("loss_weight"))
         n = float(num_tokens)
         sums = {f"{k}_sum": v * n for k, v in metrics.items() if not k.endswith("_max") and k != "num_tokens"}
         sums.update(loss_sum=loss_sum.detach(), num_tokens=num_tokens.detach())
         return loss_sum, num_tokens.to(torch.int), sums
 
     return loss_fn
+
+
+def grpo_update(actor, experiences, grpo_cfg, loss_agg: str, loss_fn, max_tokens: int, pad_id: int,
+                dp_group=None):
+    """One rollout batch's policy update: ``grpo.epochs`` passes over ``grpo.mini_batches`` optimizer
+    steps. With more than one step, old log-probs are computed once before the first (at each row's
+    temperature), so every later step sees a live ratio and the clip can engage.
+
+    Returns (summed loss metrics of all steps, the last StepResult, every micro-batch trained on).
+    """
+    from megatron_pz.train.actor import equalize_micro_batches
+    from megatron_pz.train.losses import token_logprobs_at_temperature
+
+    n_mini, epochs = grpo_cfg.mini_batches, grpo_cfg.epochs
+    if n_mini * epochs > 1:
+        rows = experiences_to_sequences(experiences)
+        batches = equalize_micro_batches(make_micro_batches(rows, max_tokens, pad_id), pad_id)
+        values = actor.forward_values(batches, token_logprobs_at_temperature)
+        old = {}
+        for mb, vals in zip(batches, values):
+            for r, (idx, length) in enumerate(zip(mb.indices, mb.lengths)):
+                if idx >= 0:
+                    old[idx] = vals[r, :length].tolist()
+    else:
+        old = None
+    # contiguous slices of this rank's experiences: one optimizer step each
+    bounds = [round(k * len(experiences) / n_mini) for k in range(n_mini + 1)]
+    summed: dict[str, float] = {}
+    result, all_batches = None, []
+    for _ in range(epochs):
+        for k in range(n_mini):
+            part = list(range(bounds[k], bounds[k + 1]))
+            mine = [experiences[i] for i in part]
+            weights = update_loss_weights(mine, loss_agg, dp_group)
+            rows = experiences_to_sequences(mine, weights)
+            if old is not None:
+                for row in rows:
+                    row.per_token["old_logprobs"] = old[part[row.index]]
+            batches = equalize_micro_batches(make_micro_batches(rows, max_tokens, pad_id), pad_id)
+            result = actor.train_step(batches, loss_fn)
+            all_batches += batches
+            for key, value in result.metrics.items():
+                summed[key] = summed.get(key, 0.0) + value
+    return summed, result, all_batches
 
 
 def token_means(summed: dict[str, float]) -> dict[str, float]:
@@ -219,7 +287,7 @@ def train(cfg: RunConfig) -> dict:
     from megatron_pz.objectives.base import build_objective
     from megatron_pz.rl.ema import EmaTeacher
     from megatron_pz.rollout.factory import build_rollout_engine
-    from megatron_pz.train.actor import build_model_chunks, equalize_micro_batches
+    from megatron_pz.train.actor import build_model_chunks
     from megatron_pz.train.evaluate import build_eval_items, evaluate
     from megatron_pz.train.metrics import mean_over_ranks
     from megatron_pz.train.sampler import PassageSampler
@@ -235,7 +303,8 @@ def train(cfg: RunConfig) -> dict:
         elif t.init_checkpoint:
             start_weights = Path(t.init_checkpoint)
 
-    actor = run.build_actor(cfg.optimizer, total_steps=t.steps)
+    # one scheduler step per optimizer step: grpo.epochs x grpo.mini_batches per RL step
+    actor = run.build_actor(cfg.optimizer, total_steps=t.steps * cfg.grpo.mini_batches * cfg.grpo.epochs)
     teacher = None
     if cfg.objective.name == "rlp":
         teacher = build_model_chunks(run.hf_config, cfg.model, cfg.parallel, run.info.device,
@@ -264,6 +333,9 @@ def train(cfg: RunConfig) -> dict:
     objective = build_objective(cfg.objective, run.tokenizer)
     scorer = MegatronScorer(actor, teacher, run.pad_id, t.max_tokens_per_micro_batch)
     loss_fn = make_grpo_loss_fn(cfg.grpo)
+    from megatron.core import parallel_state as ps
+
+    dp_group = ps.get_data_parallel_group()
 
     eval_items = build_eval_items(run.heldout, cfg)
 
@@ -284,10 +356,8 @@ def train(cfg: RunConfig) -> dict:
         passages = sampler.next_batch()
         experiences, metrics = objective.collect(passages, engine, scorer, step)
         t1 = time.perf_counter()
-        rows = experiences_to_sequences(experiences)
-        batches = equalize_micro_batches(make_micro_batches(rows, t.max_tokens_per_micro_batch, run.pad_id),
-                                         run.pad_id)
-        result = actor.train_step(batches, loss_fn)
+        summed, result, batches = grpo_update(actor, experiences, cfg.grpo, cfg.objective.resolved_loss_agg(),
+                                              loss_fn, t.max_tokens_per_micro_batch, run.pad_id, dp_group)
         if ema is not None:
             ema.update(actor.chunks)
         t2 = time.perf_counter()
@@ -296,8 +366,9 @@ def train(cfg: RunConfig) -> dict:
         metrics.update(padding_fraction=padding_fraction(batches), rollout_tokens=rollout_tokens,
                        **{"time/rollout_s": t1 - t0, "time/train_s": t2 - t1})
         metrics = mean_over_ranks(metrics)
-        metrics.update(token_means(result.metrics), lr=result.lr, grad_norm=result.grad_norm)
-        metrics["tokens_per_s"] = (metrics["rollout_tokens"] * run.dp_size + result.num_tokens) / max(t2 - t0, 1e-9)
+        metrics.update(token_means(summed), lr=result.lr, grad_norm=result.grad_norm)
+        metrics["tokens_per_s"] = (metrics["rollout_tokens"] * run.dp_size + summed.get("num_tokens", 0.0)) \
+            / max(t2 - t0, 1e-9)
         last_metrics = metrics
         if step % t.log_interval == 0 or step == t.steps:
             run.logger.log(step, metrics)
