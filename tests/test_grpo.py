@@ -222,3 +222,12 @@ def test_ppo_mini_batches_make_the_ratio_live_and_the_clip_engage():
 
     out = run_torchrun("grpo_minibatch.py", nproc=1, timeout=240)
     assert "GRPO_MINIBATCH_OK" in out
+
+
+@pytest.mark.slow
+def test_mixture_update_loss_is_the_weighted_sum_of_its_parts():
+    """2 GRPO steps of a 0.75 / 0.25 mixture (token-mean and RLP's per-sample mean) on a real actor."""
+    from multiproc import run_torchrun
+
+    out = run_torchrun("grpo_mixture.py", nproc=1, timeout=240)
+    assert "GRPO_MIXTURE_OK" in out

@@ -9,7 +9,8 @@ Paper defaults: prompt_style (PretrainZero Fig. 5), group sizes (PZ §4.1; RLP),
 and replace_all (PZ §4.4 "PretrainZero"), whole_words_only=False (PZ §4.4: whole-word masks are the
 "PretrainZero-Words" ablation), exact-match rewards (PZ eqs. 5, 8), generator reward (PZ eq. 9 and the
 acc = 0 rule), dynamic_sampling (PZ §4.1, DAPO), rlp_temperature and loss_agg (RLP Algorithm 1, eq. 8;
-PZ §4.1 follows DAPO's token-level loss), max token lengths (PZ §4.1; RLP).
+PZ §4.1 follows DAPO's token-level loss), max token lengths (PZ §4.1; RLP §9, §10), ema_tau (RLP §2.1),
+rlp_group (RLP §9: 16 rollouts).
 Ours: the sampling temperatures other than RLP's, mask_pick, invalid_mask_reward, content_words_only,
 normalize_answer, the leading-whitespace rule, the minimum context lengths, adv_eps.
 """
@@ -17,6 +18,7 @@ normalize_answer, the leading-whitespace rule, the minimum context lengths, adv_
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Optional
 
 OBJECTIVE_NAMES = ("pretrainzero", "random_rlpt", "random_ntr", "entropy_ntr", "rpt", "rlp")
 LOSS_AGGS = ("token_mean", "seq_mean_token_mean")
@@ -31,6 +33,28 @@ def paper_loss_agg(name: str) -> str:
     trains with GRPO as in PZ §2.2 and gets the same rule here.
     """
     return "seq_mean_token_mean" if name == "rlp" else "token_mean"
+
+
+@dataclass
+class ObjectivePhase:
+    """One phase of ``objective.schedule`` (ours; PZ §4.1's SmolLM3 recipe is two phases: Random RLPT
+    for 100 steps, then PretrainZero). ``overrides``: ObjectiveConfig keys changed from the base
+    section (``mixture`` allowed, ``schedule`` not). ``steps``: RL steps of the phase; null only on
+    the last phase (it runs until ``train.steps``)."""
+
+    steps: Optional[int] = None
+    overrides: dict = field(default_factory=dict)
+
+
+@dataclass
+class ObjectiveComponent:
+    """One component of ``objective.mixture`` (ours): its ObjectiveConfig ``overrides`` on the base
+    section, and its ``weight`` lambda_k. Each step's passages are split among the components in
+    proportion to the weights, and the loss is sum_k lambda_k L_k (weights normalised to sum 1), each
+    L_k with the component's own aggregation, groups, rewards and temperatures."""
+
+    weight: float = 1.0
+    overrides: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -117,6 +141,11 @@ class ObjectiveConfig:
     rlp_min_context_tokens: int = 16  # paper-silent: the random position t is >= this
     ema_tau: float = 0.999  # phi <- tau * phi + (1 - tau) * theta after every optimizer step
 
+    # ---- past the papers (ours): a schedule of phases and a mixture of objectives; see
+    # ObjectivePhase / ObjectiveComponent and objectives/composite.py. Empty: the single objective above.
+    schedule: list[ObjectivePhase] = field(default_factory=list)
+    mixture: list[ObjectiveComponent] = field(default_factory=list)
+
     def validate(self) -> None:
         from megatron_pz.config import ConfigError
 
@@ -146,6 +175,52 @@ class ObjectiveConfig:
         for key in ("ntr_min_context_tokens", "rlp_min_context_tokens"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"objective.{key} must be >= 1, got {getattr(self, key)}")
+        if self.schedule and self.mixture:
+            raise ConfigError("objective.schedule and objective.mixture exclude each other at the top level; "
+                              "put the mixture in a phase's overrides")
+        for i, phase in enumerate(self.schedule):
+            last = i == len(self.schedule) - 1
+            if phase.steps is None and not last:
+                raise ConfigError(f"objective.schedule[{i}].steps must be set (only the last phase may omit it)")
+            if phase.steps is not None and phase.steps < 1:
+                raise ConfigError(f"objective.schedule[{i}].steps must be >= 1, got {phase.steps}")
+        for i, comp in enumerate(self.mixture):
+            if not comp.weight > 0.0:
+                raise ConfigError(f"objective.mixture[{i}].weight must be > 0, got {comp.weight}")
+        if self.schedule or self.mixture:
+            self.leaves()  # derives and validates every phase / component
+
+    def derive(self, overrides: dict, where: str, allow_mixture: bool) -> "ObjectiveConfig":
+        """This section with ``overrides`` applied (a phase's or a component's config), validated."""
+        from dataclasses import asdict
+
+        from megatron_pz.config import ConfigError, from_dict
+
+        if not isinstance(overrides, dict):
+            raise ConfigError(f"{where} must be a mapping of objective keys, got {overrides!r}")
+        forbidden = {"schedule"} | (set() if allow_mixture else {"mixture"})
+        bad = sorted(forbidden & set(overrides))
+        if bad:
+            raise ConfigError(f"{where} may not set {', '.join(bad)} (no nesting)")
+        data = {k: v for k, v in asdict(self).items() if k not in ("schedule", "mixture")}
+        data.update(overrides)
+        derived = from_dict(ObjectiveConfig, data, where)
+        derived.validate()
+        return derived
+
+    def leaves(self) -> list["ObjectiveConfig"]:
+        """Every single-objective config this section runs (phases, then their mixture components)."""
+        if self.schedule:
+            return [leaf for i, ph in enumerate(self.schedule)
+                    for leaf in self.derive(ph.overrides, f"objective.schedule[{i}].overrides", True).leaves()]
+        if self.mixture:
+            return [self.derive(c.overrides, f"objective.mixture[{i}].overrides", False)
+                    for i, c in enumerate(self.mixture)]
+        return [self]
+
+    def uses_rlp(self) -> bool:
+        """True iff some phase or component is RLP (the EMA teacher is built only then)."""
+        return any(leaf.name == "rlp" for leaf in self.leaves())
 
     def resolved_loss_agg(self) -> str:
         """The aggregation this objective trains with ('paper' resolved by :func:`paper_loss_agg`)."""

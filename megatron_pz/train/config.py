@@ -14,15 +14,16 @@ from megatron_pz.rollout.config import RolloutConfig
 @dataclass
 class GrpoConfig:
     """The policy update. Paper defaults: clip-higher (PretrainZero §4.1 follows DAPO), no KL term
-    (PZ §4.1 "GRPO without KL regularization"; RLP has none either), one update per rollout batch
-    where the papers are silent (mini_batches = epochs = 1: the ratio is 1 and the clip inactive,
-    as in RLP Algorithm 1's single step). Ours: tis_cap, dual_clip (verl 0.9.1's default c = 3).
+    (PZ §4.1 "GRPO without KL regularization"; RLP §9 "KL coefficient to 0"), one update per rollout
+    batch (mini_batches = epochs = 1: RLP Algorithm 1 snapshots theta_old, samples, and updates once;
+    PZ is silent), so the ratio is 1 and the clip inactive. Ours: tis_cap, dual_clip (verl 0.9.1's
+    default c = 3).
     The loss aggregation over tokens is each objective's (``objective.loss_agg``).
     """
 
     clip_low: float = 0.2  # PPO clip below 1 (ratio >= 1 - clip_low)
     clip_high: float = 0.28  # clip-higher (DAPO; PZ §4.1): ratio <= 1 + clip_high
-    # Only 0 is accepted: no KL term is implemented (PZ §4.1 and RLP train without one); a non-zero
+    # Only 0 is accepted: no KL term is implemented (PZ §4.1 and RLP §9 train without one); a non-zero
     # value is rejected before work starts instead of being silently ignored.
     kl_coef: float = 0.0
     tis_cap: Optional[float] = 2.0  # truncated IS weight cap on rollout/train log-prob mismatch; null: off

@@ -45,18 +45,30 @@ def experiences_to_sequences(experiences, loss_weights=None) -> list[TokenSequen
     return rows
 
 
-def update_loss_weights(experiences, loss_agg: str, dp_group=None) -> list[float]:
+def update_loss_weights(experiences, dp_group=None) -> list[float]:
     """Aggregation weight of each experience for one optimizer step over ``experiences`` (this rank's
-    share); token and sample counts are summed over the data-parallel group first."""
+    share), from its tags (``component``, ``loss_agg``, ``mix_weight``); every component's token and
+    sample counts are summed over the data-parallel group first."""
     from megatron_pz.rl.grpo import aggregation_weights
 
     lengths = [len(e.response_ids) if e.trainable else 0 for e in experiences]
-    counts = torch.tensor([float(sum(lengths)), float(sum(n > 0 for n in lengths))], dtype=torch.float64)
-    if dist.is_initialized():
+    labels = sorted({e.component for e in experiences})
+    if dist.is_initialized() and dist.get_world_size(dp_group) > 1:
+        gathered: list = [None] * dist.get_world_size(dp_group)
+        dist.all_gather_object(gathered, labels, group=dp_group)
+        labels = sorted({label for ls in gathered for label in ls})
+    counts = torch.zeros(2 * len(labels), dtype=torch.float64)
+    for e, n in zip(experiences, lengths):
+        k = labels.index(e.component)
+        counts[2 * k] += n
+        counts[2 * k + 1] += float(n > 0)
+    if dist.is_initialized() and dist.get_world_size(dp_group) > 1:
         dist.all_reduce(counts, group=dp_group)
-    tokens, samples = counts.tolist()
-    return aggregation_weights(lengths, ["all"] * len(lengths), {"all": loss_agg}, {"all": 1.0},
-                               {"all": (tokens, samples)}, tokens)
+    totals = {label: (counts[2 * k].item(), counts[2 * k + 1].item()) for k, label in enumerate(labels)}
+    return aggregation_weights(lengths, [e.component for e in experiences],
+                               {e.component: e.loss_agg for e in experiences},
+                               {e.component: e.mix_weight for e in experiences},
+                               totals, sum(t for t, _ in totals.values()))
 
 
 def make_grpo_loss_fn(grpo_cfg):
@@ -76,7 +88,8 @@ def make_grpo_loss_fn(grpo_cfg):
             entropy = torch.nn.functional.pad(vocab_parallel_entropy(logits[:, :-1].float()), (1, 0))
         rollout = mb.per_token.get("rollout_logprobs")
         loss_sum, num_tokens, metrics = grpo_loss(
-            logp, old, mb.per_token["advantages"], mb.loss_mask,
+            # a rank with nothing to train on runs one fully masked batch without per-token fields
+            logp, old, mb.per_token.get("advantages", torch.zeros_like(mb.loss_mask)), mb.loss_mask,
             clip_low=grpo_cfg.clip_low, clip_high=grpo_cfg.clip_high,
             rollout_logprobs=rollout, tis_cap=grpo_cfg.tis_cap if rollout is not None else None,
             kl_coef=0.0, entropy=entropy, dual_clip=grpo_cfg.dual_clip,
@@ -89,8 +102,7 @@ def make_grpo_loss_fn(grpo_cfg):
     return loss_fn
 
 
-def grpo_update(actor, experiences, grpo_cfg, loss_agg: str, loss_fn, max_tokens: int, pad_id: int,
-                dp_group=None):
+def grpo_update(actor, experiences, grpo_cfg, loss_fn, max_tokens: int, pad_id: int, dp_group=None):
     """One rollout batch's policy update: ``grpo.epochs`` passes over ``grpo.mini_batches`` optimizer
     steps. With more than one step, old log-probs are computed once before the first (at each row's
     temperature), so every later step sees a live ratio and the clip can engage.
@@ -120,7 +132,7 @@ def grpo_update(actor, experiences, grpo_cfg, loss_agg: str, loss_fn, max_tokens
         for k in range(n_mini):
             part = list(range(bounds[k], bounds[k + 1]))
             mine = [experiences[i] for i in part]
-            weights = update_loss_weights(mine, loss_agg, dp_group)
+            weights = update_loss_weights(mine, dp_group)
             rows = experiences_to_sequences(mine, weights)
             if old is not None:
                 for row in rows:
@@ -210,9 +222,8 @@ class Run:
         self.logger = MetricsLogger(self.run_dir, tensorboard=cfg.train.tensorboard)
 
     def max_sequence_length(self) -> int:
-        o = self.cfg.objective
-        longest_response = max(o.generator_max_tokens, o.predictor_max_tokens, o.ntr_max_tokens,
-                               o.rlp_thought_max_tokens + 2)
+        longest_response = max(max(o.generator_max_tokens, o.predictor_max_tokens, o.ntr_max_tokens,
+                                   o.rlp_thought_max_tokens + 2) for o in self.cfg.objective.leaves())
         return self.cfg.train.max_prompt_tokens + longest_response + 8
 
     def build_actor(self, opt_cfg, total_steps: int):
@@ -284,7 +295,7 @@ def usable_passages(run: Run) -> list[int]:
 def train(cfg: RunConfig) -> dict:
     """Warm start (if configured), then the RL loop; resumes from ``run_dir/checkpoints``."""
     from megatron_pz.checkpoint import latest_checkpoint, load_checkpoint
-    from megatron_pz.objectives.base import build_objective
+    from megatron_pz.objectives.composite import build_training_objective
     from megatron_pz.rl.ema import EmaTeacher
     from megatron_pz.rollout.factory import build_rollout_engine
     from megatron_pz.train.actor import build_model_chunks
@@ -306,7 +317,7 @@ def train(cfg: RunConfig) -> dict:
     # one scheduler step per optimizer step: grpo.epochs x grpo.mini_batches per RL step
     actor = run.build_actor(cfg.optimizer, total_steps=t.steps * cfg.grpo.mini_batches * cfg.grpo.epochs)
     teacher = None
-    if cfg.objective.name == "rlp":
+    if cfg.objective.uses_rlp():  # the EMA teacher only when some phase / component is RLP
         teacher = build_model_chunks(run.hf_config, cfg.model, cfg.parallel, run.info.device,
                                      run.max_sequence_length())
         for chunk in teacher:
@@ -330,7 +341,7 @@ def train(cfg: RunConfig) -> dict:
         ema.initialize_from(actor.chunks)
 
     engine = build_rollout_engine(cfg.rollout, actor.chunks, run.tokenizer, run.hf_config)
-    objective = build_objective(cfg.objective, run.tokenizer)
+    objective = build_training_objective(cfg.objective, run.tokenizer)
     scorer = MegatronScorer(actor, teacher, run.pad_id, t.max_tokens_per_micro_batch)
     loss_fn = make_grpo_loss_fn(cfg.grpo)
     from megatron.core import parallel_state as ps
@@ -356,8 +367,8 @@ def train(cfg: RunConfig) -> dict:
         passages = sampler.next_batch()
         experiences, metrics = objective.collect(passages, engine, scorer, step)
         t1 = time.perf_counter()
-        summed, result, batches = grpo_update(actor, experiences, cfg.grpo, cfg.objective.resolved_loss_agg(),
-                                              loss_fn, t.max_tokens_per_micro_batch, run.pad_id, dp_group)
+        summed, result, batches = grpo_update(actor, experiences, cfg.grpo, loss_fn, t.max_tokens_per_micro_batch,
+                                              run.pad_id, dp_group)
         if ema is not None:
             ema.update(actor.chunks)
         t2 = time.perf_counter()

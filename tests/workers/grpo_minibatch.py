@@ -20,14 +20,15 @@ TINY = dict(model_type="qwen3", vocab_size=256, hidden_size=64, intermediate_siz
             tie_word_embeddings=False)
 
 
-def experiences():
+def experiences(loss_agg="token_mean"):
     rng = random.Random(5)
     out = []
     for i in range(8):
         prompt = [rng.randrange(256) for _ in range(6)]
         response = [rng.randrange(256) for _ in range(3 + i % 4)]  # unequal lengths
         out.append(Experience(prompt, response, reward=float(i % 2), group=f"g{i // 2}", role="predictor",
-                              advantage=1.0 if i % 2 else -1.0, temperature=0.7))
+                              advantage=1.0 if i % 2 else -1.0, temperature=0.7, component="x",
+                              loss_agg=loss_agg))
     return out
 
 
@@ -43,7 +44,7 @@ def run(info, hf, grpo: GrpoConfig, loss_agg: str):
         return result
 
     actor.train_step = recording
-    summed, _, _ = grpo_update(actor, experiences(), grpo, loss_agg, make_grpo_loss_fn(grpo), 4096, 0)
+    summed, _, _ = grpo_update(actor, experiences(loss_agg), grpo, make_grpo_loss_fn(grpo), 4096, 0)
     return steps, token_means(summed)
 
 
