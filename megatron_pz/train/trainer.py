@@ -124,13 +124,13 @@ def grpo_update(actor, experiences, grpo_cfg, loss_fn, max_tokens: int, pad_id: 
                     old[idx] = vals[r, :length].tolist()
     else:
         old = None
-    # contiguous slices of this rank's experiences: one optimizer step each
-    bounds = [round(k * len(experiences) / n_mini) for k in range(n_mini + 1)]
+    # strided slices of this rank's experiences (every n-th): one optimizer step each, so each
+    # mini-batch holds samples of every role / mixture component
     summed: dict[str, float] = {}
     result, all_batches = None, []
     for _ in range(epochs):
         for k in range(n_mini):
-            part = list(range(bounds[k], bounds[k + 1]))
+            part = list(range(k, len(experiences), n_mini))
             mine = [experiences[i] for i in part]
             weights = update_loss_weights(mine, dp_group)
             rows = experiences_to_sequences(mine, weights)
