@@ -59,22 +59,26 @@ class ObjectiveComponent:
 
 @dataclass
 class ObjectiveConfig:
+    """Which objective and every knob it has; the comment beside each field says whether its default
+    follows a paper (section / equation / figure named) or is ours (see the module docstring)."""
+
     name: str = "pretrainzero"  # one of OBJECTIVE_NAMES
     seed: int = 1234  # span / position choices are drawn from (seed, step, passage.index)
 
-    # ---- group sizes (PretrainZero: 8 generator and 8 predictor rollouts; RLP: 16 thoughts)
+    # ---- group sizes (PretrainZero §4.1: 8 generator and 8 predictor rollouts; RLP §9: 16 thoughts)
     generator_group: int = 8
     predictor_group: int = 8
     rlp_group: int = 16
     ntr_group: int = 8  # random/entropy next-token reasoning and RPT (RPT paper: 8)
 
-    # ---- sampling. paper-silent except RLP's 0.7; 1.0 is the usual on-policy GRPO choice.
+    # ---- sampling. paper-silent except RLP's 0.7 (§9); 1.0 (ours) is the usual on-policy GRPO choice.
+    # Rollout and training log-probs are both taken at the role's temperature (logits / T).
     generator_temperature: float = 1.0
     predictor_temperature: float = 1.0
     ntr_temperature: float = 1.0
     rlp_temperature: float = 0.7
     top_p: float = 1.0
-    # PretrainZero: 4096 response tokens for both roles; RLP: 2048-token thoughts.
+    # PretrainZero §4.1: 4096 response tokens for both roles; RLP §10: 2048-token thoughts.
     generator_max_tokens: int = 4096
     predictor_max_tokens: int = 4096
     ntr_max_tokens: int = 4096
@@ -125,9 +129,9 @@ class ObjectiveConfig:
     loss_agg: str = "paper"
 
     # ---- advantages and filtering
-    std_scale: bool = True  # GRPO: (r - mean) / (std + eps); RLP never scales by std
+    std_scale: bool = True  # GRPO (PZ eq. 10): (r - mean) / (std + eps); RLP (eq. 7) never scales by std
     adv_eps: float = 1e-6
-    dynamic_sampling: bool = True  # DAPO: predictor groups with acc exactly 0 or 1 leave the loss
+    dynamic_sampling: bool = True  # PZ §4.1 (DAPO): predictor groups with acc exactly 0 or 1 leave the loss
     # paper-silent: generator groups whose rewards are all equal give zero advantage anyway; this
     # option also takes them out of the token count.
     dynamic_sampling_generator: bool = False
@@ -139,7 +143,7 @@ class ObjectiveConfig:
 
     # ---- RLP
     rlp_min_context_tokens: int = 16  # paper-silent: the random position t is >= this
-    ema_tau: float = 0.999  # phi <- tau * phi + (1 - tau) * theta after every optimizer step
+    ema_tau: float = 0.999  # RLP §2.1: phi <- tau * phi + (1 - tau) * theta after every optimizer step
 
     # ---- past the papers (ours): a schedule of phases and a mixture of objectives; see
     # ObjectivePhase / ObjectiveComponent and objectives/composite.py. Empty: the single objective above.

@@ -7,8 +7,8 @@ Provenance:
   figure typesets ``\mask{}`` and ``\boxed{}`` in monospace; the text is the plain command.
 - ``prompt_style="ours"``: this project's earlier paraphrase of the generator instruction (numbered
   requirements, an explicit "think step by step first"), with the passage after the instruction,
-  and the prediction prompt on one line. Kept as a named alternative for small models (see
-  examples/tiny_cpu.yaml). Not the paper's text.
+  and the prediction prompt on one line. Kept as a named alternative (the tiny CPU default measured
+  the same held-out figures with either). Not the paper's text.
 - ``build_ntr_prompt`` / ``build_rpt_prompt``: written from the RPT paper's description (reason,
   then give the next token(s) in ``\boxed{}``; RPT: after ``</think>``). Not verbatim: neither
   PretrainZero nor RPT prints its next-token prompt.
