@@ -87,7 +87,7 @@ def test_in_run_eval_rates_and_empty_item_sets():
 
     class Engine:  # answers "Paris" to every predictor prompt, masks "Vienna" for the generator
         def generate(self, prompts, params):
-            text = "\\mask{Vienna}" if params.stop == ["}"] and "Choose words" in tok.decode(prompts[0]) \
+            text = "\\mask{Vienna}" if params.stop == ["}"] and "Generate a mask" in tok.decode(prompts[0]) \
                 else "\\boxed{Paris}"
             return [[SimpleNamespace(text=text)] for _ in prompts]
 

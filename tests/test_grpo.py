@@ -132,3 +132,102 @@ def test_truncated_importance_sampling_and_kl_and_metrics():
     k0 = (ref[0] - logp[0]).item()
     assert logp.grad[0].item() == pytest.approx(w[0] * (-r0 * 1.0) + 0.1 * (1 - math.exp(k0)), rel=1e-5)
     assert logp.grad[3].item() == 0.0
+
+
+def test_loss_aggregation_token_mean_vs_sequence_mean_hand_numbers():
+    """Unequal lengths 1 and 3, ratio 1 (loss per token = -A): the two aggregations differ.
+
+    token_mean (DAPO; PZ §4.1):          (-(1) * 1 + -(-1) * 3) / 4 = (-1 + 3) / 4 = 0.5
+    seq_mean_token_mean (RLP eq. 8):     ((-1) / 1 + (3) / 3) / 2 = (-1 + 1) / 2 = 0.0
+    mixture 0.75 x token_mean + 0.25 x seq-mean over the same two samples: 0.375
+    """
+    from megatron_pz.rl.grpo import aggregation_weights
+
+    logp = torch.zeros(2, 3)
+    mask = torch.tensor([[1.0, 0.0, 0.0], [1.0, 1.0, 1.0]])
+    adv = torch.tensor([1.0, -1.0])
+    totals = {"x": (4.0, 2.0)}
+
+    def loss_with(agg, mix=1.0):
+        w = aggregation_weights([1, 3], ["x", "x"], {"x": agg}, {"x": mix}, totals, 4.0)
+        token_w = torch.tensor(w).unsqueeze(-1).expand(2, 3)
+        loss_sum, n, _ = grpo_loss(logp, logp, adv, mask, token_weights=token_w)
+        return (loss_sum / n).item(), w
+
+    tm, w_tm = loss_with("token_mean")
+    sm, w_sm = loss_with("seq_mean_token_mean")
+    assert w_tm == [1.0, 1.0] and tm == pytest.approx(0.5)
+    assert w_sm == pytest.approx([4 / (2 * 1), 4 / (2 * 3)]) and sm == pytest.approx(0.0, abs=1e-7)
+    # two components over the same samples combine linearly with their weights
+    w_mix = [a + b for a, b in zip(aggregation_weights([1, 3], ["x", "x"], {"x": "token_mean"}, {"x": 0.75},
+                                                       totals, 4.0),
+                                   aggregation_weights([1, 3], ["x", "x"], {"x": "seq_mean_token_mean"},
+                                                       {"x": 0.25}, totals, 4.0))]
+    loss_sum, n, _ = grpo_loss(logp, logp, adv, mask, token_weights=torch.tensor(w_mix).unsqueeze(-1).expand(2, 3))
+    assert (loss_sum / n).item() == pytest.approx(0.75 * 0.5 + 0.25 * 0.0)
+    # each objective's paper default
+    from megatron_pz.objectives.config import ObjectiveConfig
+
+    assert ObjectiveConfig(name="rlp").resolved_loss_agg() == "seq_mean_token_mean"
+    assert ObjectiveConfig(name="pretrainzero").resolved_loss_agg() == "token_mean"
+    assert ObjectiveConfig(name="rlp", loss_agg="token_mean").resolved_loss_agg() == "token_mean"
+
+
+def test_dual_clip_hand_numbers():
+    """Dual-clip PPO as verl 0.9.1's compute_policy_loss (clip_ratio_c = 3), by hand.
+
+    tokens (A, ratio): (-1, e^3 = 20.09) -> clipped branch -A*1.28 = 1.28 < unclipped 20.09, so the
+    standard loss is 20.09; dual clip bounds it at -c*A = 3.  (-1, 2.0): standard 2.0 < 3, kept.
+    (+1, e^3): standard -1.28 (A > 0, dual clip does not act).  (-1, 0.5): clip low: max(0.5, 0.8) = 0.8.
+    """
+    ratios = torch.tensor([math.exp(3.0), 2.0, math.exp(3.0), 0.5])
+    adv = torch.tensor([-1.0, -1.0, 1.0, -1.0])
+    old = torch.zeros(4)
+    new = torch.log(ratios)
+    mask = torch.ones(4)
+    plain, _, m0 = grpo_loss(new, old, adv, mask)
+    dual, _, m = grpo_loss(new, old, adv, mask, dual_clip=3.0)
+    assert plain.item() == pytest.approx(math.exp(3.0) + 2.0 - 1.28 + 0.8, rel=1e-6)
+    assert dual.item() == pytest.approx(3.0 + 2.0 - 1.28 + 0.8, rel=1e-6)
+    assert m["dual_clip_fraction"] == pytest.approx(0.25)
+    # clip branch active: token 3 (A>0, 20.09 > 1.28) and token 4 (A<0, ratio 0.5 raised to 0.8)
+    assert m["clip_fraction"] == pytest.approx(0.5) and m0["clip_fraction"] == pytest.approx(0.5)
+    # gradient: the dual-clipped token gets none (its loss is the constant 3)
+    logp = new.clone().requires_grad_(True)
+    grpo_loss(logp, old, adv, mask, dual_clip=3.0)[0].backward()
+    assert logp.grad.tolist() == pytest.approx([0.0, 2.0, 0.0, 0.0])
+
+
+def test_grpo_config_errors_before_work():
+    """kl_coef is rejected rather than silently ignored; the PPO schedule knobs are checked."""
+    from pathlib import Path
+
+    from megatron_pz.config import ConfigError
+    from megatron_pz.train.config import load_run_config
+
+    tiny = Path(__file__).resolve().parents[1] / "examples" / "tiny_cpu.yaml"
+    cfg = load_run_config(tiny)
+    assert (cfg.grpo.mini_batches, cfg.grpo.epochs, cfg.grpo.dual_clip, cfg.grpo.kl_coef) == (1, 1, 3.0, 0.0)
+    for override, message in (("grpo.kl_coef=0.1", "grpo.kl_coef"), ("grpo.mini_batches=0", "grpo.mini_batches"),
+                              ("grpo.dual_clip=0.5", "grpo.dual_clip"), ("objective.loss_agg=mean", "loss_agg"),
+                              ("objective.prompt_style=fig6", "prompt_style")):
+        with pytest.raises(ConfigError, match=message):
+            load_run_config(tiny, [override])
+
+
+@pytest.mark.slow
+def test_ppo_mini_batches_make_the_ratio_live_and_the_clip_engage():
+    """grpo.mini_batches=2 / grpo.epochs=2 on a real Megatron actor: step 1 ratio 1, step 2 live and clipped."""
+    from multiproc import run_torchrun
+
+    out = run_torchrun("grpo_minibatch.py", nproc=1, timeout=240)
+    assert "GRPO_MINIBATCH_OK" in out
+
+
+@pytest.mark.slow
+def test_mixture_update_loss_is_the_weighted_sum_of_its_parts():
+    """2 GRPO steps of a 0.75 / 0.25 mixture (token-mean and RLP's per-sample mean) on a real actor."""
+    from multiproc import run_torchrun
+
+    out = run_torchrun("grpo_mixture.py", nproc=1, timeout=240)
+    assert "GRPO_MIXTURE_OK" in out

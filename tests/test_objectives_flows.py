@@ -118,13 +118,18 @@ def test_pretrainzero_options_replace_one_and_normalize(tok):
     seen = []
 
     def script(prompt, n):
-        if prompt.startswith("Below is a passage"):
+        if prompt == build_generator_prompt(CAT):
             return ["\\mask{cat}"]
         seen.append(prompt)
         return ["\\boxed{ CAT }", "\\boxed{dog}"]
 
     exps, m = build_objective(cfg, tok).collect([make_passage(tok, 0, CAT)], ScriptedEngine(tok, script), None, 0)
-    assert seen == [build_predictor_prompt("The [mask] sat on the mat. The cat was happy.")]
+    # OneMask (PZ §4.4): one of the two occurrences, drawn by (seed, step, passage, sample)
+    from megatron_pz.objectives.pretrainzero import mask_passage, occurrence_rng
+
+    expected = mask_passage(CAT, "cat", replace_all=False, rng=occurrence_rng(cfg, 0, 0, 0))
+    assert expected in ("The [mask] sat on the mat. The cat was happy.", "The cat sat on the mat. The [mask] was happy.")
+    assert seen == [build_predictor_prompt(expected)]
     pred = [e for e in exps if e.role == "predictor"]
     assert [e.reward for e in pred] == [1.0, 0.0]
     assert [e.reward for e in exps if e.role == "generator"] == [0.5]
@@ -164,6 +169,10 @@ def _truth_script(tok, passage_text, prefix_marker, rpt):
         context = prompt[start:end]
         assert passage_text.startswith(context)
         word = passage_text[len(context):].split()[0]
+        if not rpt:  # PZ eq. 5: the answer is the single next token (its text), not the next word
+            ids = tok.encode(passage_text, add_special_tokens=False)
+            k = next(k for k in range(len(ids)) if tok.decode(ids[:k]) == context)
+            word = tok.decode(ids[:k + 1])[len(context):].strip()
         if rpt:
             return [f"ok</think> \\boxed{{{word}}}", f"\\boxed{{{word}}}", "</think>\\boxed{zzz}",
                     f"</think> maybe \\boxed{{{word}}}"]
@@ -179,7 +188,7 @@ def test_next_token_reasoning_flows(tok, name):
     marker = "Text: " if name == "rpt" else "Here is the beginning of a text:\n"
     engine = ScriptedEngine(tok, _truth_script(tok, PARIS, marker, rpt=name == "rpt"))
     exps, m = build_objective(cfg, tok).collect([passage], engine, HFScorer(model), step=2)
-    # true word; (rpt: no </think> | ntr: wrong word); wrong word / no box; true word
+    # true word (ntr: true token); (rpt: no </think> | ntr: wrong word); wrong word / no box; true word
     assert [e.reward for e in exps] == [1.0, 0.0, 0.0, 1.0]
     a = math.sqrt(0.75)  # (1 - 1/2) / unbiased std sqrt(1/3)
     assert [e.advantage for e in exps] == pytest.approx([a, -a, -a, a], rel=1e-5)

@@ -39,9 +39,13 @@ def test_validate_mask_reasons():
     assert validate_mask(TEXT, None, CFG) == (False, "unparseable")
     assert validate_mask(TEXT, "", CFG) == (False, "empty")
     assert validate_mask(TEXT, "   ", CFG) == (False, "empty")
-    # "at" only occurs inside cat/sat/mat/cat: not a whole word
-    assert validate_mask(TEXT, "at", CFG) == (False, "absent")
-    assert validate_mask(TEXT, "at", ObjectiveConfig(whole_words_only=False)) == (True, "ok")
+    # "at" only occurs inside cat/sat/mat/cat. The paper's main recipe accepts spans that cut words
+    # (PretrainZero §4.4): 4 occurrences, valid. Whole words only is its "PretrainZero-Words" ablation.
+    assert validate_mask(TEXT, "at", CFG) == (True, "ok")
+    assert validate_mask(TEXT, "at", ObjectiveConfig(whole_words_only=True)) == (False, "absent")
+    # substring counting: "x" occurs 8 times inside words -> too frequent under the paper rule
+    assert validate_mask("ax bx cx dx ex fx gx hx", "x", CFG) == (False, "too_frequent")
+    assert validate_mask("ax bx cx dx ex fx gx hx", "x", ObjectiveConfig(whole_words_only=True)) == (False, "absent")
     # fewer than 8 occurrences is valid, 8 or more is not
     assert validate_mask("x " * 7 + "end", "x", CFG) == (True, "ok")
     assert validate_mask("x " * 8 + "end", "x", CFG) == (False, "too_frequent")
@@ -58,15 +62,68 @@ def test_validate_mask_reasons():
 def test_mask_passage():
     assert mask_passage(TEXT, "cat") == "The [mask] sat on the mat. The [mask] was happy."
     assert mask_passage(TEXT, "cat", replace_all=False) == "The [mask] sat on the mat. The cat was happy."
-    assert mask_passage("concatenate a cat", "cat") == "concatenate a [mask]"
-    assert mask_passage("concatenate a cat", "cat", whole_words_only=False) == "con[mask]enate a [mask]"
-    assert mask_passage("born (1905) in Ulm", "(1905)") == "born [mask] in Ulm"
+    # the paper's default cuts words (§4.4); whole_words_only=True is the PretrainZero-Words ablation
+    assert mask_passage("concatenate a cat", "cat") == "con[mask]enate a [mask]"
+    assert mask_passage("concatenate a cat", "cat", whole_words_only=True) == "concatenate a [mask]"
+    assert mask_passage("born (1905) in Ulm", "(1905)", whole_words_only=True) == "born [mask] in Ulm"
     assert mask_passage("a \\1 b", "\\1") == "a [mask] b"  # no regex escapes leak into the output
     with pytest.raises(ValueError, match="does not occur"):
         mask_passage(TEXT, "dog")
-    prompt = build_predictor_prompt("The [mask] sat.")
+    prompt = build_predictor_prompt("The [mask] sat.", "ours")
     assert prompt.startswith("There is a passage with masked words by [mask]: The [mask] sat.")
     assert prompt.endswith("put the predicted masked words within \\boxed{}.")
+
+
+def test_one_mask_replaces_a_random_occurrence():
+    """PretrainZero-OneMask (§4.4): one occurrence drawn at random, not always the first."""
+    import random
+
+    text = "x a x b x c"
+    seen = {mask_passage(text, "x", replace_all=False, rng=random.Random(seed)) for seed in range(40)}
+    assert seen == {"[mask] a x b x c", "x a [mask] b x c", "x a x b [mask] c"}
+    # the same rng state gives the same choice (replayable)
+    assert mask_passage(text, "x", False, rng=random.Random(7)) == mask_passage(text, "x", False, rng=random.Random(7))
+
+
+# PretrainZero (arXiv 2512.03442) Figure 5, "Prompt for Mask Generation and Prediction", typed here from
+# the figure line by line; <paragraph> and <paragraph with mask> are the figure's slots.
+FIGURE5_GENERATION = """Generate a mask to mask important words in the following paragraph, satisfying the requirements below:
+1) The mask should mask one or more entities in the passage. The masked words should be continuous.
+2) The masked words should exactly match words in the original passage.
+3) The masked words could be predicted according to the context. The difficulty to predict should be moderately challenging for you, so the answer would be short and as unique as possible.
+Paragraph: <paragraph>
+The final generated masked words must be placed inside \\mask{}."""
+
+FIGURE5_PREDICTION = """There is a passage with masked words by [mask]:
+<paragraph with mask>
+Please reason step by step, and put the predicted masked words within \\boxed{}."""
+
+
+def test_default_prompts_are_figure5_word_for_word():
+    from megatron_pz.objectives.prompts import build_generator_prompt
+
+    assert build_generator_prompt("<paragraph>") == FIGURE5_GENERATION
+    assert build_predictor_prompt("<paragraph with mask>") == FIGURE5_PREDICTION
+    assert ObjectiveConfig().prompt_style == "paper"
+    # ours stays available by name, and differs
+    assert build_generator_prompt("<paragraph>", "ours") != FIGURE5_GENERATION
+    with pytest.raises(ValueError, match="prompt style"):
+        build_generator_prompt("x", "figure6")
+
+
+def test_ntr_exact_single_token_reward():
+    """PretrainZero eq. 5: exact match of the masked token; RPT's prefix reward would pay "Paris is"."""
+    from megatron_pz.objectives.baselines import ntr_exact_reward
+
+    assert ntr_exact_reward("Paris", " Paris") == 1.0
+    assert ntr_exact_reward("Paris is", " Paris") == 0.0  # multi-token answer that starts right
+    assert ntr_exact_reward("Par", " Paris") == 0.0
+    assert ntr_exact_reward(None, " Paris") == 0.0
+    assert ntr_exact_reward("", " Paris") == 0.0
+    assert ntr_exact_reward("x", None) == 0.0  # target inside a multi-byte character
+    assert ntr_exact_reward("Paris", " Paris", ignore_leading_whitespace=False) == 0.0
+    assert ntr_exact_reward(" Paris", " Paris", ignore_leading_whitespace=False) == 1.0
+    assert rpt_prefix_reward("Paris is", " Paris is the capital", [6, 9, 13]) == 1.0  # RPT keeps its rule
 
 
 def test_extract_boxed_and_predictor_reward():

@@ -25,6 +25,21 @@ def test_greedy_takes_first_maximum_and_reports_raw_logprob():
     assert logprobs.tolist() == pytest.approx([3 - lse0, 5 - lse1], abs=1e-6)
 
 
+def test_sampled_logprob_is_at_the_sampling_temperature():
+    """log softmax(logits / T)[token], before top-k/top-p (the one rule of logits_at_temperature)."""
+    from megatron_pz.rl.logprobs import logits_at_temperature
+
+    logits = torch.tensor([[1.0, 3.0, 2.0, 0.0]])
+    gen = torch.Generator().manual_seed(3)
+    for spec in (SamplingSpec(temperature=0.5), SamplingSpec(temperature=0.5, top_k=2)):
+        tokens, logprobs = sample_tokens(logits, 0, 4, spec, gen)
+        expected = torch.log_softmax(logits / 0.5, -1)[0, tokens[0]].item()
+        assert logprobs.item() == pytest.approx(expected, abs=1e-6)
+    assert torch.equal(logits_at_temperature(logits, 0.0), logits)  # greedy: T = 1
+    per_row = logits_at_temperature(torch.ones(2, 3), torch.tensor([[0.5], [0.0]]))
+    assert per_row.tolist() == [[2.0] * 3, [1.0] * 3]  # padding rows (T = 0) are left at T = 1
+
+
 def test_sharded_logsumexp_matches_full():
     logits = torch.randn(3, 10)
     assert torch.allclose(sharded_logsumexp(logits, None), torch.logsumexp(logits, -1), atol=1e-6)

@@ -159,3 +159,18 @@ def test_bad_config_fails_before_any_work(tmp_path):
             env={**__import__("os").environ, "PYTHONPATH": str(REPO_ROOT), "WORLD_SIZE": "3"})
         assert result.returncode != 0 and message in result.stderr, result.stderr[-3000:]
         assert not run_dir.exists()  # nothing was started
+
+
+def test_schedule_then_mixture(tmp_path, cache):
+    """objective.schedule: 1 step of Random RLPT, then a mixture PretrainZero 0.75 + RLP 0.25 (the EMA
+    teacher built because a component is RLP), per-objective metrics in the log."""
+    schedule = ("objective.schedule=[{steps: 1, overrides: {name: random_rlpt}}, {overrides: {mixture: ["
+                "{weight: 0.75}, {weight: 0.25, overrides: {name: rlp, rlp_group: 2, rlp_thought_max_tokens: 4}}]}}]")
+    run_dir = tmp_path / "sched"
+    train(run_dir, cache, "train.steps=2", "train.save_interval=2", schedule)
+    _, rl = rl_records(run_dir)
+    assert rl[1]["objective/phase"] == 0 and "random_rlpt/masked_passages" in rl[1]
+    assert rl[2]["objective/phase"] == 1
+    assert rl[2]["pretrainzero/passages"] == 3 and rl[2]["rlp/passages"] == 1  # 4 passages split 3:1
+    assert "pretrainzero/generator/valid_mask_rate" in rl[2] and "rlp/rlp/info_gain_mean" in rl[2]
+    assert "random_rlpt/masked_passages" not in rl[2]

@@ -62,7 +62,7 @@ def build_mask_items(passages, spans_per_passage: int = 1, max_passages: Optiona
             except ValueError:  # e.g. a span whose edge is not a word boundary under whole-word matching
                 counts["skipped_span_absent"] += 1
                 continue
-            items.append(MaskItem(passage.index, span, build_predictor_prompt(masked)))
+            items.append(MaskItem(passage.index, span, build_predictor_prompt(masked, rules.prompt_style)))
     return items, counts
 
 

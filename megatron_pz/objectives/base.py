@@ -92,10 +92,10 @@ def sample(engine: RolloutEngine, prompts: list[list[int]], n: int, max_new_toke
 
 
 def to_experiences(prompt_ids: list[int], completions: Sequence[Completion], rewards: Sequence[float],
-                   group: str, role: str, infos: Sequence[dict]) -> list[Experience]:
+                   group: str, role: str, infos: Sequence[dict], temperature: float = 1.0) -> list[Experience]:
     return [
         Experience(prompt_ids=list(prompt_ids), response_ids=list(c.token_ids), reward=float(r),
-                   group=group, role=role, rollout_logprobs=c.logprobs,
+                   group=group, role=role, rollout_logprobs=c.logprobs, temperature=float(temperature),
                    info={**info, "finish_reason": c.finish_reason})
         for c, r, info in zip(completions, rewards, infos)
     ]

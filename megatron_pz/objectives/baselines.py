@@ -11,9 +11,11 @@ r"""The baselines PretrainZero compares against, on the same objective interface
   ``\boxed{}``. Position: ``rpt_position`` (default entropy; the paper filtered tokens with a proxy
   model's entropy, here the current policy is the proxy, *paper-silent substitute*).
 
-All next-token variants use RPT's prefix reward: r = 1 iff the answer's UTF-8 bytes are a prefix of
-the ground-truth continuation's bytes *and* the answer's length is one of the continuation's token
-boundaries (so it covers whole tokens), else 0.
+Rewards. ``random_ntr`` / ``entropy_ntr`` get PretrainZero's eq. 5 (§3.1): r = 1 iff the answer is
+exactly the single masked token x_t (its text; see :func:`ntr_exact_reward`), else 0, so a
+multi-token answer that merely starts right earns 0. ``rpt`` keeps RPT's prefix reward: r = 1 iff the
+answer's UTF-8 bytes are a prefix of the ground-truth continuation's bytes *and* the answer's length
+is one of the continuation's token boundaries (so it covers whole tokens), else 0.
 """
 
 from __future__ import annotations
@@ -72,6 +74,32 @@ def rpt_prefix_reward(answer: str | None, continuation_text: str, boundaries, *,
     return float(cont.startswith(ans) and len(ans) in bounds)
 
 
+def ntr_exact_reward(answer: str | None, target_text: str | None, *, ignore_leading_whitespace: bool = True) -> float:
+    """PretrainZero eq. 5: 1.0 iff the answer is exactly the masked token's text, else 0.0.
+
+    ``ignore_leading_whitespace`` (paper-silent, as for RPT): BPE glues the space to the next word
+    (" Paris"), so leading whitespace of both is dropped before comparing.
+    """
+    if answer is None or target_text is None:
+        return 0.0
+    if ignore_leading_whitespace:
+        answer, target_text = answer.lstrip(), target_text.lstrip()
+    return float(bool(answer) and answer == target_text)
+
+
+def target_token_text(tokenizer, token_ids: list[int], start: int) -> str | None:
+    """Text of the single token ``token_ids[start]`` after its context (decode-difference, as in
+    :func:`continuation_boundaries`); None when it is part of a multi-byte character (no text of
+    its own, so no answer can match it)."""
+    def decode(ids):
+        return tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+    context, full = decode(token_ids[:start]), decode(token_ids[: start + 1])
+    if not full.startswith(context) or "\ufffd" in full[len(context):]:
+        return None
+    return full[len(context):]
+
+
 def continuation_boundaries(tokenizer, token_ids: list[int], start: int, max_tokens: int
                             ) -> tuple[str, str, list[int]]:
     """(context text, continuation text, token-boundary byte offsets) for a cut before ``start``.
@@ -110,8 +138,9 @@ class RandomRLPTObjective:
             if not valid:
                 skipped["no_valid_candidate"] += 1
                 continue
-            span = passage_rng(cfg, step, p.index).choice(valid).text
-            masked = mask_passage(p.text, span, cfg.replace_all, cfg.whole_words_only)
+            rng = passage_rng(cfg, step, p.index)
+            span = rng.choice(valid).text
+            masked = mask_passage(p.text, span, cfg.replace_all, cfg.whole_words_only, rng)
             tasks.append(MaskTask(f"pred/{step}/{i}/{p.index}", span, masked, p.index))
         groups, pred_metrics = run_predictions(tasks, cfg, self.tokenizer, engine, step)
         experiences = [e for g in groups for e in g]
@@ -189,12 +218,18 @@ class NextTokenReasoningObjective:
             p = passages[i]
             answers = [self.answer_of(c.text) for c in completions]
             answered += [a is not None for a in answers]
-            rewards = [rpt_prefix_reward(a, continuation, bounds,
-                                         ignore_leading_whitespace=cfg.rpt_ignore_leading_whitespace)
-                       for a in answers]
+            if self.is_rpt:
+                rewards = [rpt_prefix_reward(a, continuation, bounds,
+                                             ignore_leading_whitespace=cfg.rpt_ignore_leading_whitespace)
+                           for a in answers]
+            else:  # PZ eq. 5: exact match of the single token x_t
+                target = target_token_text(self.tokenizer, token_list(p), cuts[i])
+                rewards = [ntr_exact_reward(a, target, ignore_leading_whitespace=cfg.rpt_ignore_leading_whitespace)
+                           for a in answers]
             infos = [{"answer": a, "continuation": continuation[:64], "cut": cuts[i], "passage_index": p.index}
                      for a in answers]
-            exps = to_experiences(prompt, completions, rewards, f"{self.role}/{step}/{i}/{p.index}", self.role, infos)
+            exps = to_experiences(prompt, completions, rewards, f"{self.role}/{step}/{i}/{p.index}", self.role, infos,
+                                  cfg.ntr_temperature)
             if cfg.dynamic_sampling and mean(rewards) in (0.0, 1.0):
                 for e in exps:
                     e.trainable = False

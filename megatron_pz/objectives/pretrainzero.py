@@ -1,9 +1,10 @@
 r"""PretrainZero (arXiv 2512.03442): one policy plays mask generator and mask predictor.
 
 Per step, for B passages:
-1. *Generation*: G_gen samples of the generator prompt per passage; each writes a span in
+1. *Generation*: G_gen samples of the generator prompt (Figure 5) per passage; each writes a span in
    ``\mask{...}``. A span is valid iff it occurs in the passage, and fewer than
-   ``max_mask_occurrences`` (8) times; every occurrence is then replaced by ``[mask]``.
+   ``max_mask_occurrences`` (8) times (§4.4); every occurrence is then replaced by ``[mask]``
+   (§4.4; OneMask ablation: one occurrence drawn at random). Occurrences may cut words (§4.4).
 2. *Prediction*: every valid mask gets G_pred samples of the prediction prompt. Predictor reward
    r = 1 if the last ``\boxed{}`` equals the span (exact match; optional normalisation), else 0.
 3. *Generator reward*: with acc = mean predictor reward of its mask,
@@ -20,6 +21,7 @@ Paper-silent choices are fields of :class:`ObjectiveConfig` (see there).
 
 from __future__ import annotations
 
+import random
 import re
 from collections import Counter
 from dataclasses import dataclass
@@ -46,14 +48,14 @@ from megatron_pz.rl.types import Experience
 # ------------------------------------------------------------------ pure functions
 
 
-def span_pattern(span: str, whole_words_only: bool = True) -> re.Pattern:
+def span_pattern(span: str, whole_words_only: bool = False) -> re.Pattern:
     """Regex for the span's occurrences; whole-word boundaries only where the span edge is a word char."""
     left = r"(?<!\w)" if whole_words_only and re.match(r"\w", span[:1]) else ""
     right = r"(?!\w)" if whole_words_only and re.match(r"\w", span[-1:]) else ""
     return re.compile(left + re.escape(span) + right)
 
 
-def count_occurrences(text: str, span: str, whole_words_only: bool = True) -> int:
+def count_occurrences(text: str, span: str, whole_words_only: bool = False) -> int:
     return sum(1 for _ in span_pattern(span, whole_words_only).finditer(text))
 
 
@@ -83,13 +85,28 @@ def valid_single_words(passage_text: str, cfg: ObjectiveConfig) -> list[str]:
     return [w for w in words if validate_mask(passage_text, w, cfg)[0]]
 
 
-def mask_passage(text: str, span: str, replace_all: bool = True, whole_words_only: bool = True) -> str:
-    """Replace every (or only the first) occurrence of ``span`` by ``[mask]``."""
-    pattern = span_pattern(span, whole_words_only)
-    masked, n = pattern.subn(lambda _: MASK_TOKEN, text, count=0 if replace_all else 1)
-    if n == 0:
+def mask_passage(text: str, span: str, replace_all: bool = True, whole_words_only: bool = False,
+                 rng: random.Random | None = None) -> str:
+    """Replace every occurrence of ``span`` by ``[mask]`` (PZ §4.4), or only one of them.
+
+    ``replace_all=False`` is PZ §4.4's OneMask ablation: the occurrence is drawn by ``rng`` ("we
+    randomly replace only one occurrence"); without an ``rng`` the first is taken (deterministic
+    evaluation items).
+    """
+    matches = list(span_pattern(span, whole_words_only).finditer(text))
+    if not matches:
         raise ValueError(f"mask_passage: span {span!r} does not occur in the passage (validate first)")
-    return masked
+    chosen = matches if replace_all else [matches[rng.randrange(len(matches)) if rng is not None else 0]]
+    pieces, pos = [], 0
+    for m in chosen:
+        pieces += [text[pos:m.start()], MASK_TOKEN]
+        pos = m.end()
+    return "".join(pieces) + text[pos:]
+
+
+def occurrence_rng(cfg: ObjectiveConfig, step: int, passage_index: int, sample: int) -> random.Random:
+    """The OneMask occurrence choice of one generated mask, replayable from (seed, step, passage, sample)."""
+    return random.Random(f"{cfg.seed}/{step}/{passage_index}/{sample}/occurrence")
 
 
 def predictor_reward(response: str, span: str, normalize: bool = False) -> float:
@@ -126,7 +143,7 @@ class MaskTask:
 def run_predictions(tasks: list[MaskTask], cfg: ObjectiveConfig, tokenizer, engine, step: int
                     ) -> tuple[list[list[Experience]], dict[str, float]]:
     """G_pred predictor samples per task, rewarded and DAPO-filtered (advantages filled later)."""
-    prompts = [encode(tokenizer, build_predictor_prompt(t.masked_text)) for t in tasks]
+    prompts = [encode(tokenizer, build_predictor_prompt(t.masked_text, cfg.prompt_style)) for t in tasks]
     outputs = sample(engine, prompts, cfg.predictor_group, cfg.predictor_max_tokens,
                      cfg.predictor_temperature, cfg.top_p, cfg.predictor_stop, seed=cfg.seed + 2 * step + 1)
     groups, dropped, boxed = [], 0, []
@@ -134,7 +151,8 @@ def run_predictions(tasks: list[MaskTask], cfg: ObjectiveConfig, tokenizer, engi
         rewards = [predictor_reward(c.text, task.span, cfg.normalize_answer) for c in completions]
         boxed += [extract_boxed(c.text) is not None for c in completions]
         infos = [{"span": task.span, "passage_index": task.passage_index, "correct": bool(r)} for r in rewards]
-        exps = to_experiences(prompt, completions, rewards, task.group, "predictor", infos)
+        exps = to_experiences(prompt, completions, rewards, task.group, "predictor", infos,
+                              cfg.predictor_temperature)
         acc = mean(rewards)
         if cfg.dynamic_sampling and acc in (0.0, 1.0):
             dropped += 1
@@ -168,7 +186,7 @@ class PretrainZeroObjective:
 
     def collect(self, passages: list, engine, scorer, step: int) -> tuple[list[Experience], dict[str, float]]:
         cfg = self.cfg
-        gen_prompts = [encode(self.tokenizer, build_generator_prompt(p.text)) for p in passages]
+        gen_prompts = [encode(self.tokenizer, build_generator_prompt(p.text, cfg.prompt_style)) for p in passages]
         gen_outputs = sample(engine, gen_prompts, cfg.generator_group, cfg.generator_max_tokens,
                              cfg.generator_temperature, cfg.top_p, cfg.generator_stop, seed=cfg.seed + 2 * step)
 
@@ -184,7 +202,8 @@ class PretrainZeroObjective:
                 reasons[reason] += 1
                 spans[i, j] = span
                 if ok:
-                    masked = mask_passage(p.text, span, cfg.replace_all, cfg.whole_words_only)
+                    masked = mask_passage(p.text, span, cfg.replace_all, cfg.whole_words_only,
+                                          occurrence_rng(cfg, step, p.index, j))
                     task_of[i, j] = len(tasks)
                     tasks.append(MaskTask(f"pred/{step}/{i}/{p.index}/{j}", span, masked, p.index))
 
@@ -205,7 +224,8 @@ class PretrainZeroObjective:
                 rewards.append(generator_reward([e.reward for e in pred_groups[k]]))
                 infos.append({"span": spans[i, j], "valid": True, "predictor_acc": acc,
                               "passage_index": p.index})
-            exps = to_experiences(prompt, completions, rewards, f"gen/{step}/{i}/{p.index}", "generator", infos)
+            exps = to_experiences(prompt, completions, rewards, f"gen/{step}/{i}/{p.index}", "generator", infos,
+                                  cfg.generator_temperature)
             if cfg.dynamic_sampling_generator and len(set(rewards)) == 1:
                 for e in exps:
                     e.trainable = False

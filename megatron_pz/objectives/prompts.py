@@ -1,15 +1,17 @@
 r"""Prompt texts of every objective. Plain text: base models have no chat template.
 
-Provenance (the papers' appendices were not retrievable from this project's reference store, so
-only the mask-prediction prompt is verbatim):
-- ``build_predictor_prompt``: PretrainZero's mask-prediction prompt, verbatim as quoted in the
-  project's issue ("There is a passage with masked words by [mask]: ... within \boxed{}.").
-- ``build_generator_prompt``: written from PretrainZero's description of its mask-generation
-  instruction (mask one or more entities; a continuous span exactly matching words of the passage;
-  predictable from context; moderately challenging; short and as unique as possible; think, then
-  write the span inside ``\mask{}``). Not the paper's verbatim text.
+Provenance:
+- ``prompt_style="paper"`` (the default): PretrainZero's own mask-generation and mask-prediction
+  prompts, word for word from its Figure 5 ("Prompt for Mask Generation and Prediction", §3.2),
+  line breaks as in the figure; ``<paragraph>`` / ``<paragraph with mask>`` are the slots. The
+  figure typesets ``\mask{}`` and ``\boxed{}`` in monospace; the text is the plain command.
+- ``prompt_style="ours"``: this project's earlier paraphrase of the generator instruction (numbered
+  requirements, an explicit "think step by step first"), with the passage after the instruction,
+  and the prediction prompt on one line. Kept as a named alternative (the tiny CPU default measured
+  the same held-out figures with either). Not the paper's text.
 - ``build_ntr_prompt`` / ``build_rpt_prompt``: written from the RPT paper's description (reason,
-  then give the next token(s) in ``\boxed{}``; RPT: after ``</think>``). Not verbatim.
+  then give the next token(s) in ``\boxed{}``; RPT: after ``</think>``). Not verbatim: neither
+  PretrainZero nor RPT prints its next-token prompt.
 - RLP: the context is followed by ``RLP_THINK_OPEN``; the thought ends with ``RLP_THINK_CLOSE``,
   then the next token is scored (RLP's "think, then predict" continuation). Not verbatim.
 """
@@ -22,7 +24,27 @@ THINK_CLOSE = "</think>"
 RLP_THINK_OPEN = THINK_OPEN
 RLP_THINK_CLOSE = THINK_CLOSE
 
-GENERATOR_TEMPLATE = (
+# PretrainZero Figure 5, mask generation (verbatim, with the figure's line breaks).
+PAPER_GENERATOR_TEMPLATE = (
+    "Generate a mask to mask important words in the following paragraph, satisfying the requirements "
+    "below:\n"
+    "1) The mask should mask one or more entities in the passage. The masked words should be continuous.\n"
+    "2) The masked words should exactly match words in the original passage.\n"
+    "3) The masked words could be predicted according to the context. The difficulty to predict should "
+    "be moderately challenging for you, so the answer would be short and as unique as possible.\n"
+    "Paragraph: {passage}\n"
+    "The final generated masked words must be placed inside \\mask{{}}."
+)
+
+# PretrainZero Figure 5, mask prediction (verbatim, with the figure's line breaks).
+PAPER_PREDICTOR_TEMPLATE = (
+    "There is a passage with masked words by [mask]:\n"
+    "{masked}\n"
+    "Please reason step by step, and put the predicted masked words within \\boxed{{}}."
+)
+
+# prompt_style="ours": the project's paraphrase (not the paper's text).
+OURS_GENERATOR_TEMPLATE = (
     "Below is a passage. Choose words of the passage to mask, so that a reader has to reason to "
     "recover them.\n"
     "Requirements:\n"
@@ -34,10 +56,14 @@ GENERATOR_TEMPLATE = (
     "Passage:\n{passage}\n"
 )
 
-PREDICTOR_TEMPLATE = (
+OURS_PREDICTOR_TEMPLATE = (
     "There is a passage with masked words by [mask]: {masked}\n"
     "Please reason step by step, and put the predicted masked words within \\boxed{{}}."
 )
+
+PROMPT_STYLES = ("paper", "ours")
+GENERATOR_TEMPLATES = {"paper": PAPER_GENERATOR_TEMPLATE, "ours": OURS_GENERATOR_TEMPLATE}
+PREDICTOR_TEMPLATES = {"paper": PAPER_PREDICTOR_TEMPLATE, "ours": OURS_PREDICTOR_TEMPLATE}
 
 NTR_TEMPLATE = (
     "Here is the beginning of a text:\n{context}\n"
@@ -52,12 +78,18 @@ RPT_TEMPLATE = (
 )
 
 
-def build_generator_prompt(passage_text: str) -> str:
-    return GENERATOR_TEMPLATE.format(passage=passage_text)
+def _template(templates: dict, style: str) -> str:
+    if style not in templates:
+        raise ValueError(f"prompt style must be one of {PROMPT_STYLES}, got {style!r}")
+    return templates[style]
 
 
-def build_predictor_prompt(masked_text: str) -> str:
-    return PREDICTOR_TEMPLATE.format(masked=masked_text)
+def build_generator_prompt(passage_text: str, style: str = "paper") -> str:
+    return _template(GENERATOR_TEMPLATES, style).format(passage=passage_text)
+
+
+def build_predictor_prompt(masked_text: str, style: str = "paper") -> str:
+    return _template(PREDICTOR_TEMPLATES, style).format(masked=masked_text)
 
 
 def build_ntr_prompt(context_text: str) -> str:

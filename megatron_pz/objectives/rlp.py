@@ -81,7 +81,8 @@ class RLPObjective:
             closed += [c.text.rstrip().endswith(RLP_THINK_CLOSE) for c in completions]
             infos = [{"position": t, "target": target, "policy_logprob": lp, "ema_logprob": ema_lps[k],
                       "passage_index": p.index} for lp in pol]
-            exps = to_experiences(prompt, completions, rewards, f"rlp/{step}/{k}/{p.index}", "rlp", infos)
+            exps = to_experiences(prompt, completions, rewards, f"rlp/{step}/{k}/{p.index}", "rlp", infos,
+                                  cfg.rlp_temperature)
             for e, a in zip(exps, rlp_advantages(rewards)):
                 e.advantage = a
             experiences += exps

@@ -74,3 +74,20 @@ def vocab_parallel_entropy(logits_shard: torch.Tensor,
     sum_exp = _sum(exp.sum(dim=-1), group)
     weighted = _sum((exp * shifted).sum(dim=-1), group)
     return torch.log(sum_exp) - weighted / sum_exp
+
+
+def logits_at_temperature(logits: torch.Tensor, temperature) -> torch.Tensor:
+    """The ONE rule for the log-probs of a sampled token: log softmax(logits / T)[token].
+
+    Rollout engines report, and the trainer trains on, log-probs of the distribution the token was
+    sampled from (temperature T, before any top-k / top-p truncation), as verl and TRL do; otherwise
+    the gradient is of a different policy than the one that sampled and the IS ratio compares the
+    wrong pair. ``temperature``: a float, or a tensor broadcastable to ``logits[..., :1]`` (one value
+    per row / token). T <= 0 (greedy decoding) leaves the logits as they are (T = 1).
+    """
+    if isinstance(temperature, torch.Tensor):
+        t = temperature.to(logits.dtype)
+        return logits / torch.where(t > 0, t, torch.ones_like(t))
+    if temperature <= 0 or temperature == 1.0:
+        return logits
+    return logits / temperature

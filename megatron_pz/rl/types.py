@@ -25,4 +25,12 @@ class Experience:
     advantage: Optional[float] = None
     rollout_logprobs: Optional[list[float]] = None
     trainable: bool = True
+    # the temperature the response was sampled at: training log-probs are taken at it
+    # (megatron_pz.rl.logprobs.logits_at_temperature), as the engine's rollout_logprobs are
+    temperature: float = 1.0
+    # the loss component it belongs to (objective mixtures), that component's aggregation over tokens
+    # ('token_mean' | 'seq_mean_token_mean') and its weight lambda_k; set by objectives/composite.py
+    component: str = ""
+    loss_agg: str = "token_mean"
+    mix_weight: float = 1.0
     info: dict = field(default_factory=dict)  # parsed answer, mask text, correctness...

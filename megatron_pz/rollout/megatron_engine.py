@@ -31,8 +31,9 @@ Cost note (CPU, local spec): Megatron's static KV path caches keys *before* RoPE
 for GQA, re-expands) the whole cache at every step, an O(length) elementwise cost per layer that
 Hugging Face's cache avoids; it dominates the gap measured by ``bench/bench_rollout.py``.
 
-Log-probs are those of the raw model (temperature 1, unfiltered) for each sampled token; see
-:mod:`megatron_pz.rollout.sampling`.
+Log-probs are those of the sampling distribution at the request's temperature (log softmax(logits / T),
+before top-k / top-p) for each sampled token; see :mod:`megatron_pz.rollout.sampling` and
+:func:`megatron_pz.rl.logprobs.logits_at_temperature`.
 """
 
 from __future__ import annotations

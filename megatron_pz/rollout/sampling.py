@@ -15,10 +15,10 @@ global top-k. top-p (nucleus) needs the globally sorted distribution; with top-k
 gathered top-k candidates (exact, small); with top-p alone it gathers the full vocabulary row, because
 the nucleus can hold any number of tokens and no per-shard bound on it exists.
 
-Log-probs reported for sampled tokens are from the raw model distribution (temperature 1, no top-k/
-top-p): ``log softmax(logits)[token]``. That is the policy probability the trainer recomputes (so the
-train/rollout drift metric compares like with like) and is what vLLM reports by default
-(``logprobs_mode=raw_logprobs``). The normaliser is combined from per-shard ``(max, sum exp)`` pairs.
+Log-probs reported for sampled tokens are those of the sampling distribution at temperature T, before
+top-k / top-p truncation: ``log softmax(logits / T)[token]`` (:func:`megatron_pz.rl.logprobs.
+logits_at_temperature`, the one rule the trainer uses too, so the train/rollout drift and the IS ratio
+compare like with like). The normaliser is combined from per-shard ``(max, sum exp)`` pairs.
 
 Megatron has its own sampling (``megatron.core.inference`` text generation controllers), but it works
 on gathered logits and draws from torch's global RNG; we need vocab-parallel sampling with an explicit,
@@ -132,7 +132,8 @@ def sample_tokens(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sample one token per row of vocab-parallel ``logits [b, V/TP]``.
 
-    Returns ``(tokens [b] int64 global ids, logprobs [b] float32 raw-model log-probs)``, identical on
+    Returns ``(tokens [b] int64 global ids, logprobs [b] float32 log-probs at the sampling temperature,
+    see :func:`~megatron_pz.rl.logprobs.logits_at_temperature`)``, identical on
     every rank of ``group`` (the TP group). Collective over ``group``.
     """
     logits = logits.float()
@@ -157,5 +158,8 @@ def sample_tokens(
             perturbed = scores + noise[:, vocab_start: vocab_start + shard]
             vals, idx = perturbed.max(dim=-1)
             tokens = _pick_max(all_gather_stack(vals, group), all_gather_stack(idx + vocab_start, group))
-    logprobs = _token_logits(logits, tokens, vocab_start, group) - sharded_logsumexp(logits, group)
+    from megatron_pz.rl.logprobs import logits_at_temperature
+
+    scaled = logits_at_temperature(logits, spec.temperature)
+    logprobs = _token_logits(scaled, tokens, vocab_start, group) - sharded_logsumexp(scaled, group)
     return tokens, logprobs

@@ -15,8 +15,9 @@ Uses vLLM's documented offline API only:
   ``llm.collective_rpc`` and the model's ``load_weights`` (which reshards full HF tensors for vLLM's
   own TP), then the prefix cache is reset so no KV computed with old weights is reused.
 * ``SamplingParams(n, temperature, top_p, top_k, max_tokens, stop, logprobs=0, seed)`` and
-  ``generate(prompts=[TokensPrompt(prompt_token_ids=...)])``. Log-probs are vLLM's default raw
-  log-probs (temperature 1, unfiltered), the same quantity the Megatron engine reports.
+  ``generate(prompts=[TokensPrompt(prompt_token_ids=...)])``. Log-probs are at the sampling
+  temperature (``logprobs_mode="processed_logprobs"``), the rule of
+  :func:`megatron_pz.rl.logprobs.logits_at_temperature` that the Megatron engine and the trainer use.
 
 ``vllm`` is imported only inside this class; without it construction fails with a clear message.
 """
@@ -106,6 +107,11 @@ class VLLMRolloutEngine:
             enable_prefix_caching=cfg.enable_prefix_caching,
             max_model_len=cfg.max_model_len,
             seed=cfg.seed,
+            # vLLM 0.32.0 (v1/sample/sampler.py, ops/topk_topp_sampler.py): "processed_logprobs" is
+            # log_softmax(logits / T) taken after top-k/top-p masking (greedy: raw, T = 1); with
+            # top_k = 0 and top_p = 1 that is exactly logits_at_temperature's rule. With truncation
+            # vLLM renormalises over the kept tokens, which our rule does not.
+            logprobs_mode="processed_logprobs",
         )
         self._asleep = False
         self._weights_awake_only = False

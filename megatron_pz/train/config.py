@@ -13,10 +13,28 @@ from megatron_pz.rollout.config import RolloutConfig
 
 @dataclass
 class GrpoConfig:
+    """The policy update. Paper defaults: clip-higher (PretrainZero §4.1 follows DAPO), no KL term
+    (PZ §4.1 "GRPO without KL regularization"; RLP §9 "KL coefficient to 0"), one update per rollout
+    batch (mini_batches = epochs = 1: RLP Algorithm 1 snapshots theta_old, samples, and updates once;
+    PZ is silent), so the ratio is 1 and the clip inactive. Ours: tis_cap, dual_clip (verl 0.9.1's
+    default c = 3).
+    The loss aggregation over tokens is each objective's (``objective.loss_agg``).
+    """
+
     clip_low: float = 0.2  # PPO clip below 1 (ratio >= 1 - clip_low)
-    clip_high: float = 0.28  # clip-higher (DAPO): ratio <= 1 + clip_high
-    kl_coef: float = 0.0  # k3 KL to the initial policy; PretrainZero and RLP use none
+    clip_high: float = 0.28  # clip-higher (DAPO; PZ §4.1): ratio <= 1 + clip_high
+    # Only 0 is accepted: no KL term is implemented (PZ §4.1 and RLP §9 train without one); a non-zero
+    # value is rejected before work starts instead of being silently ignored.
+    kl_coef: float = 0.0
     tis_cap: Optional[float] = 2.0  # truncated IS weight cap on rollout/train log-prob mismatch; null: off
+    # PPO schedule: the rollout batch is split into `mini_batches` optimizer steps, repeated `epochs`
+    # times; old log-probs are computed once before the first update, so later updates see a live
+    # ratio and the clip engages. 1 x 1 (paper-silent default): one on-policy step, ratio 1.
+    mini_batches: int = 1
+    epochs: int = 1
+    # dual-clip PPO: a negative-advantage token's loss is bounded by c * |A| (verl 0.9.1 default c = 3,
+    # actor.clip_ratio_c); null: off. Only acts when the ratio exceeds c, i.e. with mini_batches/epochs > 1.
+    dual_clip: Optional[float] = 3.0
 
 
 @dataclass
@@ -89,5 +107,18 @@ def validate_run(cfg: RunConfig) -> None:
         raise ConfigError("set model.hf_config (an HF model folder) or model.architecture (an HF config dict)")
     if cfg.warm_start.enabled and cfg.train.init_checkpoint:
         raise ConfigError("warm_start.enabled and train.init_checkpoint exclude each other")
+    g = cfg.grpo
+    if g.kl_coef != 0.0:
+        raise ConfigError(f"grpo.kl_coef={g.kl_coef}: no KL-to-reference term is implemented (PretrainZero "
+                          "§4.1 and RLP train without one); set grpo.kl_coef: 0.0")
+    for name in ("mini_batches", "epochs"):
+        if getattr(g, name) < 1:
+            raise ConfigError(f"grpo.{name} must be >= 1, got {getattr(g, name)}")
+    if g.dual_clip is not None and g.dual_clip <= 1.0:
+        raise ConfigError(f"grpo.dual_clip must be > 1 (or null: off), got {g.dual_clip}")
+    if not 0.0 <= g.clip_low < 1.0 or g.clip_high < 0.0:
+        raise ConfigError(f"grpo.clip_low must be in [0, 1) and grpo.clip_high >= 0, got {g.clip_low}, {g.clip_high}")
+    if g.tis_cap is not None and g.tis_cap <= 0.0:
+        raise ConfigError(f"grpo.tis_cap must be > 0 (or null: off), got {g.tis_cap}")
     if not 0.0 <= cfg.warm_start.format_fraction <= 1.0:
         raise ConfigError(f"warm_start.format_fraction must be in [0, 1], got {cfg.warm_start.format_fraction}")

@@ -59,7 +59,7 @@ def evaluate(engine, tokenizer, heldout, items: dict[str, list], cfg, dp_rank: i
     valid = 0.0
     if passages:
         texts = _greedy(engine, tokenizer, t.eval_max_new_tokens, o.generator_stop)(
-            [build_generator_prompt(p.text) for p in passages])
+            [build_generator_prompt(p.text, o.prompt_style) for p in passages])
         verdicts = [validate_mask(p.text, parse_mask(x, o.mask_pick), o)[1] for p, x in zip(passages, texts)]
         valid = float(sum(v == "ok" for v in verdicts))
         samples += [{"eval": "generator", "passage": p.index, "response": x, "verdict": v}

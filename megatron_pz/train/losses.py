@@ -20,6 +20,19 @@ def token_logprobs(mb: MicroBatch, logits: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.pad(-nll, (1, 0))
 
 
+def token_logprobs_at_temperature(mb: MicroBatch, logits: torch.Tensor) -> torch.Tensor:
+    """:func:`token_logprobs` of the distribution each row was sampled from: the logits predicting
+    token j are divided by ``per_token["temperature"][:, j]`` (the rule of
+    :func:`megatron_pz.rl.logprobs.logits_at_temperature`; rows without it, or padding (0), use T = 1)."""
+    temperature = mb.per_token.get("temperature")
+    if temperature is None:
+        return token_logprobs(mb, logits)
+    from megatron_pz.rl.logprobs import logits_at_temperature
+
+    scaled = logits_at_temperature(logits[:, :-1].float(), temperature[:, 1:].unsqueeze(-1))
+    return token_logprobs(mb, torch.nn.functional.pad(scaled, (0, 0, 0, 1)))
+
+
 def next_token_loss(mb: MicroBatch, logits: torch.Tensor):
     """Plain language-model loss on the masked tokens (warm start / format teaching)."""
     logp = token_logprobs(mb, logits)

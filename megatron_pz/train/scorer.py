@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from typing import Optional
 
-import torch
 
 from megatron_pz.rl.logprobs import vocab_parallel_entropy
 from megatron_pz.train.batching import TokenSequence
@@ -39,7 +38,7 @@ class MegatronScorer:
         if model not in ("policy", "ema"):
             raise ValueError(f"model must be 'policy' or 'ema', got {model!r}")
         if model == "ema" and self.teacher_chunks is None:
-            raise RuntimeError("the EMA teacher was asked for, but this run has none (objective.name != rlp)")
+            raise RuntimeError("the EMA teacher was asked for, but this run has none (no RLP phase or component)")
         chunks = self.teacher_chunks if model == "ema" else None
         values = self._values(sequences, token_logprobs, chunks)
         return [v[1:] for v in values]

@@ -25,44 +25,123 @@ from megatron_pz.train.config import RunConfig
 # ------------------------------------------------------------------ pieces of one step
 
 
-def experiences_to_sequences(experiences) -> list[TokenSequence]:
-    """Prompt + response rows; the loss covers response tokens only, each carrying its advantage."""
+def experiences_to_sequences(experiences, loss_weights=None) -> list[TokenSequence]:
+    """Prompt + response rows; the loss covers response tokens only, each carrying its advantage,
+    its sampling temperature (log-probs are taken at it) and, if given, its aggregation weight
+    (``loss_weights[i]`` for ``experiences[i]``, see :func:`megatron_pz.rl.grpo.aggregation_weights`)."""
     rows = []
     for i, e in enumerate(experiences):
         if not e.trainable or not e.response_ids:
             continue
         p, r = len(e.prompt_ids), len(e.response_ids)
         tokens = list(e.prompt_ids) + list(e.response_ids)
-        per_token = {"advantages": [0.0] * p + [float(e.advantage or 0.0)] * r}
+        per_token = {"advantages": [0.0] * p + [float(e.advantage or 0.0)] * r,
+                     "temperature": [float(e.temperature)] * (p + r)}
         if e.rollout_logprobs is not None:
             per_token["rollout_logprobs"] = [0.0] * p + [float(x) for x in e.rollout_logprobs]
+        if loss_weights is not None:
+            per_token["loss_weight"] = [0.0] * p + [float(loss_weights[i])] * r
         rows.append(TokenSequence(tokens, [0.0] * p + [1.0] * r, per_token, index=i))
     return rows
 
 
+def update_loss_weights(experiences, dp_group=None) -> list[float]:
+    """Aggregation weight of each experience for one optimizer step over ``experiences`` (this rank's
+    share), from its tags (``component``, ``loss_agg``, ``mix_weight``); every component's token and
+    sample counts are summed over the data-parallel group first."""
+    from megatron_pz.rl.grpo import aggregation_weights
+
+    lengths = [len(e.response_ids) if e.trainable else 0 for e in experiences]
+    labels = sorted({e.component for e in experiences})
+    if dist.is_initialized() and dist.get_world_size(dp_group) > 1:
+        gathered: list = [None] * dist.get_world_size(dp_group)
+        dist.all_gather_object(gathered, labels, group=dp_group)
+        labels = sorted({label for ls in gathered for label in ls})
+    counts = torch.zeros(2 * len(labels), dtype=torch.float64)
+    for e, n in zip(experiences, lengths):
+        k = labels.index(e.component)
+        counts[2 * k] += n
+        counts[2 * k + 1] += float(n > 0)
+    if dist.is_initialized() and dist.get_world_size(dp_group) > 1:
+        dist.all_reduce(counts, group=dp_group)
+    totals = {label: (counts[2 * k].item(), counts[2 * k + 1].item()) for k, label in enumerate(labels)}
+    return aggregation_weights(lengths, [e.component for e in experiences],
+                               {e.component: e.loss_agg for e in experiences},
+                               {e.component: e.mix_weight for e in experiences},
+                               totals, sum(t for t, _ in totals.values()))
+
+
 def make_grpo_loss_fn(grpo_cfg):
-    """Adapts :func:`megatron_pz.rl.grpo.grpo_loss` to the actor's micro-batches (vocab-parallel)."""
+    """Adapts :func:`megatron_pz.rl.grpo.grpo_loss` to the actor's micro-batches (vocab-parallel).
+
+    Log-probs are taken at each row's sampling temperature; ``old_logprobs`` come from the batch when
+    the update computed them (PPO mini-batches / epochs), else they equal the current ones (ratio 1).
+    """
     from megatron_pz.rl.grpo import grpo_loss
     from megatron_pz.rl.logprobs import vocab_parallel_entropy
-    from megatron_pz.train.losses import token_logprobs
+    from megatron_pz.train.losses import token_logprobs_at_temperature
 
     def loss_fn(mb, logits):
-        logp = token_logprobs(mb, logits)
+        logp = token_logprobs_at_temperature(mb, logits)
         old = mb.per_token.get("old_logprobs", logp.detach())
         with torch.no_grad():
             entropy = torch.nn.functional.pad(vocab_parallel_entropy(logits[:, :-1].float()), (1, 0))
         rollout = mb.per_token.get("rollout_logprobs")
         loss_sum, num_tokens, metrics = grpo_loss(
-            logp, old, mb.per_token["advantages"], mb.loss_mask,
+            # a rank with nothing to train on runs one fully masked batch without per-token fields
+            logp, old, mb.per_token.get("advantages", torch.zeros_like(mb.loss_mask)), mb.loss_mask,
             clip_low=grpo_cfg.clip_low, clip_high=grpo_cfg.clip_high,
             rollout_logprobs=rollout, tis_cap=grpo_cfg.tis_cap if rollout is not None else None,
-            kl_coef=0.0, entropy=entropy)
+            kl_coef=0.0, entropy=entropy, dual_clip=grpo_cfg.dual_clip,
+            token_weights=mb.per_token.get("loss_weight"))
         n = float(num_tokens)
         sums = {f"{k}_sum": v * n for k, v in metrics.items() if not k.endswith("_max") and k != "num_tokens"}
         sums.update(loss_sum=loss_sum.detach(), num_tokens=num_tokens.detach())
         return loss_sum, num_tokens.to(torch.int), sums
 
     return loss_fn
+
+
+def grpo_update(actor, experiences, grpo_cfg, loss_fn, max_tokens: int, pad_id: int, dp_group=None):
+    """One rollout batch's policy update: ``grpo.epochs`` passes over ``grpo.mini_batches`` optimizer
+    steps. With more than one step, old log-probs are computed once before the first (at each row's
+    temperature), so every later step sees a live ratio and the clip can engage.
+
+    Returns (summed loss metrics of all steps, the last StepResult, every micro-batch trained on).
+    """
+    from megatron_pz.train.losses import token_logprobs_at_temperature
+
+    n_mini, epochs = grpo_cfg.mini_batches, grpo_cfg.epochs
+    if n_mini * epochs > 1:
+        rows = experiences_to_sequences(experiences)
+        batches = actor.micro_batches(rows, max_tokens, pad_id)
+        values = actor.forward_values(batches, token_logprobs_at_temperature)
+        old = {}
+        for mb, vals in zip(batches, values):
+            for r, (idx, length) in enumerate(zip(mb.indices, mb.lengths)):
+                if idx >= 0:
+                    old[idx] = vals[r, :length].tolist()
+    else:
+        old = None
+    # strided slices of this rank's experiences (every n-th): one optimizer step each, so each
+    # mini-batch holds samples of every role / mixture component
+    summed: dict[str, float] = {}
+    result, all_batches = None, []
+    for _ in range(epochs):
+        for k in range(n_mini):
+            part = list(range(k, len(experiences), n_mini))
+            mine = [experiences[i] for i in part]
+            weights = update_loss_weights(mine, dp_group)
+            rows = experiences_to_sequences(mine, weights)
+            if old is not None:
+                for row in rows:
+                    row.per_token["old_logprobs"] = old[part[row.index]]
+            batches = actor.micro_batches(rows, max_tokens, pad_id)
+            result = actor.train_step(batches, loss_fn)
+            all_batches += batches
+            for key, value in result.metrics.items():
+                summed[key] = summed.get(key, 0.0) + value
+    return summed, result, all_batches
 
 
 def token_means(summed: dict[str, float]) -> dict[str, float]:
@@ -142,9 +221,8 @@ class Run:
         self.logger = MetricsLogger(self.run_dir, tensorboard=cfg.train.tensorboard)
 
     def max_sequence_length(self) -> int:
-        o = self.cfg.objective
-        longest_response = max(o.generator_max_tokens, o.predictor_max_tokens, o.ntr_max_tokens,
-                               o.rlp_thought_max_tokens + 2)
+        longest_response = max(max(o.generator_max_tokens, o.predictor_max_tokens, o.ntr_max_tokens,
+                                   o.rlp_thought_max_tokens + 2) for o in self.cfg.objective.leaves())
         return self.cfg.train.max_prompt_tokens + longest_response + 8
 
     def build_actor(self, opt_cfg, total_steps: int):
@@ -216,7 +294,7 @@ def usable_passages(run: Run) -> list[int]:
 def train(cfg: RunConfig) -> dict:
     """Warm start (if configured), then the RL loop; resumes from ``run_dir/checkpoints``."""
     from megatron_pz.checkpoint import latest_checkpoint, load_checkpoint
-    from megatron_pz.objectives.base import build_objective
+    from megatron_pz.objectives.composite import build_training_objective
     from megatron_pz.rl.ema import EmaTeacher
     from megatron_pz.rollout.factory import build_rollout_engine
     from megatron_pz.train.actor import build_model_chunks
@@ -235,9 +313,10 @@ def train(cfg: RunConfig) -> dict:
         elif t.init_checkpoint:
             start_weights = Path(t.init_checkpoint)
 
-    actor = run.build_actor(cfg.optimizer, total_steps=t.steps)
+    # one scheduler step per optimizer step: grpo.epochs x grpo.mini_batches per RL step
+    actor = run.build_actor(cfg.optimizer, total_steps=t.steps * cfg.grpo.mini_batches * cfg.grpo.epochs)
     teacher = None
-    if cfg.objective.name == "rlp":
+    if cfg.objective.uses_rlp():  # the EMA teacher only when some phase / component is RLP
         teacher = build_model_chunks(run.hf_config, cfg.model, cfg.parallel, run.info.device,
                                      run.max_sequence_length())
         for chunk in teacher:
@@ -261,9 +340,12 @@ def train(cfg: RunConfig) -> dict:
         ema.initialize_from(actor.chunks)
 
     engine = build_rollout_engine(cfg.rollout, actor.chunks, run.tokenizer, run.hf_config)
-    objective = build_objective(cfg.objective, run.tokenizer)
+    objective = build_training_objective(cfg.objective, run.tokenizer)
     scorer = MegatronScorer(actor, teacher, run.pad_id, t.max_tokens_per_micro_batch)
     loss_fn = make_grpo_loss_fn(cfg.grpo)
+    from megatron.core import parallel_state as ps
+
+    dp_group = ps.get_data_parallel_group()
 
     eval_items = build_eval_items(run.heldout, cfg)
 
@@ -284,9 +366,8 @@ def train(cfg: RunConfig) -> dict:
         passages = sampler.next_batch()
         experiences, metrics = objective.collect(passages, engine, scorer, step)
         t1 = time.perf_counter()
-        rows = experiences_to_sequences(experiences)
-        batches = actor.micro_batches(rows, t.max_tokens_per_micro_batch, run.pad_id)
-        result = actor.train_step(batches, loss_fn)
+        summed, result, batches = grpo_update(actor, experiences, cfg.grpo, loss_fn, t.max_tokens_per_micro_batch,
+                                              run.pad_id, dp_group)
         if ema is not None:
             ema.update(actor.chunks)
         t2 = time.perf_counter()
@@ -295,8 +376,9 @@ def train(cfg: RunConfig) -> dict:
         metrics.update(padding_fraction=padding_fraction(batches), rollout_tokens=rollout_tokens,
                        **{"time/rollout_s": t1 - t0, "time/train_s": t2 - t1})
         metrics = mean_over_ranks(metrics)
-        metrics.update(token_means(result.metrics), lr=result.lr, grad_norm=result.grad_norm)
-        metrics["tokens_per_s"] = (metrics["rollout_tokens"] * run.dp_size + result.num_tokens) / max(t2 - t0, 1e-9)
+        metrics.update(token_means(summed), lr=result.lr, grad_norm=result.grad_norm)
+        metrics["tokens_per_s"] = (metrics["rollout_tokens"] * run.dp_size + summed.get("num_tokens", 0.0)) \
+            / max(t2 - t0, 1e-9)
         last_metrics = metrics
         if step % t.log_interval == 0 or step == t.steps:
             run.logger.log(step, metrics)

@@ -46,8 +46,8 @@ def format_rows(passage, rng: random.Random, tokenizer, objective_cfg, space_in_
     eos = [tokenizer.eos_token_id]
     answer = f" {span}" if space_in_answer else span
     masked = mask_passage(passage.text, span, objective_cfg.replace_all, objective_cfg.whole_words_only)
-    generator = encode(tokenizer, build_generator_prompt(passage.text))
-    predictor = encode(tokenizer, build_predictor_prompt(masked))
+    generator = encode(tokenizer, build_generator_prompt(passage.text, objective_cfg.prompt_style))
+    predictor = encode(tokenizer, build_predictor_prompt(masked, objective_cfg.prompt_style))
     return [(generator + encode(tokenizer, f"\\mask{{{answer}}}") + eos, len(generator)),
             (predictor + encode(tokenizer, f" \\boxed{{{answer}}}") + eos, len(predictor))]
 

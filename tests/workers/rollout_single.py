@@ -149,8 +149,9 @@ def main():
     def counts_for(**kw):
         out = big.generate([prompt], SamplingParams(max_new_tokens=1, n=draws, seed=5, **kw))[0]
         tokens = torch.tensor([x.token_ids[0] for x in out])
+        temperature = kw.get("temperature", 1.0)  # log-probs are at the sampling temperature, before top-k/p
         for x in out:
-            assert abs(x.logprobs[0] - torch.log_softmax(logits, -1)[x.token_ids[0]].item()) < 1e-4
+            assert abs(x.logprobs[0] - torch.log_softmax(logits / temperature, -1)[x.token_ids[0]].item()) < 1e-4
         return torch.bincount(tokens, minlength=cfg.vocab_size).double()
 
     def filtered(scaled, top_k=0, top_p=1.0):
@@ -187,6 +188,33 @@ def main():
         assert p_right > 1e-6, kw
         assert p_wrong < 1e-6, kw
     print("sampling frequencies: ok")
+
+    # 6. The trainer's log-prob of each sampled token (its loss path: experiences -> micro-batches ->
+    #    token_logprobs_at_temperature on the model's logits) equals the engine's, at T != 1.
+    from megatron_pz.rl.types import Experience
+    from megatron_pz.train.batching import make_micro_batches
+    from megatron_pz.train.losses import token_logprobs, token_logprobs_at_temperature
+    from megatron_pz.train.trainer import experiences_to_sequences
+
+    sampled = engine.generate(prompts[:3], SamplingParams(max_new_tokens=6, temperature=0.7, n=2, seed=11))
+    exps = [Experience(prompt_ids=c.prompt_ids, response_ids=c.token_ids, reward=0.0, group="g", role="r",
+                       advantage=1.0, rollout_logprobs=c.logprobs, temperature=0.7)
+            for group in sampled for c in group]
+    checked, off_by_t1 = 0, 0.0
+    for mb in make_micro_batches(experiences_to_sequences(exps), 4096, pad_id=0):
+        with torch.no_grad():
+            logits = model(mb.input_ids, mb.position_ids, None)
+            train_lp = token_logprobs_at_temperature(mb, logits)
+            raw_lp = token_logprobs(mb, logits)
+        for r, idx in enumerate(mb.indices):
+            e = exps[idx]
+            p, n = len(e.prompt_ids), len(e.response_ids)
+            got = train_lp[r, p:p + n].tolist()
+            assert max(abs(a - b) for a, b in zip(got, e.rollout_logprobs)) < 1e-4, (got, e.rollout_logprobs)
+            off_by_t1 = max(off_by_t1, max(abs(a - b) for a, b in zip(raw_lp[r, p:p + n].tolist(), got)))
+            checked += n
+    assert checked > 0 and off_by_t1 > 1e-2, off_by_t1  # T = 1 log-probs would not match: the test has power
+    print(f"training log-probs at T=0.7 == engine's ({checked} tokens; T=1 would be off by {off_by_t1:.3g}): ok")
     print("ROLLOUT_SINGLE_OK")
 
 

@@ -1,0 +1,110 @@
+"""Schedules and mixtures of objectives (past the papers), on the objective interface the trainer drives.
+
+- :class:`TaggedObjective`: one objective whose experiences carry their loss component, aggregation
+  and weight (what :func:`megatron_pz.rl.grpo.aggregation_weights` needs).
+- :class:`MixtureObjective`: one step's passages split among components in proportion to their
+  weights; each component collects with its own config (groups, rewards, temperatures, aggregation)
+  and the update minimises sum_k lambda_k L_k in one GRPO step. Metrics are per component
+  (``<label>/...``).
+- :class:`ScheduledObjective`: phases of (mixtures of) objectives by RL step, e.g. PretrainZero §4.1's
+  SmolLM3 recipe (Random RLPT for 100 steps, then PretrainZero). The phase is a function of the step
+  alone, so a run resumed mid-phase from a checkpoint continues in the same phase.
+
+:func:`build_training_objective` builds the right one from ``ObjectiveConfig``.
+"""
+
+from __future__ import annotations
+
+from megatron_pz.objectives.config import ObjectiveConfig
+from megatron_pz.rl.types import Experience
+
+
+def component_labels(configs: list[ObjectiveConfig]) -> list[str]:
+    """The objective name, suffixed with its position when two components share a name."""
+    names = [c.name for c in configs]
+    return [n if names.count(n) == 1 else f"{n}{i}" for i, n in enumerate(names)]
+
+
+def split_counts(total: int, weights: list[float]) -> list[int]:
+    """Largest-remainder split of ``total`` passages by ``weights`` (ties to the earlier component)."""
+    norm = sum(weights)
+    exact = [total * w / norm for w in weights]
+    counts = [int(x) for x in exact]
+    order = sorted(range(len(weights)), key=lambda k: (-(exact[k] - counts[k]), k))
+    for k in order[: total - sum(counts)]:
+        counts[k] += 1
+    return counts
+
+
+class TaggedObjective:
+    def __init__(self, objective, label: str, loss_agg: str, weight: float = 1.0, prefix: str = ""):
+        self.objective, self.label, self.loss_agg, self.weight, self.prefix = objective, label, loss_agg, weight, prefix
+
+    def collect(self, passages: list, engine, scorer, step: int) -> tuple[list[Experience], dict[str, float]]:
+        experiences, metrics = self.objective.collect(passages, engine, scorer, step) if passages else ([], {})
+        for e in experiences:
+            e.component, e.loss_agg, e.mix_weight = self.label, self.loss_agg, self.weight
+        return experiences, {f"{self.prefix}{k}": v for k, v in metrics.items()}
+
+
+class MixtureObjective:
+    def __init__(self, configs: list[ObjectiveConfig], weights: list[float], tokenizer):
+        from megatron_pz.objectives.base import build_objective
+
+        norm = sum(weights)
+        self.weights = [w / norm for w in weights]
+        self.labels = component_labels(configs)
+        self.parts = [TaggedObjective(build_objective(c, tokenizer), label, c.resolved_loss_agg(), w, f"{label}/")
+                      for c, label, w in zip(configs, self.labels, self.weights)]
+
+    def collect(self, passages: list, engine, scorer, step: int) -> tuple[list[Experience], dict[str, float]]:
+        experiences, metrics, start = [], {}, 0
+        for part, n in zip(self.parts, split_counts(len(passages), self.weights)):
+            exps, m = part.collect(passages[start:start + n], engine, scorer, step)
+            start += n
+            experiences += exps
+            metrics.update(m)
+            metrics[f"{part.label}/passages"] = float(n)
+            metrics[f"{part.label}/mix_weight"] = part.weight
+        return experiences, metrics
+
+
+def build_single(cfg: ObjectiveConfig, tokenizer):
+    """One phase: a mixture when it has components, else the one objective (tagged)."""
+    from megatron_pz.objectives.base import build_objective
+
+    if cfg.mixture:
+        return MixtureObjective([cfg.derive(c.overrides, f"objective.mixture[{i}].overrides", False)
+                                 for i, c in enumerate(cfg.mixture)], [c.weight for c in cfg.mixture], tokenizer)
+    return TaggedObjective(build_objective(cfg, tokenizer), cfg.name, cfg.resolved_loss_agg())
+
+
+class ScheduledObjective:
+    def __init__(self, cfg: ObjectiveConfig, tokenizer):
+        self.phases, start = [], 0
+        for i, phase in enumerate(cfg.schedule):
+            end = None if phase.steps is None else start + phase.steps
+            derived = cfg.derive(phase.overrides, f"objective.schedule[{i}].overrides", True)
+            self.phases.append((start, end, build_single(derived, tokenizer)))
+            start = end if end is not None else start
+
+    def phase_at(self, step: int) -> int:
+        """Index of the phase that trains RL step ``step`` (0-based); the last one runs on past its end."""
+        for i, (start, end, _) in enumerate(self.phases):
+            if end is None or step < end:
+                return i
+        return len(self.phases) - 1
+
+    def collect(self, passages: list, engine, scorer, step: int) -> tuple[list[Experience], dict[str, float]]:
+        index = self.phase_at(step)
+        experiences, metrics = self.phases[index][2].collect(passages, engine, scorer, step)
+        metrics["objective/phase"] = float(index)
+        return experiences, metrics
+
+
+def build_training_objective(cfg: ObjectiveConfig, tokenizer):
+    """What the trainer drives: a schedule, a mixture or a single objective, experiences tagged."""
+    cfg.validate()
+    if cfg.schedule:
+        return ScheduledObjective(cfg, tokenizer)
+    return build_single(cfg, tokenizer)
