@@ -81,6 +81,9 @@ class RuntimeConfig:
     timeout_minutes: int = 30
     deterministic: bool = False
     world_size: Optional[int] = None  # expected ranks (cluster configs); checked at start-up when set
+    # train's start-up memory plan (megatron_pz.memory_plan): enforce (refuse an unfit plan) | warn | off
+    memory_plan: str = "enforce"
+    memory_plan_margin: float = 0.10  # share of the device the plan must leave free
 
 
 @dataclass
@@ -250,6 +253,10 @@ def validate_static(cfg: Any) -> None:
         raise ConfigError(f"optimizer.lr_schedule must be constant|cosine|linear, got {cfg.optimizer.lr_schedule!r}")
     if cfg.runtime.device not in ("auto", "cpu", "cuda"):
         raise ConfigError(f"runtime.device must be auto|cpu|cuda, got {cfg.runtime.device!r}")
+    if cfg.runtime.memory_plan not in ("enforce", "warn", "off"):
+        raise ConfigError(f"runtime.memory_plan must be enforce|warn|off, got {cfg.runtime.memory_plan!r}")
+    if not 0.0 <= cfg.runtime.memory_plan_margin < 1.0:
+        raise ConfigError(f"runtime.memory_plan_margin must be in [0, 1), got {cfg.runtime.memory_plan_margin}")
 
 
 def validate_parallel_sizes(parallel: ParallelConfig, hf_config: Any, world_size: int) -> None:

@@ -706,3 +706,80 @@ def _total_params(s: Shapes) -> int:
     """All parameters of the model (no parallelism), for the rollout engine's copy."""
     lay = Layout(world=1, tp=1, pp=1, ep=1, cp=1, etp=1, vp=None, sequence_parallel=False)
     return sum(p.numel for p in chunk_params(s, lay, 0, "local", False))
+
+
+# ====================================================================== rendering and the start-up check
+
+
+def render(plan: MemoryPlan, title: str = "") -> str:
+    """The plan as a table (GiB per phase, one row per term) plus host memory and the verdict."""
+    import io
+
+    from rich.console import Console
+    from rich.table import Table
+
+    names: list[str] = []
+    knobs: dict[str, str] = {}
+    for phase in plan.phases:
+        for t in phase.terms:
+            if t.name not in names:
+                names.append(t.name)
+                knobs[t.name] = t.knob
+    table = Table(title=title or f"per-GPU memory plan (pipeline stage {plan.stage}), GiB", title_justify="left")
+    table.add_column("term")
+    for phase in plan.phases:
+        table.add_column(phase.name, justify="right")
+    table.add_column("knob")
+
+    def cell(phase: Phase, name: str) -> str:
+        value = sum(t.bytes for t in phase.terms if t.name == name)
+        return f"{value / GIB:.2f}" if any(t.name == name for t in phase.terms) else "-"
+
+    for name in names:
+        table.add_row(name, *(cell(p, name) for p in plan.phases), knobs[name])
+    table.add_section()
+    table.add_row("total", *(f"{p.total / GIB:.2f}" for p in plan.phases), "")
+    table.add_row(f"device ({plan.device_bytes / GIB:.0f} GiB) - total",
+                  *(f"{(plan.device_bytes - p.total) / GIB:.2f}" for p in plan.phases), "")
+    out = io.StringIO()
+    console = Console(file=out, width=160, force_terminal=False, color_system=None)
+    console.print(table)
+    for t in plan.host_terms:
+        console.print(f"host: {t.name}: {t.bytes / GIB:.2f} GiB")
+    for note in plan.notes:
+        console.print(f"note: {note}")
+    console.print(plan.verdict())
+    return out.getvalue()
+
+
+def device_memory(device: str) -> float:
+    """Bytes of the device ranks train on: the GPU's total memory, or host RAM on CPU (where tensors,
+    the dataset and every other process share it: the check then only catches gross overcommitment)."""
+    if device == "cuda":
+        import os
+
+        import torch
+
+        return float(torch.cuda.get_device_properties(int(os.environ.get("LOCAL_RANK", 0))).total_memory)
+    import psutil
+
+    return float(psutil.virtual_memory().total)
+
+
+def check_at_startup(cfg, hf, world: int, device: str, device_bytes: Optional[float] = None,
+                     rank: int = 0) -> Optional[MemoryPlan]:
+    """``train``'s start-up check, before any model is built: print the plan (rank 0) and refuse an
+    unfit one with its largest terms and their knobs (``runtime.memory_plan``: enforce | warn | off)."""
+    from megatron_pz.config import ConfigError
+
+    mode = cfg.runtime.memory_plan
+    if mode == "off":
+        return None
+    device_bytes = device_memory(device) if device_bytes is None else device_bytes
+    plan = plan_run(cfg, hf, world, device_bytes, device, cfg.runtime.memory_plan_margin)
+    if rank == 0:
+        print(render(plan, f"memory plan on {device} ({device_bytes / GIB:.0f} GiB per rank), GiB"), flush=True)
+    if not plan.fits and mode == "enforce":
+        raise ConfigError("the memory plan does not fit the device (set runtime.memory_plan=warn to start anyway):\n"
+                          + plan.verdict())
+    return plan
