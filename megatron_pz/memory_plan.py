@@ -610,6 +610,7 @@ def plan_run(cfg, hf, world: int, device_bytes: float, device: str = "cuda",
     tokens = cfg.train.max_tokens_per_micro_batch
     r = cfg.rollout
     best = None
+    stage_totals = []
     for stage in range(lay.pp):
         st = worst_model_state(s, lay, stage, spec, cfg.model.moe_grouped_gemm, p, opt.use_distributed_optimizer,
                                opt.overlap_grad_reduce)
@@ -641,8 +642,15 @@ def plan_run(cfg, hf, world: int, device_bytes: float, device: str = "cuda",
                   Phase("training", train_terms)]
         candidate = MemoryPlan(device_bytes=device_bytes, min_margin=min_margin, world=world, layout=lay,
                                stage=stage, phases=phases, host_terms=host, problems=problems)
+        stage_totals.append(f"stage {stage}: " + ", ".join(f"{ph.name} {ph.total / GIB:.1f}" for ph in phases))
         if best is None or candidate.peak > best.peak:
             best = candidate
+    if lay.pp > 1:
+        best.notes.append("GiB per pipeline stage (the table shows the stage with the highest peak): "
+                          + "; ".join(stage_totals))
+    if r.engine == "vllm":
+        best.notes.append(f"scoring and training assume the vLLM engine sleeps (level {r.sleep_level}) after each "
+                          "generation (VLLMRolloutEngine.sleep/wake); awake, it keeps its whole share")
     best.notes.append(f"world {world}: TP {lay.tp} x PP {lay.pp} x CP {lay.cp} x DP {lay.dp}; EP {lay.ep}, "
                       f"ETP {lay.etp}, expert-DP {lay.expert_dp}; spec {spec}, params {p} bytes, "
                       f"micro-batch {tokens} tokens, sequences <= {seq}")
@@ -742,7 +750,7 @@ def render(plan: MemoryPlan, title: str = "") -> str:
     table.add_row(f"device ({plan.device_bytes / GIB:.0f} GiB) - total",
                   *(f"{(plan.device_bytes - p.total) / GIB:.2f}" for p in plan.phases), "")
     out = io.StringIO()
-    console = Console(file=out, width=160, force_terminal=False, color_system=None)
+    console = Console(file=out, width=132, force_terminal=False, color_system=None)
     console.print(table)
     for t in plan.host_terms:
         console.print(f"host: {t.name}: {t.bytes / GIB:.2f} GiB")
