@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Optional
 
 GIB = 2**30
 DEFAULT_MIN_MARGIN = 0.10  # shipped configs keep >= 10 % of the device free (see "Not counted" above)
@@ -402,7 +402,6 @@ def layer_activation_elements(s: Shapes, moe: bool, tp: int, sp: bool, spec: str
     h, d = s.hidden, s.head_dim
     a = s.heads / tp
     g = max(1.0, s.groups / tp)
-    hs = h / tp if sp else h  # sequence-parallel residual-stream tensors
     te = spec == "te"
     out = {"act": 0.0, "gemm_in": 0.0, "fp32": 0.0, "bytes": 0.0}
     # attention block
@@ -596,14 +595,10 @@ def max_sequence_length(cfg) -> int:
 def plan_run(cfg, hf, world: int, device_bytes: float, device: str = "cuda",
              min_margin: float = DEFAULT_MIN_MARGIN) -> MemoryPlan:
     """Budget every pipeline stage of ``cfg`` on ``world`` ranks; keep the stage with the highest peak."""
-    from megatron_pz.model.provider import resolve_spec
-    import torch
-
     s = Shapes.from_hf(hf)
     lay = layout_of(cfg.parallel, world)
+    # auto: Transformer Engine on GPU (installed with the gpu extras), the local spec on CPU
     spec = cfg.model.spec if cfg.model.spec != "auto" else ("te" if device == "cuda" else "local")
-    if cfg.model.spec == "auto" and device != "cuda":
-        spec = resolve_spec(cfg.model, torch.device("cpu"))
     p = _dtype_bytes(cfg.model, device)
     opt = cfg.optimizer
     seq = max_sequence_length(cfg)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from megatron_pz.memory_plan import (GIB, Layout, ParamSpec, Shapes, check_at_startup, ddp_buffer,
+from megatron_pz.memory_plan import (GIB, Layout, ParamSpec, Shapes, check_at_startup, chunk_params, ddp_buffer,
                                      owned_elements, plan_run)
 from megatron_pz.model import load_hf_config
 from megatron_pz.plan_cli import plan_config
@@ -142,8 +142,7 @@ def test_plan_terms_follow_their_knobs():
     s = Shapes.from_hf(hf)
     # Adam moments of an fp32 model without sharding padding: 8 bytes per parameter (+ distributed
     # optimizer padding of at most 127 elements)
-    n = sum(p.numel for p in __import__("megatron_pz.memory_plan", fromlist=["x"]).chunk_params(
-        s, Layout(1, 1, 1, 1, 1, 1, None, False), 0))
+    n = sum(p.numel for p in chunk_params(s, Layout(1, 1, 1, 1, 1, 1, None, False), 0))
     moments = {t.name: t.bytes for t in base.phases[0].terms}["optimizer: Adam moments (1/DP shard)"]
     assert 8 * n <= moments < 8 * (n + 128)
 
