@@ -462,7 +462,8 @@ def training_activation_terms(s: Shapes, lay: Layout, pp_rank: int, tokens: int,
     (``cos``/``sin`` for q and k: ``4 s d`` per layer) and, on the first stage, the token ids (int64).
     Context parallelism divides the tokens. ``recompute``: ``full`` keeps each layer's input only (and
     recomputes one layer at a time in backward: one layer's tensors on top); ``selective`` recomputes
-    core attention (its log-sum-exp is not kept).
+    core attention (its log-sum-exp is not kept). With a virtual pipeline the interleaved schedule's
+    warm-up keeps more micro-batches in flight than ``PP - rank``; this count is then a lower bound.
     """
     tokens_rank = tokens / lay.cp
     vp = lay.vp or 1
@@ -479,7 +480,8 @@ def training_activation_terms(s: Shapes, lay: Layout, pp_rank: int, tokens: int,
         el = layer_activation_elements(s, moe, lay.tp, lay.sequence_parallel, spec, lay.etp)
         if recompute == "selective":
             el["fp32"] -= s.heads / lay.tp
-        per_layer.append(_bytes_of(el, tokens_rank, act_bytes, gemm_bytes) + 4 * seq_len * s.head_dim * 4)
+        # RoPE: cos and sin for q and for k, [s, 1, 1, d] in the activations' dtype (rope_utils.py)
+        per_layer.append(_bytes_of(el, tokens_rank, act_bytes, gemm_bytes) + 4 * seq_len / lay.cp * s.head_dim * act_bytes)
     if recompute == "full":
         saved = tokens_rank * hs * act_bytes * len(indices) + max(per_layer, default=0)
     else:
@@ -545,6 +547,7 @@ class MemoryPlan:
     phases: list[Phase]
     host_terms: list[Term]
     notes: list[str] = field(default_factory=list)
+    gpus_per_node: int = 8  # for the host-memory line
     problems: list[str] = field(default_factory=list)  # infeasible settings (e.g. vLLM weights > its share)
 
     @property
@@ -748,7 +751,8 @@ def render(plan: MemoryPlan, title: str = "") -> str:
     console = Console(file=out, width=132, force_terminal=False, color_system=None)
     console.print(table)
     for t in plan.host_terms:
-        console.print(f"host: {t.name}: {t.bytes / GIB:.2f} GiB")
+        console.print(f"host: {t.name}: {t.bytes / GIB:.2f} GiB per GPU, {plan.gpus_per_node * t.bytes / GIB:.0f} GiB "
+                      f"per node of {plan.gpus_per_node} GPUs ({t.knob} releases it)")
     for note in plan.notes:
         console.print(f"note: {note}")
     console.print(plan.verdict())

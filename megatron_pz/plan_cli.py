@@ -71,6 +71,7 @@ def plan_config(config: str, overrides: list[str], gpu_memory_gib: float = 80.0,
     margin = cfg.runtime.memory_plan_margin if min_margin is None else min_margin
     plan = plan_run(cfg, hf, world, gpu_memory_gib * GIB, device, margin)
     plan.notes.insert(0, source + (f" (unset: {', '.join(unset)})" if unset else ""))
+    plan.gpus_per_node = gpus_per_node
     return plan
 
 
