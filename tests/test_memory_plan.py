@@ -89,14 +89,30 @@ def test_state_bytes_equal_a_built_actor_0p4b_buckets(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("arch", [TINY, dict(MOE, vocab_size=2048, hidden_size=128, moe_intermediate_size=64,
-                                             num_experts=8, head_dim=32)], ids=["dense", "moe"])
-def test_activation_estimate_within_25_percent_of_measured_peak(arch, tmp_path):
-    cases = [{"rows": 4, "seq": 128}, {"rows": 2, "seq": 512}]
-    run_torchrun("memory_plan_actor.py", "activations", json.dumps(arch), json.dumps(cases), str(tmp_path), nproc=1)
-    for r in json.loads((tmp_path / "activations.json").read_text()):
+@pytest.mark.parametrize("layout", ["tp2", "pp2"])
+def test_state_bytes_equal_a_built_actor_tp2_pp2(layout, tmp_path):
+    # TP 2: every GEMM weight and the vocabulary split; PP 2: the tied embedding's second copy on the
+    # last stage (a bucket of its own), one bucket on stage 1
+    size = {layout[:2]: 2}
+    _run_state(TINY, [dict(c, **size) for c in FULL_MATRIX[:3]] + [
+        dict(size, distributed_optimizer=True, overlap_grad_reduce=True, dtype="bfloat16")], 2, tmp_path)
+
+
+MOE_ACT = dict(MOE, vocab_size=2048, hidden_size=128, moe_intermediate_size=64, num_experts=8, head_dim=32)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch,tp", [(TINY, 1), (MOE_ACT, 1), (TINY, 2)], ids=["dense", "moe", "dense-tp2"])
+def test_activation_estimate_within_25_percent_of_measured_peak(arch, tp, tmp_path):
+    cases = [{"rows": 4, "seq": 128, "tp": tp}, {"rows": 2, "seq": 512, "tp": tp}]
+    run_torchrun("memory_plan_actor.py", "activations", json.dumps(arch), json.dumps(cases), str(tmp_path),
+                 nproc=tp)
+    results = [r for f in sorted(tmp_path.glob("activations_rank*.json")) for r in json.loads(f.read_text())]
+    assert len(results) == tp * len(cases)
+    for r in results:
         error = r["predicted"] / r["measured_peak"] - 1
-        print(f"{r['case']}: measured {r['measured_peak']} predicted {r['predicted']:.0f} ({100 * error:+.1f} %)")
+        print(f"{r['case']} rank {r['rank']}: measured {r['measured_peak']} predicted {r['predicted']:.0f} "
+              f"({100 * error:+.1f} %)")
         assert abs(error) < 0.25, r
 
 

@@ -3,10 +3,11 @@
 usage: memory_plan_actor.py state ARCH_JSON CASES_JSON OUT_DIR
        memory_plan_actor.py activations ARCH_JSON CASES_JSON OUT_DIR
 
-``state``: for each case {"ep", "dtype", "distributed_optimizer", "overlap_grad_reduce"} build the Actor,
+``state``: for each case {"tp", "pp", "ep", "dtype", "distributed_optimizer", "overlap_grad_reduce"} (one
+layout per launch) build the Actor,
 run one training step (Adam creates its moments then), and write per rank the bytes of every storage
 its parameters, gradient buffers and optimizer state live in, beside the plan's prediction for this
-rank. ``activations``: for each case {"rows", "seq"} the allocator's peak during one micro-batch's
+rank. ``activations``: for each case {"rows", "seq", "tp"} the allocator's peak during one micro-batch's
 forward + backward (torch.profiler memory events: every CPU allocation and free, summed in time
 order) beside the plan's training activation terms.
 """
@@ -68,12 +69,10 @@ def state_mode(arch, cases, out_dir):
 
     world = int(__import__("os").environ["WORLD_SIZE"])
     results = []
-    by_ep = {}
-    for case in cases:
-        by_ep.setdefault(case.get("ep", 1), []).append(case)
-    assert len(by_ep) == 1, "one EP size per launch"
-    ep = next(iter(by_ep))
-    par = ParallelConfig(ep=ep)
+    sizes = {(c.get("tp", 1), c.get("pp", 1), c.get("ep", 1)) for c in cases}
+    assert len(sizes) == 1, "one parallel layout per launch"
+    tp, pp, ep = sizes.pop()
+    par = ParallelConfig(tp=tp, pp=pp, ep=ep)
     info = initialize(par, RuntimeConfig(device="cpu"))
     hf = load_hf_config(arch)
     for case in cases:
@@ -84,9 +83,10 @@ def state_mode(arch, cases, out_dir):
         batch = make_micro_batches(rows(arch["vocab_size"], 2, 12, seed=dist.get_rank()), 64)
         actor.train_step(batch, make_grpo_loss_fn(GrpoConfig()))
         got = measured_state(actor)
-        lay = Layout(world=world, tp=1, pp=1, ep=ep, cp=1, etp=1, vp=None, sequence_parallel=False)
+        lay = Layout(world=world, tp=tp, pp=pp, ep=ep, cp=1, etp=tp, vp=None, sequence_parallel=False)
         p = {"float32": 4, "bfloat16": 2}[case.get("dtype", "float32")]
-        pred = rank_model_state(Shapes.from_hf(hf), lay, 0, "local", False, p, opt.use_distributed_optimizer,
+        pred = rank_model_state(Shapes.from_hf(hf), lay, ps.get_pipeline_model_parallel_rank(), "local", False, p,
+                                opt.use_distributed_optimizer,
                                 opt.overlap_grad_reduce, dp_rank=ps.get_data_parallel_rank(),
                                 expert_dp_rank=ps.get_expert_data_parallel_rank())
         predicted = {"weights": pred.weights, "grads": pred.grads, "main_params": pred.main_params,
@@ -99,7 +99,8 @@ def state_mode(arch, cases, out_dir):
 def activations_mode(arch, cases, out_dir):
     from torch.profiler import ProfilerActivity, profile
 
-    par = ParallelConfig()
+    tp = cases[0].get("tp", 1)
+    par = ParallelConfig(tp=tp)
     info = initialize(par, RuntimeConfig(device="cpu"))
     hf = load_hf_config(arch)
     loss_fn = make_grpo_loss_fn(GrpoConfig())
@@ -121,12 +122,12 @@ def activations_mode(arch, cases, out_dir):
         for e in events:
             current += e.nbytes()
             peak = max(peak, current)
-        lay = Layout(world=1, tp=1, pp=1, ep=1, cp=1, etp=1, vp=None, sequence_parallel=False)
+        lay = Layout(world=tp, tp=tp, pp=1, ep=1, cp=1, etp=tp, vp=None, sequence_parallel=False)
         tokens = case["rows"] * case["seq"]
         terms = training_activation_terms(Shapes.from_hf(hf), lay, 0, tokens, case["seq"], "local", 4, False, None)
-        results.append({"case": case, "measured_peak": peak,
+        results.append({"case": case, "rank": dist.get_rank(), "measured_peak": peak,
                         "predicted": sum(t.bytes for t in terms), "terms": {t.name: t.bytes for t in terms}})
-    Path(out_dir, "activations.json").write_text(json.dumps(results))
+    Path(out_dir, f"activations_rank{dist.get_rank()}.json").write_text(json.dumps(results))
 
 
 if __name__ == "__main__":
