@@ -589,10 +589,13 @@ def _dtype_bytes(model_cfg, device: str) -> int:
 
 
 def max_sequence_length(cfg) -> int:
-    """The trainer's sequence bound (``Run.max_sequence_length``): prompt + longest response + 8."""
+    """The longest row the run can make: prompt budget + the longest response of the roles its objective
+    samples + 8 (the margin ``Run.max_sequence_length`` keeps; that bound covers every objective)."""
     o = cfg.objective
-    longest = max(o.generator_max_tokens, o.predictor_max_tokens, o.ntr_max_tokens, o.rlp_thought_max_tokens + 2)
-    return cfg.train.max_prompt_tokens + longest + 8
+    response = {"pretrainzero": max(o.generator_max_tokens, o.predictor_max_tokens),
+                "random_rlpt": max(o.generator_max_tokens, o.predictor_max_tokens),
+                "rlp": o.rlp_thought_max_tokens + 2}.get(o.name, o.ntr_max_tokens)
+    return cfg.train.max_prompt_tokens + response + 8
 
 
 def plan_run(cfg, hf, world: int, device_bytes: float, device: str = "cuda",
@@ -760,17 +763,20 @@ def render(plan: MemoryPlan, title: str = "") -> str:
 
 
 def device_memory(device: str) -> float:
-    """Bytes of the device ranks train on: the GPU's total memory, or host RAM on CPU (where tensors,
-    the dataset and every other process share it: the check then only catches gross overcommitment)."""
+    """Bytes of the device ranks train on: the GPU's total memory, or on CPU host RAM divided by the
+    ranks of this host (where tensors, the dataset and every other process share it: the check then
+    only catches gross overcommitment)."""
     if device == "cuda":
         import os
 
         import torch
 
         return float(torch.cuda.get_device_properties(int(os.environ.get("LOCAL_RANK", 0))).total_memory)
+    import os
+
     import psutil
 
-    return float(psutil.virtual_memory().total)
+    return float(psutil.virtual_memory().total) / int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
 
 
 def check_at_startup(cfg, hf, world: int, device: str, device_bytes: Optional[float] = None,
