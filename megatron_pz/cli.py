@@ -16,6 +16,7 @@ SUBCOMMAND_MODULES = (
     "megatron_pz.data.cli",  # preprocess, train-tokenizer
     "megatron_pz.convert.cli",  # convert
     "megatron_pz.eval.cli",  # eval
+    "megatron_pz.plan_cli",  # plan
 )
 
 

@@ -81,6 +81,9 @@ class RuntimeConfig:
     timeout_minutes: int = 30
     deterministic: bool = False
     world_size: Optional[int] = None  # expected ranks (cluster configs); checked at start-up when set
+    # train's start-up memory plan (megatron_pz.memory_plan): enforce (refuse an unfit plan) | warn | off
+    memory_plan: str = "enforce"
+    memory_plan_margin: float = 0.10  # share of the device the plan must leave free
 
 
 @dataclass
@@ -255,6 +258,10 @@ def validate_static(cfg: Any) -> None:
     if cfg.runtime.backend not in ("auto", "gloo", "cpu:gloo,cuda:nccl"):
         raise ConfigError(f"runtime.backend must be auto | gloo | cpu:gloo,cuda:nccl (a GPU world also needs a "
                           f"CPU backend for host-side metrics), got {cfg.runtime.backend!r}")
+    if cfg.runtime.memory_plan not in ("enforce", "warn", "off"):
+        raise ConfigError(f"runtime.memory_plan must be enforce|warn|off, got {cfg.runtime.memory_plan!r}")
+    if not 0.0 <= cfg.runtime.memory_plan_margin < 1.0:
+        raise ConfigError(f"runtime.memory_plan_margin must be in [0, 1), got {cfg.runtime.memory_plan_margin}")
 
 
 def validate_parallel_sizes(parallel: ParallelConfig, hf_config: Any, world_size: int) -> None:

@@ -202,6 +202,11 @@ class Run:
         if cfg.runtime.world_size and cfg.runtime.world_size != world:
             raise ConfigError(f"runtime.world_size={cfg.runtime.world_size} but {world} ranks were launched")
         validate_parallel_sizes(cfg.parallel, self.hf_config, world)
+        from megatron_pz.memory_plan import check_at_startup
+        from megatron_pz.runtime.distributed import resolve_device
+
+        check_at_startup(cfg, self.hf_config, world, resolve_device(cfg.runtime.device).type,
+                         rank=int(os.environ.get("RANK", "0")))  # refuses an unfit plan before any model is built
         self.info = initialize(cfg.parallel, cfg.runtime)
         self.data_path = _data_on_rank0_first(cfg)
         opts = dict(heldout_fraction=cfg.data.heldout_fraction, max_span_words=cfg.data.max_span_words,

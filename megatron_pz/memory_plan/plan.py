@@ -1,0 +1,272 @@
+"""The plan: every term per phase (rollout, scoring, training) for the worst pipeline stage, its
+verdict against the device, the table, and ``train``'s start-up check."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from megatron_pz.memory_plan.activations import Term, scoring_terms, training_activation_terms
+from megatron_pz.memory_plan.model_state import (_DTYPE_BYTES, Layout, Shapes, _total_params, chunk_params,
+                                                 layout_of, worst_model_state)
+
+GIB = 2**30
+DEFAULT_MIN_MARGIN = 0.10  # shipped configs keep >= 10 % of the device free (see the package docstring)
+
+
+# ====================================================================== the plan
+
+
+@dataclass
+class Phase:
+    name: str
+    terms: list[Term] = field(default_factory=list)
+
+    @property
+    def total(self) -> float:
+        return sum(t.bytes for t in self.terms)
+
+
+@dataclass
+class MemoryPlan:
+    """Per-GPU budget of the worst pipeline stage, per phase, against the device's memory."""
+
+    device_bytes: float
+    min_margin: float
+    world: int
+    layout: Layout
+    stage: int
+    phases: list[Phase]
+    host_terms: list[Term]
+    notes: list[str] = field(default_factory=list)
+    gpus_per_node: int = 8  # for the host-memory line
+    problems: list[str] = field(default_factory=list)  # infeasible settings (e.g. vLLM weights > its share)
+
+    @property
+    def peak_phase(self) -> Phase:
+        return max(self.phases, key=lambda p: p.total)
+
+    @property
+    def peak(self) -> float:
+        return self.peak_phase.total
+
+    @property
+    def margin(self) -> float:
+        return self.device_bytes - self.peak
+
+    @property
+    def fits(self) -> bool:
+        return not self.problems and self.margin >= self.min_margin * self.device_bytes
+
+    def largest_terms(self, n: int = 4) -> list[Term]:
+        return sorted((t for t in self.peak_phase.terms if t.knob), key=lambda t: -t.bytes)[:n]
+
+    def verdict(self) -> str:
+        g = self.device_bytes / GIB
+        head = (f"peak {self.peak / GIB:.1f} GiB ({self.peak_phase.name}, pipeline stage {self.stage}) of "
+                f"{g:.1f} GiB: margin {self.margin / GIB:.1f} GiB ({100 * self.margin / self.device_bytes:.0f} %, "
+                f"required >= {100 * self.min_margin:.0f} %)")
+        if self.fits:
+            return "FITS: " + head
+        lines = ["DOES NOT FIT: " + head] + [f"  problem: {p}" for p in self.problems]
+        lines.append("  largest terms and the knob that shrinks each:")
+        lines += [f"    {t.name}: {t.bytes / GIB:.1f} GiB -> {t.knob}" for t in self.largest_terms()]
+        return "\n".join(lines)
+
+
+def _dtype_bytes(model_cfg, device: str) -> int:
+    if model_cfg.params_dtype == "auto":
+        return 2 if device == "cuda" else 4
+    return _DTYPE_BYTES[model_cfg.params_dtype]
+
+
+def max_sequence_length(cfg) -> int:
+    """The longest row the run can make: prompt budget + the longest response of the roles its objective
+    samples + 8 (the margin ``Run.max_sequence_length`` keeps; that bound covers every objective)."""
+    o = cfg.objective
+    response = {"pretrainzero": max(o.generator_max_tokens, o.predictor_max_tokens),
+                "random_rlpt": max(o.generator_max_tokens, o.predictor_max_tokens),
+                "rlp": o.rlp_thought_max_tokens + 2}.get(o.name, o.ntr_max_tokens)
+    return cfg.train.max_prompt_tokens + response + 8
+
+
+def plan_run(cfg, hf, world: int, device_bytes: float, device: str = "cuda",
+             min_margin: float = DEFAULT_MIN_MARGIN) -> MemoryPlan:
+    """Budget every pipeline stage of ``cfg`` on ``world`` ranks; keep the stage with the highest peak."""
+    s = Shapes.from_hf(hf)
+    lay = layout_of(cfg.parallel, world)
+    # auto: Transformer Engine on GPU (installed with the gpu extras), the local spec on CPU
+    spec = cfg.model.spec if cfg.model.spec != "auto" else ("te" if device == "cuda" else "local")
+    p = _dtype_bytes(cfg.model, device)
+    opt = cfg.optimizer
+    seq = max_sequence_length(cfg)
+    tokens = cfg.train.max_tokens_per_micro_batch
+    r = cfg.rollout
+    best = None
+    stage_totals = []
+    for stage in range(lay.pp):
+        st = worst_model_state(s, lay, stage, spec, cfg.model.moe_grouped_gemm, p, opt.use_distributed_optimizer,
+                               opt.overlap_grad_reduce)
+        resident = [
+            Term("weights" + (" (DDP param buffer)" if opt.use_distributed_optimizer else ""), st.weights,
+                 "parallel.tp/pp/ep"),
+            Term("gradient buffer (fp32, grad_reduce_in_fp32)", st.grads, "parallel.tp/pp/ep"),
+            Term("optimizer: fp32 main params" + (" (1/DP shard)" if opt.use_distributed_optimizer else ""),
+                 st.main_params, "optimizer.use_distributed_optimizer, more DP ranks"),
+            Term("optimizer: Adam moments" + (" (1/DP shard)" if opt.use_distributed_optimizer else ""), st.moments,
+                 "optimizer.use_distributed_optimizer, more DP ranks"),
+        ]
+        if cfg.objective.name == "rlp":
+            teacher = sum(sum(q.numel for q in chunk_params(s, lay, stage, spec, cfg.model.moe_grouped_gemm, v))
+                          for v in range(lay.vp or 1)) * p
+            resident.append(Term("RLP EMA teacher weights", teacher, "parallel.tp/pp/ep"))
+        rollout_terms, asleep_terms, host, problems = rollout_engine_terms(cfg, s, lay, stage, device_bytes, p, seq)
+        train_terms = list(resident) + asleep_terms
+        if cfg.model.fp8:
+            train_terms.append(Term("FP8 weight copies (row + column-wise, 1 byte each)", 2 * st.fp8_gemm_weights,
+                                    "model.fp8"))
+        train_terms += training_activation_terms(s, lay, stage, tokens, min(seq, tokens), spec, p,
+                                                 bool(cfg.model.fp8), cfg.model.recompute)
+        largest_grad = max((q.numel for v in range(lay.vp or 1)
+                            for q in chunk_params(s, lay, stage, spec, cfg.model.moe_grouped_gemm, v)), default=0)
+        train_terms.append(Term("largest weight gradient before it joins the buffer (transient)", largest_grad * p))
+        score_terms = list(resident) + asleep_terms + scoring_terms(s, lay, stage, tokens, spec, p)
+        phases = [Phase("rollout", list(resident) + rollout_terms), Phase("scoring", score_terms),
+                  Phase("training", train_terms)]
+        candidate = MemoryPlan(device_bytes=device_bytes, min_margin=min_margin, world=world, layout=lay,
+                               stage=stage, phases=phases, host_terms=host, problems=problems)
+        stage_totals.append(f"stage {stage}: " + ", ".join(f"{ph.name} {ph.total / GIB:.1f}" for ph in phases))
+        if best is None or candidate.peak > best.peak:
+            best = candidate
+    if lay.pp > 1:
+        best.notes.append("GiB per pipeline stage (the table shows the stage with the highest peak): "
+                          + "; ".join(stage_totals))
+    if r.engine == "vllm":
+        best.notes.append(f"scoring and training assume the vLLM engine sleeps (level {r.sleep_level}) after each "
+                          "generation (VLLMRolloutEngine.sleep/wake); awake, it keeps its whole share")
+    best.notes.append(f"world {world}: TP {lay.tp} x PP {lay.pp} x CP {lay.cp} x DP {lay.dp}; EP {lay.ep}, "
+                      f"ETP {lay.etp}, expert-DP {lay.expert_dp}; spec {spec}, params {p} bytes, "
+                      f"micro-batch {tokens} tokens, sequences <= {seq}")
+    return best
+
+
+def rollout_engine_terms(cfg, s: Shapes, lay: Layout, stage: int, device_bytes: float, p: int, seq: int):
+    """(awake terms, asleep terms, host terms, problems) of the rollout engine on one GPU.
+
+    vLLM (``gpu_memory_utilization`` = u): awake it holds ``u x device`` (its weights at
+    ``rollout.tensor_parallel_size``, then the KV cache and its workspace fill the rest of that
+    share); weight sync pushes buckets of ``rollout.bucket_mb`` while only its weights are awake.
+    Asleep (scoring and training, ``llm.sleep``): level 1 moves its weights to pinned host memory and
+    drops the KV cache, level 2 drops both; neither leaves tensors on the GPU. Megatron engine: the
+    static KV cache of ``max_batch_size`` sequences of the run's longest sequence, on this stage's
+    layers, freed after each batch (counted in the rollout phase only).
+    """
+    r = cfg.rollout
+    problems: list[str] = []
+    host: list[Term] = []
+    if r.engine == "vllm":
+        total_params = _total_params(s)
+        weights = total_params * _DTYPE_BYTES.get(r.dtype, 2) / r.tensor_parallel_size
+        share = r.gpu_memory_utilization * device_bytes
+        bucket = r.bucket_mb * 2**20
+        kv_per_token = 2 * s.layers * max(1, s.groups // r.tensor_parallel_size) * s.head_dim * 2
+        awake = [Term(f"vLLM weights (TP {r.tensor_parallel_size})", weights, "rollout.tensor_parallel_size"),
+                 Term(f"vLLM KV cache + workspace (rest of gpu_memory_utilization={r.gpu_memory_utilization})",
+                      max(0.0, share - weights), "rollout.gpu_memory_utilization",
+                      f"~{max(0.0, share - weights) / kv_per_token / 1e3:.0f}k tokens of KV at most")]
+        if weights + bucket > share:
+            awake.append(Term("weight-sync bucket over vLLM's share", weights + bucket - share, "rollout.bucket_mb"))
+        if weights >= share:
+            problems.append(f"vLLM's weights ({weights / GIB:.1f} GiB at rollout.tensor_parallel_size="
+                            f"{r.tensor_parallel_size}) do not fit its share rollout.gpu_memory_utilization="
+                            f"{r.gpu_memory_utilization} ({share / GIB:.1f} GiB): raise either")
+        if r.sleep_level == 1:
+            host.append(Term("vLLM weights offloaded while asleep (pinned host memory)", weights,
+                             "rollout.sleep_level=2"))
+        return awake, [], host, problems
+    # Megatron engine: decodes with the actor's own weights
+    layers_here = s.layers // lay.pp
+    kv = 2 * layers_here * max(1, s.groups // lay.tp) * s.head_dim * p * r.max_batch_size * seq
+    return [Term(f"Megatron engine KV cache ({r.max_batch_size} sequences x {seq})", kv, "rollout.max_batch_size")], \
+        [], host, problems
+
+
+# ====================================================================== rendering and the start-up check
+
+
+def render(plan: MemoryPlan, title: str = "") -> str:
+    """The plan as a table (GiB per phase, one row per term) plus host memory and the verdict."""
+    import io
+
+    from rich.console import Console
+    from rich.table import Table
+
+    names: list[str] = []
+    knobs: dict[str, str] = {}
+    for phase in plan.phases:
+        for t in phase.terms:
+            if t.name not in names:
+                names.append(t.name)
+                knobs[t.name] = t.knob
+    table = Table(title=title or f"per-GPU memory plan (pipeline stage {plan.stage}), GiB", title_justify="left")
+    table.add_column("term")
+    for phase in plan.phases:
+        table.add_column(phase.name, justify="right")
+    table.add_column("knob")
+
+    def cell(phase: Phase, name: str) -> str:
+        value = sum(t.bytes for t in phase.terms if t.name == name)
+        return f"{value / GIB:.2f}" if any(t.name == name for t in phase.terms) else "-"
+
+    for name in names:
+        table.add_row(name, *(cell(p, name) for p in plan.phases), knobs[name])
+    table.add_section()
+    table.add_row("total", *(f"{p.total / GIB:.2f}" for p in plan.phases), "")
+    table.add_row(f"device ({plan.device_bytes / GIB:.0f} GiB) - total",
+                  *(f"{(plan.device_bytes - p.total) / GIB:.2f}" for p in plan.phases), "")
+    out = io.StringIO()
+    console = Console(file=out, width=132, force_terminal=False, color_system=None)
+    console.print(table)
+    for t in plan.host_terms:
+        console.print(f"host: {t.name}: {t.bytes / GIB:.2f} GiB per GPU, {plan.gpus_per_node * t.bytes / GIB:.0f} GiB "
+                      f"per node of {plan.gpus_per_node} GPUs ({t.knob} releases it)")
+    for note in plan.notes:
+        console.print(f"note: {note}")
+    console.print(plan.verdict())
+    return out.getvalue()
+
+
+def device_memory(device: str) -> float:
+    """Bytes of the device ranks train on: the GPU's total memory, or on CPU host RAM divided by the
+    ranks of this host (where tensors, the dataset and every other process share it: the check then
+    only catches gross overcommitment)."""
+    if device == "cuda":
+        import os
+
+        import torch
+
+        return float(torch.cuda.get_device_properties(int(os.environ.get("LOCAL_RANK", 0))).total_memory)
+    import os
+
+    import psutil
+
+    return float(psutil.virtual_memory().total) / int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+
+
+def check_at_startup(cfg, hf, world: int, device: str, device_bytes: Optional[float] = None,
+                     rank: int = 0) -> Optional[MemoryPlan]:
+    """``train``'s start-up check, before any model is built: print the plan (rank 0) and refuse an
+    unfit one with its largest terms and their knobs (``runtime.memory_plan``: enforce | warn | off)."""
+    from megatron_pz.config import ConfigError
+
+    mode = cfg.runtime.memory_plan
+    if mode == "off":
+        return None
+    device_bytes = device_memory(device) if device_bytes is None else device_bytes
+    plan = plan_run(cfg, hf, world, device_bytes, device, cfg.runtime.memory_plan_margin)
+    if rank == 0:
+        print(render(plan, f"memory plan on {device} ({device_bytes / GIB:.0f} GiB per rank), GiB"), flush=True)
+    if not plan.fits and mode == "enforce":
+        raise ConfigError("the memory plan does not fit the device (set runtime.memory_plan=warn to start anyway):\n"
+                          + plan.verdict())
+    return plan

@@ -1,0 +1,84 @@
+"""``megatron-pz plan CONFIG.yaml [key.sub=value ...] [--gpu-memory-gib 80] [--nodes N --gpus-per-node G]``.
+
+Prints the per-GPU memory plan of a run (see :mod:`megatron_pz.memory_plan`) without building anything,
+so a layout can be sized before a job waits in a queue. Exit code 1 when the plan does not fit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+from pathlib import Path
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "plan", help="per-GPU memory budget of a run config (actor + rollout engine), before launching",
+        description="Plan the per-GPU memory of a run per phase (rollout, scoring, training) and say whether it "
+                    "fits. Environment variables the YAML uses but that are unset (e.g. ${MODEL_DIR}) are "
+                    "tolerated: the model shapes then come from model.architecture.")
+    p.add_argument("config", help="YAML run config")
+    p.add_argument("overrides", nargs="*", help="config overrides, e.g. parallel.tp=4 train.max_tokens_per_micro_batch=8192")
+    p.add_argument("--gpu-memory-gib", type=float, default=80.0, help="memory of one GPU in GiB (default 80)")
+    p.add_argument("--nodes", type=int, default=None, help="nodes (default: runtime.world_size / gpus per node)")
+    p.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node (default 8)")
+    p.add_argument("--min-margin", type=float, default=None,
+                   help="share of the GPU to leave free (default: runtime.memory_plan_margin, 0.10)")
+    p.set_defaults(func=run)
+
+
+def load_for_planning(config: str, overrides: list[str]):
+    """The run config, with unset ``${VAR}`` placeholders of the YAML left empty instead of failing."""
+    from megatron_pz.train.config import load_run_config
+
+    text = Path(config).read_text() if Path(config).is_file() else ""
+    unset = [v for v in sorted(set(re.findall(r"\$\{(\w+)\}", text))) if v not in os.environ]
+    for var in unset:
+        os.environ[var] = f"/unset/{var}"
+    try:
+        return load_run_config(config, overrides), unset
+    finally:
+        for var in unset:
+            os.environ.pop(var, None)
+
+
+def hf_config_for_planning(cfg):
+    """The model folder's config when it exists, else ``model.architecture`` (the shapes the YAML states)."""
+    from megatron_pz.config import ConfigError
+    from megatron_pz.model import load_hf_config
+
+    source = cfg.model.hf_config
+    if source and (Path(source).is_dir() or Path(source).is_file()):
+        from megatron_pz.train.trainer import resolve_hf_config
+
+        return resolve_hf_config(cfg), f"model from {source}"
+    if not cfg.model.architecture:
+        raise ConfigError(f"model.hf_config {source!r} not found and no model.architecture to plan from")
+    return load_hf_config(dict(cfg.model.architecture), cfg.model.hf_overrides), "model from model.architecture"
+
+
+def plan_config(config: str, overrides: list[str], gpu_memory_gib: float = 80.0, nodes=None,
+                gpus_per_node: int = 8, min_margin=None):
+    from megatron_pz.config import validate_parallel_sizes
+    from megatron_pz.memory_plan import GIB, plan_run
+
+    cfg, unset = load_for_planning(config, overrides)
+    hf, source = hf_config_for_planning(cfg)
+    world = nodes * gpus_per_node if nodes else (cfg.runtime.world_size or 1)
+    validate_parallel_sizes(cfg.parallel, hf, world)
+    device = "cpu" if cfg.runtime.device == "cpu" else "cuda"
+    margin = cfg.runtime.memory_plan_margin if min_margin is None else min_margin
+    plan = plan_run(cfg, hf, world, gpu_memory_gib * GIB, device, margin)
+    plan.notes.insert(0, source + (f" (unset: {', '.join(unset)})" if unset else ""))
+    plan.gpus_per_node = gpus_per_node
+    return plan
+
+
+def run(args: argparse.Namespace) -> int:
+    from megatron_pz.memory_plan import render
+
+    plan = plan_config(args.config, args.overrides, args.gpu_memory_gib, args.nodes, args.gpus_per_node,
+                       args.min_margin)
+    print(render(plan, f"{args.config}: per-GPU memory plan (pipeline stage {plan.stage}), GiB"))
+    return 0 if plan.fits else 1

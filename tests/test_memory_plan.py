@@ -1,0 +1,180 @@
+"""The memory plan: exact model-state bytes against built Actors, activations against a measured peak,
+every shipped config fits an 80 GiB GPU, and an unfit plan is refused before any work."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from megatron_pz.memory_plan import (GIB, Layout, ParamSpec, Shapes, check_at_startup, chunk_params, ddp_buffer,
+                                     owned_elements, plan_run)
+from megatron_pz.model import load_hf_config
+from megatron_pz.plan_cli import plan_config
+from megatron_pz.config import ConfigError
+from megatron_pz.train.config import load_run_config
+from tests.multiproc import run_torchrun
+
+ROOT = Path(__file__).resolve().parents[1]
+
+TINY = dict(model_type="qwen3", vocab_size=4096, hidden_size=128, intermediate_size=384, num_hidden_layers=4,
+            num_attention_heads=4, num_key_value_heads=2, head_dim=32, tie_word_embeddings=True)
+# Qwen3-0.6B-like body with a 32k vocabulary: 0.44B parameters (bench/bench_convert_memory.py's "mid")
+MID = dict(model_type="qwen3", vocab_size=32000, hidden_size=1024, intermediate_size=3072, num_hidden_layers=24,
+           num_attention_heads=16, num_key_value_heads=8, head_dim=128, tie_word_embeddings=False)
+MOE = dict(model_type="qwen3_moe", vocab_size=512, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
+           num_experts=4, num_experts_per_tok=2, norm_topk_prob=True, router_aux_loss_coef=0.0, num_hidden_layers=2,
+           num_attention_heads=4, num_key_value_heads=2, head_dim=16, tie_word_embeddings=False)
+
+
+def test_buffer_padding_and_shards_by_hand():
+    # walked in reverse: b (30) at [0, 30), a starts at the next multiple of 64: [64, 164); the bucket
+    # ends at a multiple of lcm(2, 128) = 128: 256 elements, 128 per DP rank
+    params = [ParamSpec("a", 100), ParamSpec("b", 30)]
+    buf = ddp_buffer(params, dp=2, distributed_optimizer=True, bucket_size=None)
+    assert buf.numel == 256 and buf.ranges == [(0, 30), (64, 164)] and buf.buckets == [(0, 256)]
+    assert owned_elements(buf, 0) == 30 + 64 and owned_elements(buf, 1) == 164 - 128
+    assert ddp_buffer(params, dp=2, distributed_optimizer=False, bucket_size=None).numel == 130
+    # a bucket closes once it holds bucket_size elements; the next starts after the padded end
+    buf = ddp_buffer(params, dp=1, distributed_optimizer=True, bucket_size=20)
+    assert buf.buckets == [(0, 128), (128, 256)] and buf.ranges == [(0, 30), (128, 228)]
+    # a shared embedding (tied, PP > 1) gets a bucket of its own
+    shared = [ParamSpec("emb", 10, shared_embedding=True), ParamSpec("w", 10)]
+    assert ddp_buffer(shared, dp=1, distributed_optimizer=True, bucket_size=None).buckets == [(0, 128), (128, 256)]
+
+
+def _run_state(arch, cases, nproc, tmp_path, timeout=300):
+    run_torchrun("memory_plan_actor.py", "state", json.dumps(arch), json.dumps(cases), str(tmp_path), nproc=nproc,
+                 timeout=timeout)
+    results = [r for f in sorted(tmp_path.glob("state_rank*.json")) for r in json.loads(f.read_text())]
+    assert len(results) == nproc * len(cases)
+    for r in results:
+        assert r["measured"] == r["predicted"], r
+    return results
+
+
+FULL_MATRIX = [{"distributed_optimizer": True}, {"distributed_optimizer": False},
+               {"distributed_optimizer": True, "dtype": "bfloat16"},
+               {"distributed_optimizer": False, "dtype": "bfloat16"}]
+
+
+@pytest.mark.slow
+def test_state_bytes_equal_a_built_actor_dp1(tmp_path):
+    _run_state(TINY, FULL_MATRIX, 1, tmp_path)
+
+
+@pytest.mark.slow
+def test_state_bytes_equal_a_built_actor_dp2(tmp_path):
+    results = _run_state(TINY, FULL_MATRIX[:3] + [{"distributed_optimizer": True, "overlap_grad_reduce": True}],
+                         2, tmp_path)
+    # the distributed optimizer halves the moments; padding makes the two ranks' shards differ
+    by_rank = {r["rank"]: r["measured"]["moments"] for r in results if r["case"] == {"distributed_optimizer": True}}
+    assert by_rank[0] != by_rank[1] and by_rank[0] + by_rank[1] == sum(
+        r["measured"]["moments"] for r in results if r["case"] == {"distributed_optimizer": False}) // 2
+
+
+@pytest.mark.slow
+def test_state_bytes_equal_a_built_actor_moe_ep2(tmp_path):
+    # world 2, EP 2: dense parameters over DP 2, expert parameters over expert-DP 1
+    _run_state(MOE, [dict(c, ep=2) for c in FULL_MATRIX[:3]], 2, tmp_path)
+
+
+@pytest.mark.slow
+def test_state_bytes_equal_a_built_actor_0p4b_buckets(tmp_path):
+    # 0.44B parameters: overlap_grad_reduce cuts the buffers into 40M-element buckets, each padded
+    _run_state(MID, [{"distributed_optimizer": True, "overlap_grad_reduce": True, "dtype": "bfloat16"}], 1,
+               tmp_path, timeout=600)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", ["tp2", "pp2"])
+def test_state_bytes_equal_a_built_actor_tp2_pp2(layout, tmp_path):
+    # TP 2: every GEMM weight and the vocabulary split; PP 2: the tied embedding's second copy on the
+    # last stage (a bucket of its own), one bucket on stage 1
+    size = {layout[:2]: 2}
+    _run_state(TINY, [dict(c, **size) for c in FULL_MATRIX[:3]] + [
+        dict(size, distributed_optimizer=True, overlap_grad_reduce=True, dtype="bfloat16")], 2, tmp_path)
+
+
+MOE_ACT = dict(MOE, vocab_size=2048, hidden_size=128, moe_intermediate_size=64, num_experts=8, head_dim=32)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch,tp", [(TINY, 1), (MOE_ACT, 1), (TINY, 2)], ids=["dense", "moe", "dense-tp2"])
+def test_activation_estimate_within_25_percent_of_measured_peak(arch, tp, tmp_path):
+    cases = [{"rows": 4, "seq": 128, "tp": tp}, {"rows": 2, "seq": 512, "tp": tp}]
+    run_torchrun("memory_plan_actor.py", "activations", json.dumps(arch), json.dumps(cases), str(tmp_path),
+                 nproc=tp)
+    results = [r for f in sorted(tmp_path.glob("activations_rank*.json")) for r in json.loads(f.read_text())]
+    assert len(results) == tp * len(cases)
+    for r in results:
+        error = r["predicted"] / r["measured_peak"] - 1
+        print(f"{r['case']} rank {r['rank']}: measured {r['measured_peak']} predicted {r['predicted']:.0f} "
+              f"({100 * error:+.1f} %)")
+        assert abs(error) < 0.25, r
+
+
+def _slurm_worlds() -> dict[str, int]:
+    worlds = {}
+    for script in (ROOT / "slurm").glob("pretrainzero_*.sh"):
+        text = script.read_text()
+        nodes = int(re.search(r"#SBATCH --nodes=(\d+)", text).group(1))
+        gpus = int(re.search(r"#SBATCH --gpus-per-node=(\d+)", text).group(1))
+        worlds[re.search(r"CONFIG:-(examples/[\w.]+\.yaml)", text).group(1)] = nodes * gpus
+    return worlds
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "examples").glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_shipped_config_fits_80gib_with_10_percent_margin(path):
+    world = _slurm_worlds().get(f"examples/{path.name}")
+    plan = plan_config(str(path), [], gpu_memory_gib=80.0, nodes=world // 8 if world else None, min_margin=0.10)
+    assert plan.fits, plan.verdict()
+    assert plan.margin >= 0.10 * 80 * GIB
+
+
+def test_plan_cli_prints_table_and_exit_code(capsys):
+    from megatron_pz.cli import main
+
+    path = str(ROOT / "examples" / "pretrainzero_qwen3_30b_a3b.yaml")
+    assert main(["plan", path]) == 0
+    out = capsys.readouterr().out
+    assert "FITS" in out and "gradient buffer" in out and "vLLM weights (TP 2)" in out
+    assert main(["plan", path, "train.max_tokens_per_micro_batch=16384", "model.recompute=null"]) == 1
+    out = capsys.readouterr().out
+    assert "DOES NOT FIT" in out and "train.max_tokens_per_micro_batch" in out
+
+
+def test_plan_terms_follow_their_knobs():
+    cfg = load_run_config(ROOT / "examples" / "tiny_cpu.yaml")
+    hf = load_hf_config(dict(cfg.model.architecture))
+    base = plan_run(cfg, hf, 1, 80 * GIB, "cpu")
+    training = {t.name: t.bytes for t in base.phases[2].terms}
+    logits = 4096 * 4096 * 4  # tokens x vocab x fp32
+    assert training["logits (model output)"] == logits
+    assert training["loss: fp32 softmax kept for backward"] == logits
+    assert training["entropy: 3 fp32 copies of the logits (transient)"] == 3 * logits
+    s = Shapes.from_hf(hf)
+    # Adam moments of an fp32 model without sharding padding: 8 bytes per parameter (+ distributed
+    # optimizer padding of at most 127 elements)
+    n = sum(p.numel for p in chunk_params(s, Layout(1, 1, 1, 1, 1, 1, None, False), 0))
+    moments = {t.name: t.bytes for t in base.phases[0].terms}["optimizer: Adam moments (1/DP shard)"]
+    assert 8 * n <= moments < 8 * (n + 128)
+
+
+def test_train_refuses_an_unfit_plan_before_any_work(monkeypatch):
+    import torch.distributed as dist
+
+    from megatron_pz.train.trainer import Run
+
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    cfg = load_run_config(ROOT / "examples" / "tiny_cpu.yaml", ["train.max_tokens_per_micro_batch=100000000"])
+    with pytest.raises(ConfigError, match="train.max_tokens_per_micro_batch"):
+        Run(cfg)
+    assert not dist.is_initialized()  # refused before the runtime (and any model) was set up
+    hf = load_hf_config(dict(cfg.model.architecture))
+    cfg.runtime.memory_plan = "warn"
+    assert not check_at_startup(cfg, hf, 1, "cpu", device_bytes=8 * GIB).fits  # printed, not refused
+    cfg.runtime.memory_plan = "off"
+    assert check_at_startup(cfg, hf, 1, "cpu", device_bytes=8 * GIB) is None
