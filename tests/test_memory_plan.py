@@ -15,7 +15,7 @@ from megatron_pz.model import load_hf_config
 from megatron_pz.plan_cli import plan_config
 from megatron_pz.config import ConfigError
 from megatron_pz.train.config import load_run_config
-from tests.multiproc import run_torchrun
+from multiproc import run_torchrun
 
 ROOT = Path(__file__).resolve().parents[1]
 
