@@ -117,6 +117,8 @@ class StopChecker:
 class MegatronRolloutEngine:
     """:class:`~megatron_pz.rollout.base.RolloutEngine` on the actor's Megatron modules."""
 
+    owns_weights = False  # decodes on the actor's modules: nothing to refresh
+
     def __init__(
         self,
         model_chunks,
@@ -165,6 +167,9 @@ class MegatronRolloutEngine:
 
     def wake(self) -> None:
         pass
+
+    def finish_phase(self) -> None:
+        """Nothing pending after a rollout phase."""
 
     def generate(self, prompts: Sequence[list[int]], params: SamplingParams) -> list[list[Completion]]:
         validate_request(prompts, params, self.vocab_size)

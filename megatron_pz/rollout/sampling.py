@@ -157,5 +157,15 @@ def sample_tokens(
             perturbed = scores + noise[:, vocab_start: vocab_start + shard]
             vals, idx = perturbed.max(dim=-1)
             tokens = _pick_max(all_gather_stack(vals, group), all_gather_stack(idx + vocab_start, group))
-    logprobs = _token_logits(logits, tokens, vocab_start, group) - sharded_logsumexp(logits, group)
-    return tokens, logprobs
+    return tokens, reported_logprobs(logits, tokens, vocab_start, group)
+
+
+def reported_logprobs(logits: torch.Tensor, tokens: torch.Tensor, vocab_start: int, group=None) -> torch.Tensor:
+    """The per-token log-prob every rollout engine reports for its sampled ``tokens`` (``[b]``).
+
+    Today: the raw model's ``log softmax(logits)[token]`` (temperature 1, no top-k/top-p), the
+    quantity the trainer recomputes. The Megatron and the ``hf`` engine both call this one function,
+    so a change of the reported quantity is made here once. Collective over ``group``.
+    """
+    logits = logits.float()
+    return _token_logits(logits, tokens, vocab_start, group) - sharded_logsumexp(logits, group)
