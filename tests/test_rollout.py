@@ -76,7 +76,7 @@ def test_buckets_respect_bound_and_round_trip():
 
 def test_rollout_config_validation():
     with pytest.raises(ConfigError, match="rollout.engine"):
-        RolloutConfig(engine="hf").validate()
+        RolloutConfig(engine="sglang").validate()
     with pytest.raises(ConfigError, match="rollout.gpu_memory_utilization"):
         RolloutConfig(gpu_memory_utilization=1.5).validate()
 
@@ -112,3 +112,9 @@ def test_weight_sync_buckets_into_hf_model():
     out = run_torchrun("rollout_weight_sync.py", nproc=2, timeout=300)
     assert out.count("ROLLOUT_SYNC_OK") == 2
 
+
+
+@pytest.mark.slow
+def test_hf_engine_refresh_sampling_and_tp_group():
+    out = run_torchrun("rollout_hf_engine.py", nproc=2, timeout=300)
+    assert out.count("ROLLOUT_HF_OK") == 2

@@ -219,6 +219,7 @@ def train(cfg: RunConfig) -> dict:
     from megatron_pz.objectives.base import build_objective
     from megatron_pz.rl.ema import EmaTeacher
     from megatron_pz.rollout.factory import build_rollout_engine
+    from megatron_pz.rollout.phase import RolloutPhases
     from megatron_pz.train.actor import build_model_chunks, equalize_micro_batches
     from megatron_pz.train.evaluate import build_eval_items, evaluate
     from megatron_pz.train.metrics import mean_over_ranks
@@ -260,7 +261,9 @@ def train(cfg: RunConfig) -> dict:
     if ema is not None and not ema.initialized:
         ema.initialize_from(actor.chunks)
 
-    engine = build_rollout_engine(cfg.rollout, actor.chunks, run.tokenizer, run.hf_config)
+    engine = build_rollout_engine(cfg.rollout, actor.chunks, run.tokenizer, run.hf_config,
+                                  max_model_len=max(run.max_sequence_length(), t.max_prompt_tokens + t.eval_max_new_tokens + 8))
+    phases = RolloutPhases(engine, actor, refresh=cfg.rollout.refresh_weights)  # wake, sync, generate, sleep
     objective = build_objective(cfg.objective, run.tokenizer)
     scorer = MegatronScorer(actor, teacher, run.pad_id, t.max_tokens_per_micro_batch)
     loss_fn = make_grpo_loss_fn(cfg.grpo)
@@ -268,7 +271,7 @@ def train(cfg: RunConfig) -> dict:
     eval_items = build_eval_items(run.heldout, cfg)
 
     def run_eval(at_step):
-        metrics, samples = evaluate(engine, run.tokenizer, run.heldout, eval_items, cfg, run.dp_rank, run.dp_size)
+        metrics, samples = evaluate(phases, run.tokenizer, run.heldout, eval_items, cfg, run.dp_rank, run.dp_size)
         run.logger.log(at_step, metrics, phase="eval")
         run.logger.log_eval_samples(at_step, samples)
         return metrics
@@ -282,18 +285,22 @@ def train(cfg: RunConfig) -> dict:
     while step < t.steps:
         t0 = time.perf_counter()
         passages = sampler.next_batch()
-        experiences, metrics = objective.collect(passages, engine, scorer, step)
+        with phases.generating() as rollout_engine:
+            experiences, metrics = objective.collect(passages, rollout_engine, scorer, step)
         t1 = time.perf_counter()
         rows = experiences_to_sequences(experiences)
         batches = equalize_micro_batches(make_micro_batches(rows, t.max_tokens_per_micro_batch, run.pad_id),
                                          run.pad_id)
-        result = actor.train_step(batches, loss_fn)
+        result = actor.train_step(batches, loss_fn)  # the engine is asleep
+        actor.finish_param_sync()  # overlap_param_gather: the EMA and the next weight sync read fresh values
+        phases.weights_updated()
         if ema is not None:
             ema.update(actor.chunks)
         t2 = time.perf_counter()
         step += 1
         rollout_tokens = float(sum(len(e.response_ids) for e in experiences))
         metrics.update(padding_fraction=padding_fraction(batches), rollout_tokens=rollout_tokens,
+                       **{"rollout/weight_syncs": float(phases.syncs)},
                        **{"time/rollout_s": t1 - t0, "time/train_s": t2 - t1})
         metrics = mean_over_ranks(metrics)
         metrics.update(token_means(result.metrics), lr=result.lr, grad_norm=result.grad_norm)
