@@ -118,3 +118,9 @@ def test_weight_sync_buckets_into_hf_model():
 def test_hf_engine_refresh_sampling_and_tp_group():
     out = run_torchrun("rollout_hf_engine.py", nproc=2, timeout=300)
     assert out.count("ROLLOUT_HF_OK") == 2
+
+
+@pytest.mark.slow
+def test_vllm_engine_orchestration_on_the_standin():
+    out = run_torchrun("rollout_vllm_standin.py", nproc=2, timeout=300)
+    assert out.count("ROLLOUT_VLLM_STANDIN_OK") == 2

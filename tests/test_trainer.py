@@ -159,3 +159,73 @@ def test_bad_config_fails_before_any_work(tmp_path):
             env={**__import__("os").environ, "PYTHONPATH": str(REPO_ROOT), "WORLD_SIZE": "3"})
         assert result.returncode != 0 and message in result.stderr, result.stderr[-3000:]
         assert not run_dir.exists()  # nothing was started
+
+
+def engine_checks(output):
+    """rank -> the records tests/workers/train_engine_checks.py printed."""
+    found = {}
+    for line in output.splitlines():
+        if "ENGINE_CHECKS " in line:
+            _, rank, payload = line[line.index("ENGINE_CHECKS "):].split(" ", 2)
+            found[int(rank)] = json.loads(payload)
+    return found
+
+
+def train_checked(run_dir, cache, *overrides, nproc=1, standin=False):
+    args = (["--vllm-standin"] if standin else []) + ["train", CONFIG, *TINY, f"data.default_cache_dir={cache}",
+                                                      f"train.run_dir={run_dir}", *overrides]
+    if nproc == 1:
+        result = subprocess.run([sys.executable, str(REPO_ROOT / "tests" / "workers" / "train_engine_checks.py"), *args],
+                                capture_output=True, text=True, timeout=900, cwd=REPO_ROOT,
+                                env={**__import__("os").environ, "PYTHONPATH": str(REPO_ROOT)})
+        assert result.returncode == 0, (result.stdout + result.stderr)[-6000:]
+        return engine_checks(result.stdout)
+    return engine_checks(run_torchrun("train_engine_checks.py", *args, nproc=nproc, timeout=900))
+
+
+def test_hf_engine_is_refreshed_after_every_update(tmp_path, cache):
+    """rollout.engine=hf holds its own transformers copy: after every update it equals the actor's export
+    bit for bit and the rollout-vs-train log-prob drift stays ~0 while the policy moves; with the refresh
+    switched off (the diagnostic knob) the copy goes stale and the drift grows."""
+    args = [*COMMON, "rollout.engine=hf"]
+    on = train_checked(tmp_path / "on", cache, *args)[0]
+    off = train_checked(tmp_path / "off", cache, *args, "rollout.refresh_weights=false")[0]
+    _, rl_on = rl_records(tmp_path / "on")
+    _, rl_off = rl_records(tmp_path / "off")
+    # eval before, 3 rollouts, eval after: one sync before the first phase, then one per update
+    assert on["stale_tensors"] == [0] * 5 and on["syncs_at_phase"] == [1, 1, 2, 3, 4] and on["syncs"] == 4
+    assert on["asleep_in_update"] == [True] * 3
+    assert off["syncs"] == 1 and off["stale_tensors"][:2] == [0, 0] and min(off["stale_tensors"][2:]) > 0
+    for step in (1, 2, 3):
+        assert rl_on[step]["grad_norm"] > 1e-4  # the policy moves
+        assert rl_on[step]["rollout/logp_diff_mean"] < 1e-5
+        assert rl_on[step]["rollout/weight_syncs"] == step
+    assert rl_off[1]["rollout/logp_diff_mean"] < 1e-5  # before any update both are the same weights
+    assert rl_off[2]["rollout/logp_diff_mean"] > 1e-3 and rl_off[3]["rollout/logp_diff_mean"] > 1e-3
+
+
+@pytest.mark.parametrize("layout", ["parallel.tp=2", "parallel.tp=1"], ids=["actor_tp2", "actor_dp2"])
+def test_vllm_engine_on_the_standin_two_ranks(tmp_path, cache, layout):
+    """VLLMRolloutEngine (one vLLM TP=2 engine over both ranks) on the vLLM 0.32 stand-in, in the trainer.
+    Actor TP=2: both ranks train on identical experiences, generated once (rank 1 has no prompts of its
+    own, yet runs every llm.generate: the stand-in checks both ranks submit the same requests).
+    Actor DP=2: the ranks ask for different prompts in the same engine. Both: the engine sleeps during
+    every update, reloads once per rollout phase (level 2 discards the weights) with the actor's
+    current weights, and the rollout-vs-train drift stays ~0."""
+    args = [*COMMON, "train.steps=2", "train.save_interval=2", "rollout.engine=vllm",
+            "rollout.tensor_parallel_size=2", "rollout.dtype=float32", layout]
+    checks = train_checked(tmp_path / "run", cache, *args, nproc=2, standin=True)
+    _, rl = rl_records(tmp_path / "run")
+    assert sorted(checks) == [0, 1]
+    for c in checks.values():
+        events = c["vllm_events"]
+        assert c["asleep_in_update"] == [True, True]
+        assert c["stale_tensors"] == [0] * 4 and c["syncs"] == 4  # eval, 2 rollouts, eval: a fresh reload each
+        assert events.count("reload") == 4 and events.count("sleep") == 4 and events[:2] == ["init", "reload"]
+    assert checks[0]["vllm_events"] == checks[1]["vllm_events"]  # same generate rounds on both ranks
+    if layout == "parallel.tp=2":
+        assert checks[0]["experiences"] == checks[1]["experiences"]
+    else:
+        assert checks[0]["experiences"] != checks[1]["experiences"]
+    for step in (1, 2):
+        assert rl[step]["rollout/logp_diff_mean"] < 1e-5 and rl[step]["grad_norm"] > 1e-4

@@ -143,6 +143,7 @@ class HFRolloutEngine:
     """:class:`~megatron_pz.rollout.base.RolloutEngine` on its own ``transformers`` model (see module doc)."""
 
     owns_weights = True  # the phase protocol must push the actor's weights before each rollout
+    keeps_weights_asleep = True  # sleep moves them to host memory, never drops them
 
     def __init__(self, tokenizer, hf_config, max_batch_size: int = 32, seed: int = 1234, bucket_mb: int = 512,
                  dtype: torch.dtype = torch.float32, device="cpu"):

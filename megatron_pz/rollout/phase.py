@@ -10,7 +10,8 @@ Every engine, every caller (the RL loop's rollouts and the held-out eval) goes t
     phases.weights_updated()                 # the next phase pushes the new weights, once
 
 Weights go to an engine that holds its own copy (``hf``, vLLM: ``engine.owns_weights``) at the start
-of the first phase after an update, after the actor has finished gathering its parameters
+of the first phase after an update (of every phase when its sleep discards them: vLLM's level 2,
+``engine.keeps_weights_asleep`` false), after the actor has finished gathering its parameters
 (``overlap_param_gather`` leaves them stale until the next forward otherwise, see
 :meth:`megatron_pz.train.actor.Actor.finish_param_sync`). The Megatron engine decodes on the actor's
 own modules and needs no copy. ``refresh=False`` (``rollout.refresh_weights: false``) is a diagnostic:
@@ -47,6 +48,10 @@ class RolloutPhases:
     def owns_weights(self) -> bool:
         return bool(getattr(self.engine, "owns_weights", False))
 
+    def needs_weights(self) -> bool:
+        """After an update, or every phase when the engine's sleep discarded its weights (vLLM level 2)."""
+        return self.stale or not getattr(self.engine, "keeps_weights_asleep", True)
+
     def weights_updated(self) -> None:
         """The actor took an optimizer step: the next phase brings the engine up to date."""
         self.stale = True
@@ -68,7 +73,7 @@ class RolloutPhases:
         self.in_phase = True
         try:
             self.engine.wake()
-            if self.owns_weights and self.stale and (self.refresh or self.syncs == 0):
+            if self.owns_weights and (self.syncs == 0 or (self.refresh and self.needs_weights())):
                 self.sync()
             yield self.engine
             self.engine.finish_phase()

@@ -148,6 +148,7 @@ class VLLMRolloutEngine:
             disable_custom_all_reduce=True,
             seed=cfg.seed,  # equal on all ranks of an engine: their samplers must agree
         )
+        self.keeps_weights_asleep = cfg.sleep_level == 1  # level 2 discards them: every phase reloads
         self._calls = 0
         self._weights_awake = True  # a fresh engine is fully awake
         self._kv_awake = True
@@ -229,7 +230,7 @@ class VLLMRolloutEngine:
             for i, prompt in enumerate(prompts):
                 for j in range(params.n):
                     requests.append(self._TokensPrompt(prompt_token_ids=prompt))
-                    sampling.append(self._sampling_params(params, row_seed(seed, prompt, j) % (2**31)))
+                    sampling.append(self._sampling_params(params, row_seed(seed, prompt, j)))
                     owners.append((member, i, j))
         outputs = []
         if requests:
