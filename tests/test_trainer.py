@@ -223,6 +223,9 @@ def test_vllm_engine_on_the_standin_two_ranks(tmp_path, cache, layout):
         assert c["stale_tensors"] == [0] * 4 and c["syncs"] == 4  # eval, 2 rollouts, eval: a fresh reload each
         assert events.count("reload") == 4 and events.count("sleep") == 4 and events[:2] == ["init", "reload"]
     assert checks[0]["vllm_events"] == checks[1]["vllm_events"]  # same generate rounds on both ranks
+    # the run's budget (train.max_prompt_tokens=400 + the longest response), not the model's context
+    assert 400 + 6 < checks[0]["vllm_init"]["max_model_len"] < 512
+    assert checks[0]["vllm_init"]["disable_custom_all_reduce"] and checks[0]["vllm_init"]["data_parallel_size"] == 1
     if layout == "parallel.tp=2":
         assert checks[0]["experiences"] == checks[1]["experiences"]
     else:

@@ -12,12 +12,12 @@ completions are broadcast to the group's other ranks (:mod:`megatron_pz.rollout.
 rank of a TP/PP group trains on identical data. Every rank still takes part in the weight sync
 (the export gathers TP shards and pipeline stages collectively).
 
-Decoding mirrors the Megatron engine (:mod:`megatron_pz.rollout.megatron_engine`): sequences sorted
-by prompt length, a batch prefilled up to its shortest prompt, then one position per step with longer
-prompts teacher-forced, so no padding or attention mask exists and a row's result does not depend on
-its batch-mates. Each sampled token uses the noise stream of (seed, prompt, sample index, position)
-and the same Gumbel-max sampler (:func:`~megatron_pz.rollout.sampling.sample_tokens`), so for equal
-logits both engines draw the same tokens, whatever the batching or the data-parallel layout.
+Decoding: sequences sorted by prompt length, batches left-padded with an attention mask (one prefill,
+then one forward per new token, as ``transformers`` batches; the Megatron engine instead teacher-forces
+longer prompts, which costs a forward per prompt-length difference). Each sampled token uses the noise
+stream of (seed, prompt, sample index, position) and the same Gumbel-max sampler as the Megatron engine
+(:func:`~megatron_pz.rollout.sampling.sample_tokens`), so for equal logits both engines draw the same
+tokens, whatever the batching or the data-parallel layout (padding changes logits only by rounding).
 """
 
 from __future__ import annotations
@@ -70,46 +70,53 @@ def build_hf_model(hf_config, dtype: torch.dtype = torch.float32, device="cpu") 
 @torch.no_grad()
 def decode_batch(model, prompts: list[list[int]], spec: SamplingSpec, max_new_tokens: int, row_seeds: list[int],
                  eos_ids: set[int], stops: StopChecker) -> list[Completion]:
-    """Sample one completion per prompt (rows may differ in length) with ``model``'s KV cache."""
+    """Sample one completion per prompt (rows may differ in length) with ``model``'s KV cache.
+
+    Rows are left-padded with an attention mask and per-row positions (one prefill, then exactly one
+    forward per new token), the way ``transformers`` batches generation.
+    """
     from transformers import DynamicCache
 
     device = next(model.parameters()).device
     batch = len(prompts)
-    lengths = [len(p) for p in prompts]
-    shortest = min(lengths)
-    capacity = max(lengths) + max_new_tokens
+    longest = max(len(p) for p in prompts)
     vocab_size = int(model.config.vocab_size)
-    tokens = torch.zeros(batch, capacity, dtype=torch.long, device=device)
+    tokens = torch.zeros(batch, longest, dtype=torch.long, device=device)
+    mask = torch.zeros(batch, longest, dtype=torch.long, device=device)
     for r, p in enumerate(prompts):
-        tokens[r, : len(p)] = torch.tensor(p, dtype=torch.long)
+        tokens[r, longest - len(p):] = torch.tensor(p, dtype=torch.long)
+        mask[r, longest - len(p):] = 1
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
     cache = DynamicCache(config=model.config)
     generated: list[list[int]] = [[] for _ in range(batch)]
     logprobs: list[list[float]] = [[] for _ in range(batch)]
     reasons = ["length"] * batch
     done = [False] * batch
-    logits = model(input_ids=tokens[:, :shortest], past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
-    position = shortest
+    logits = model(input_ids=tokens, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                   use_cache=True, logits_to_keep=1).logits[:, -1]
     while True:
         generators = [_seeded_generator(seed, len(generated[r]), device) for r, seed in enumerate(row_seeds)]
         sampled, lps = sample_tokens(logits, 0, vocab_size, spec, generators, None)
+        next_tokens = sampled.clone()
         sampled, lps = sampled.tolist(), lps.tolist()
         for r in range(batch):
-            if done[r] or position < lengths[r]:
-                continue  # finished, or still inside its prompt (teacher forced below)
+            if done[r]:
+                continue
             token = sampled[r]
             generated[r].append(token)
             logprobs[r].append(lps[r])
-            tokens[r, position] = token
             if token in eos_ids:
                 done[r], reasons[r] = True, "eos"
             elif stops.hit(generated[r]):
                 done[r], reasons[r] = True, "stop"
             elif len(generated[r]) >= max_new_tokens:
                 done[r] = True
-        position += 1
-        if all(done) or position >= capacity:
+        if all(done):
             break
-        logits = model(input_ids=tokens[:, position - 1: position], past_key_values=cache, use_cache=True).logits[:, -1]
+        mask = torch.cat([mask, mask.new_ones(batch, 1)], dim=1)
+        positions = positions[:, -1:] + 1
+        logits = model(input_ids=next_tokens.unsqueeze(1), attention_mask=mask, position_ids=positions,
+                       past_key_values=cache, use_cache=True).logits[:, -1]
     out = []
     for r in range(batch):
         text = stops.decode(generated[r])

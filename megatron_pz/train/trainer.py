@@ -213,6 +213,17 @@ def usable_passages(run: Run) -> list[int]:
     return usable
 
 
+def rollout_context_length(cfg: RunConfig) -> int:
+    """Prompt + longest response this run generates (vLLM's ``max_model_len`` unless
+    ``rollout.max_model_len`` is set; without it vLLM sizes its KV cache for the model's full context)."""
+    o, t = cfg.objective, cfg.train
+    responses = {"pretrainzero": max(o.generator_max_tokens, o.predictor_max_tokens),
+                 "random_rlpt": o.predictor_max_tokens, "rlp": o.rlp_thought_max_tokens}
+    longest = max(responses.get(o.name, o.ntr_max_tokens), o.generator_max_tokens, o.predictor_max_tokens,
+                  t.eval_max_new_tokens)  # the held-out eval runs the generator and predictor tasks
+    return t.max_prompt_tokens + longest + 8
+
+
 def train(cfg: RunConfig) -> dict:
     """Warm start (if configured), then the RL loop; resumes from ``run_dir/checkpoints``."""
     from megatron_pz.checkpoint import latest_checkpoint, load_checkpoint
@@ -262,7 +273,7 @@ def train(cfg: RunConfig) -> dict:
         ema.initialize_from(actor.chunks)
 
     engine = build_rollout_engine(cfg.rollout, actor.chunks, run.tokenizer, run.hf_config,
-                                  max_model_len=max(run.max_sequence_length(), t.max_prompt_tokens + t.eval_max_new_tokens + 8))
+                                  max_model_len=rollout_context_length(cfg))
     phases = RolloutPhases(engine, actor, refresh=cfg.rollout.refresh_weights)  # wake, sync, generate, sleep
     objective = build_objective(cfg.objective, run.tokenizer)
     scorer = MegatronScorer(actor, teacher, run.pad_id, t.max_tokens_per_micro_batch)

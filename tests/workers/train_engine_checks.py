@@ -91,6 +91,8 @@ def main(argv):
         import vllm
 
         records["vllm_events"] = [e[0] for e in vllm.EVENTS] if hasattr(vllm, "EVENTS") else None
+        records["vllm_init"] = {k: v for k, v in vllm.INSTANCES[0].init_kwargs.items()
+                                if k in ("max_model_len", "disable_custom_all_reduce", "data_parallel_size")}
     except ImportError:
         records["vllm_events"] = None
     rank = int(os.environ.get("RANK", "0"))
