@@ -1,7 +1,8 @@
 """The one interface every rollout engine implements, and the records it returns.
 
 Objectives talk only to this interface, so the same PretrainZero/RLP code runs on Megatron's own
-KV-cache decoder (CPU, fallback) and on vLLM (GPU).
+KV-cache decoder (CPU, fallback), on the ``hf`` engine's own transformers copy (CPU, vLLM's twin) and on
+vLLM (GPU).
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ the others, instead of generating the same prompts TP x PP times with different 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 import torch.distributed as dist
 

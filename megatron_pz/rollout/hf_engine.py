@@ -63,7 +63,9 @@ def build_hf_model(hf_config, dtype: torch.dtype = torch.float32, device="cpu") 
     """A randomly initialised ``transformers`` causal LM of the run's architecture (weights come by sync)."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
+    with torch.random.fork_rng(devices=[]):  # the random init must not move the run's RNG (resume replays it)
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
     return model.to(device).eval().requires_grad_(False)
 
 
