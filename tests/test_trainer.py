@@ -1,7 +1,8 @@
 """The trainer end to end on CPU: warm start + PretrainZero RL, resume, multi-rank parity, bad config.
 
 All runs use the real pipeline: gensim Wikipedia -> BPE -> preprocessed passages -> Megatron actor
--> Megatron KV-cache rollouts -> rewards -> GRPO update -> dist checkpoints.
+-> rollouts (the tiny default's `hf` engine, refreshed every step) -> rewards -> GRPO update -> dist
+checkpoints.
 """
 
 import json
@@ -161,14 +162,10 @@ def test_bad_config_fails_before_any_work(tmp_path):
         assert not run_dir.exists()  # nothing was started
 
 
-def engine_checks(output):
-    """rank -> the records tests/workers/train_engine_checks.py printed."""
-    found = {}
-    for line in output.splitlines():
-        if "ENGINE_CHECKS " in line:
-            _, rank, payload = line[line.index("ENGINE_CHECKS "):].split(" ", 2)
-            found[int(rank)] = json.loads(payload)
-    return found
+def engine_checks(run_dir):
+    """rank -> the records tests/workers/train_engine_checks.py wrote."""
+    return {int(p.stem.rsplit("rank", 1)[1]): json.loads(p.read_text())
+            for p in Path(run_dir).glob("engine_checks_rank*.json")}
 
 
 def train_checked(run_dir, cache, *overrides, nproc=1, standin=False):
@@ -179,8 +176,9 @@ def train_checked(run_dir, cache, *overrides, nproc=1, standin=False):
                                 capture_output=True, text=True, timeout=900, cwd=REPO_ROOT,
                                 env={**__import__("os").environ, "PYTHONPATH": str(REPO_ROOT)})
         assert result.returncode == 0, (result.stdout + result.stderr)[-6000:]
-        return engine_checks(result.stdout)
-    return engine_checks(run_torchrun("train_engine_checks.py", *args, nproc=nproc, timeout=900))
+    else:
+        run_torchrun("train_engine_checks.py", *args, nproc=nproc, timeout=900)
+    return engine_checks(run_dir)
 
 
 def test_hf_engine_is_refreshed_after_every_update(tmp_path, cache):

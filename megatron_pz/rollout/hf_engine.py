@@ -218,3 +218,27 @@ class HFRolloutEngine:
         from megatron_pz.rollout.weight_sync import stale_weights
 
         return stale_weights(self.model, model_chunks, self.hf_config, self.bucket_bytes)
+
+
+def check_refresh(model_chunks, tokenizer, hf_config, prompt_ids: list[int], max_new_tokens: int = 8) -> dict:
+    """Smoke check of the refresh on any device (``tools/gpu_smoke.py``): an ``hf`` engine on the actor's
+    device and dtype is synced from ``model_chunks``, must then hold the actor's export bit for bit, must
+    generate from a greedy prompt, and must still hold the same weights after a sleep/wake round trip.
+    Collective over the model-parallel group. Returns what it saw; raises on a failed check."""
+    from megatron_pz.rollout.factory import _param_dtype_and_device
+
+    dtype, device = _param_dtype_and_device(model_chunks)
+    engine = HFRolloutEngine(tokenizer, hf_config, dtype=dtype, device=device)
+    engine.update_weights(model_chunks)
+    stale = engine.stale_weights(model_chunks)
+    if stale:
+        raise RuntimeError(f"hf engine weights differ from the actor's export after a sync: {stale[:5]}")
+    completion = engine.generate([list(prompt_ids)], SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0,
+                                                                    seed=0))[0][0]
+    engine.sleep()
+    engine.wake()
+    stale = engine.stale_weights(model_chunks)
+    if stale:
+        raise RuntimeError(f"hf engine weights changed across sleep/wake: {stale[:5]}")
+    return {"device": str(device), "dtype": str(dtype), "tensors": engine.last_sync.num_tensors,
+            "sync_s": engine.last_sync.seconds, "tokens": completion.token_ids}

@@ -124,13 +124,7 @@ class VLLMRolloutEngine:
                 if start <= rank < start + tp:
                     self._engine_group, self._engine_ranks = group, ranks
         self.mp = model_parallel_generation_group()
-        # one folder per job: rank 0 writes it, every rank reads it (same node in the colocated setup)
-        if model_dir is None:
-            box = [write_model_dir(hf_config, tokenizer) if rank == 0 else None]
-            if dist.is_initialized():
-                dist.broadcast_object_list(box, src=0)
-            model_dir = box[0]
-        self.model_dir = model_dir
+        self.model_dir = model_dir or write_model_dir(hf_config, tokenizer)  # per rank: nodes share no temp dir
         # external_launcher needs the engine core in this process (vLLM sets it too; set before import use)
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         self.llm = self._vllm.LLM(

@@ -20,7 +20,7 @@ from rollout_common import EOS, byte_tokenizer, sharpen, tiny_hf_config  # noqa:
 from megatron_pz.config import ParallelConfig, RuntimeConfig  # noqa: E402
 from megatron_pz.model.provider import build_model  # noqa: E402
 from megatron_pz.rollout.base import SamplingParams  # noqa: E402
-from megatron_pz.rollout.hf_engine import HFRolloutEngine  # noqa: E402
+from megatron_pz.rollout.hf_engine import HFRolloutEngine, check_refresh  # noqa: E402
 from megatron_pz.rollout.megatron_engine import MegatronRolloutEngine  # noqa: E402
 from megatron_pz.runtime import initialize  # noqa: E402
 
@@ -77,6 +77,9 @@ def main():
     engine.update_weights([model])
     assert engine.stale_weights([model]) == []
     tp1 = key(engine.generate(prompts, sampled))
+    seen = check_refresh([model], tok, cfg, prompts[0])  # the smoke check tools/gpu_smoke.py runs on CUDA
+    assert seen["tokens"] == engine.generate(prompts[:1], SamplingParams(max_new_tokens=8, temperature=0.0,
+                                                                         seed=0))[0][0].token_ids
     engine.sleep()
     try:
         engine.generate(prompts, sampled)

@@ -3,8 +3,8 @@
 Wraps, without changing what they do: every rollout phase (after its weight sync, the ``hf`` engine's
 weights are compared with the actor's export, bit for bit), ``Actor.train_step`` (is every engine
 asleep?), and the objective's ``collect`` (a digest of the experiences of each step). With
-``--vllm-standin`` first, ``import vllm`` finds the test stand-in. Each rank prints one line
-``ENGINE_CHECKS <rank> <json>`` at the end.
+``--vllm-standin`` first, ``import vllm`` finds the test stand-in. Each rank writes what it saw to
+``<train.run_dir>/engine_checks_rank<R>.json`` at the end.
 """
 
 import contextlib
@@ -96,7 +96,8 @@ def main(argv):
     except ImportError:
         records["vllm_events"] = None
     rank = int(os.environ.get("RANK", "0"))
-    print(f"ENGINE_CHECKS {rank} {json.dumps(records)}", flush=True)
+    run_dir = next(a.split("=", 1)[1] for a in argv if a.startswith("train.run_dir="))
+    (Path(run_dir) / f"engine_checks_rank{rank}.json").write_text(json.dumps(records))
     return code
 
 
