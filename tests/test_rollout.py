@@ -173,6 +173,7 @@ def test_megatron_engine_tp2_pp2_ep2_equal_tp1():
     assert out.count("ROLLOUT_PARALLEL_OK") == 2
     for layout, reference in (("TP=2", "TP=1"), ("PP=2", "TP=1"), ("EP=2 (MoE)", "EP=1")):
         assert out.count(f"{layout} equals the {reference} reference") == 2
+    assert out.count("EP=2 phase with uneven generate calls finished") == 2
 
 
 @pytest.mark.slow
