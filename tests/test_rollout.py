@@ -199,3 +199,14 @@ def test_vllm_engine_orchestration_on_the_standin():
 def test_finish_param_sync_reads_fresh_weights_with_overlap_param_gather():
     out = run_torchrun("param_sync.py", nproc=2, timeout=300)
     assert out.count("PARAM_SYNC_OK") == 2
+
+
+def test_hf_engine_refuses_moe_models_clearly():
+    from megatron_pz.model.provider import load_hf_config
+    from megatron_pz.rollout.hf_engine import HFRolloutEngine
+
+    moe = load_hf_config(dict(model_type="qwen3_moe", vocab_size=64, hidden_size=32, intermediate_size=64,
+                              num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                              num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32))
+    with pytest.raises(ConfigError, match="rollout.engine=hf supports dense models only"):
+        HFRolloutEngine(None, moe)

@@ -55,3 +55,12 @@ class RolloutConfig:
             raise ConfigError(f"rollout.max_model_len must be >= 2 (or unset), got {self.max_model_len}")
         if self.tensor_parallel_size < 1:
             raise ConfigError(f"rollout.tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
+
+
+def check_engine_for_model(cfg: RolloutConfig, hf_config) -> None:
+    """What the chosen engine cannot run, refused before any work (the hf engine builds later)."""
+    from megatron_pz.config import num_experts_of
+
+    if cfg.engine == "hf" and num_experts_of(hf_config):
+        raise ConfigError("rollout.engine=hf supports dense models only: transformers 5 fuses MoE experts "
+                          "in memory while the weight sync sends them one by one (use megatron or vllm)")

@@ -156,6 +156,9 @@ class HFRolloutEngine:
 
     def __init__(self, tokenizer, hf_config, max_batch_size: int = 32, seed: int = 1234, bucket_mb: int = 512,
                  dtype: torch.dtype = torch.float32, device="cpu"):
+        from megatron_pz.rollout.config import RolloutConfig, check_engine_for_model
+
+        check_engine_for_model(RolloutConfig(engine="hf"), hf_config)
         self.tokenizer = tokenizer
         self.hf_config = hf_config
         self.vocab_size = int(hf_config.vocab_size)

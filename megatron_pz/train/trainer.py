@@ -123,6 +123,9 @@ class Run:
         if cfg.runtime.world_size and cfg.runtime.world_size != world:
             raise ConfigError(f"runtime.world_size={cfg.runtime.world_size} but {world} ranks were launched")
         validate_parallel_sizes(cfg.parallel, self.hf_config, world)
+        from megatron_pz.rollout.config import check_engine_for_model
+
+        check_engine_for_model(cfg.rollout, self.hf_config)
         self.info = initialize(cfg.parallel, cfg.runtime)
         self.data_path = _data_on_rank0_first(cfg)
         opts = dict(heldout_fraction=cfg.data.heldout_fraction, max_span_words=cfg.data.max_span_words,
