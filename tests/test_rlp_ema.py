@@ -59,6 +59,37 @@ def test_ema_per_parameter_values_and_checkpoint():
         assert torch.equal(a, b)
 
 
+def test_ema_moves_a_bf16_teacher():
+    """RLP's tau = 0.999 on a bf16 teacher: a 0.1 % step is below bf16's resolution, so an average
+    kept in bf16 never moves. After 1,000 steps toward a policy 2 bf16 ulps away the fp32 average is
+    1 + d * (1 - 0.999**1000) and the teacher holds it rounded to bf16 (the old code stayed at 1.0)."""
+    policy = [Wrapper(net(1.0).to(torch.bfloat16))]
+    teacher = EmaTeacher([net(1.0).to(torch.bfloat16)], tau=0.999)
+    teacher.update(policy)  # initialise
+    target = torch.tensor(1.0 + 2 * 2.0 ** -7, dtype=torch.bfloat16)  # 1.015625, exact in bf16
+    with torch.no_grad():
+        for p in policy[0].module.parameters():
+            p.fill_(target)
+    for _ in range(1000):
+        teacher.update(policy)
+    expected = 1.0 + (target.item() - 1.0) * (1.0 - 0.999 ** 1000)  # 1.009880...
+    for name, p in unwrap_params(teacher):
+        assert p.dtype == torch.bfloat16
+        assert torch.all(p == torch.tensor(expected, dtype=torch.bfloat16)), (name, p)  # 1.0078125, not 1.0
+        assert torch.allclose(teacher.shadow[name], torch.full_like(teacher.shadow[name], expected), atol=5e-5)
+    # the shadow survives the EMA's own checkpoint
+    restored = EmaTeacher([net(0.0).to(torch.bfloat16)], tau=0.5)
+    restored.load_state_dict(teacher.state_dict())
+    assert restored.shadow.keys() == teacher.shadow.keys()
+    assert all(torch.equal(restored.shadow[k], teacher.shadow[k]) for k in teacher.shadow)
+
+
+def unwrap_params(teacher):
+    from megatron_pz.rl.ema import _named_params
+
+    return list(_named_params(teacher.chunks).items())
+
+
 def test_ema_refuses_mismatched_models():
     teacher = EmaTeacher([net(0.0)], tau=0.9)
     with pytest.raises(ValueError, match="only in policy"):

@@ -91,9 +91,77 @@ def test_buckets_respect_bound_and_round_trip():
 
 def test_rollout_config_validation():
     with pytest.raises(ConfigError, match="rollout.engine"):
-        RolloutConfig(engine="hf").validate()
+        RolloutConfig(engine="sglang").validate()
     with pytest.raises(ConfigError, match="rollout.gpu_memory_utilization"):
         RolloutConfig(gpu_memory_utilization=1.5).validate()
+    RolloutConfig(engine="hf").validate()
+    assert RolloutConfig().sleep_level == 2 and RolloutConfig().refresh_weights  # weights are resent every step
+    with pytest.raises(ConfigError, match="rollout.refresh_weights=false .* rollout.sleep_level=1"):
+        RolloutConfig(engine="vllm", refresh_weights=False).validate()
+    RolloutConfig(engine="vllm", refresh_weights=False, sleep_level=1).validate()
+    RolloutConfig(engine="hf", refresh_weights=False).validate()
+
+
+def test_phase_protocol_order_and_sync_policy():
+    """wake -> sync (only when the weights changed, or were discarded by sleep) -> generate ->
+    finish_phase -> sleep; refresh off syncs once; phases do not nest; sleep also follows an error."""
+    from megatron_pz.rollout.phase import RolloutPhases
+
+    log = []
+
+    class Engine:
+        owns_weights, keeps_weights_asleep = True, True
+
+        def wake(self):
+            log.append("wake")
+
+        def update_weights(self, chunks):
+            log.append(f"sync {chunks}")
+
+        def finish_phase(self):
+            log.append("finish")
+
+        def sleep(self):
+            log.append("sleep")
+
+    class Actor:
+        chunks = "v0"
+
+        def finish_param_sync(self):
+            log.append("gather")
+
+    engine, actor = Engine(), Actor()
+    phases = RolloutPhases(engine, actor)
+    for _ in range(2):
+        with phases.generating() as e:
+            assert e is engine
+            log.append("generate")
+    actor.chunks = "v1"
+    phases.weights_updated()
+    with phases.generating():
+        log.append("generate")
+    assert log == ["wake", "gather", "sync v0", "generate", "finish", "sleep",
+                   "wake", "generate", "finish", "sleep",
+                   "wake", "gather", "sync v1", "generate", "finish", "sleep"]
+    assert phases.syncs == 2
+    log.clear()
+    engine.keeps_weights_asleep = False  # vLLM level 2: every phase reloads
+    with phases.generating():
+        with pytest.raises(RuntimeError, match="do not nest"):
+            with phases.generating():
+                pass
+    assert log == ["wake", "gather", "sync v1", "finish", "sleep"]
+    log.clear()
+    with pytest.raises(ValueError):
+        with phases.generating():
+            raise ValueError("objective failed")
+    assert log[-1] == "sleep"
+    frozen = RolloutPhases(Engine(), actor, refresh=False)
+    for _ in range(3):
+        frozen.weights_updated()
+        with frozen.generating():
+            pass
+    assert frozen.syncs == 1
 
 
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vLLM is installed here")
@@ -120,6 +188,7 @@ def test_megatron_engine_tp2_pp2_ep2_equal_tp1():
     assert out.count("ROLLOUT_PARALLEL_OK") == 2
     for layout, reference in (("TP=2", "TP=1"), ("PP=2", "TP=1"), ("EP=2 (MoE)", "EP=1")):
         assert out.count(f"{layout} equals the {reference} reference") == 2
+    assert out.count("EP=2 phase with uneven generate calls finished") == 2
 
 
 @pytest.mark.slow
@@ -127,3 +196,32 @@ def test_weight_sync_buckets_into_hf_model():
     out = run_torchrun("rollout_weight_sync.py", nproc=2, timeout=300)
     assert out.count("ROLLOUT_SYNC_OK") == 2
 
+
+
+@pytest.mark.slow
+def test_hf_engine_refresh_sampling_and_tp_group():
+    out = run_torchrun("rollout_hf_engine.py", nproc=2, timeout=300)
+    assert out.count("ROLLOUT_HF_OK") == 2
+
+
+@pytest.mark.slow
+def test_vllm_engine_orchestration_on_the_standin():
+    out = run_torchrun("rollout_vllm_standin.py", nproc=2, timeout=300)
+    assert out.count("ROLLOUT_VLLM_STANDIN_OK") == 2
+
+
+@pytest.mark.slow
+def test_finish_param_sync_reads_fresh_weights_with_overlap_param_gather():
+    out = run_torchrun("param_sync.py", nproc=2, timeout=300)
+    assert out.count("PARAM_SYNC_OK") == 2
+
+
+def test_hf_engine_refuses_moe_models_clearly():
+    from megatron_pz.model.provider import load_hf_config
+    from megatron_pz.rollout.hf_engine import HFRolloutEngine
+
+    moe = load_hf_config(dict(model_type="qwen3_moe", vocab_size=64, hidden_size=32, intermediate_size=64,
+                              num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                              num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32))
+    with pytest.raises(ConfigError, match="rollout.engine=hf supports dense models only"):
+        HFRolloutEngine(None, moe)

@@ -1,7 +1,8 @@
 """The trainer end to end on CPU: warm start + PretrainZero RL, resume, multi-rank parity, bad config.
 
 All runs use the real pipeline: gensim Wikipedia -> BPE -> preprocessed passages -> Megatron actor
--> Megatron KV-cache rollouts -> rewards -> GRPO update -> dist checkpoints.
+-> rollouts (the tiny default's `hf` engine, refreshed every step) -> rewards -> GRPO update -> dist
+checkpoints.
 """
 
 import json
@@ -174,3 +175,73 @@ def test_schedule_then_mixture(tmp_path, cache):
     assert rl[2]["pretrainzero/passages"] == 3 and rl[2]["rlp/passages"] == 1  # 4 passages split 3:1
     assert "pretrainzero/generator/valid_mask_rate" in rl[2] and "rlp/rlp/info_gain_mean" in rl[2]
     assert "random_rlpt/masked_passages" not in rl[2]
+
+
+def engine_checks(run_dir):
+    """rank -> the records tests/workers/train_engine_checks.py wrote."""
+    return {int(p.stem.rsplit("rank", 1)[1]): json.loads(p.read_text())
+            for p in Path(run_dir).glob("engine_checks_rank*.json")}
+
+
+def train_checked(run_dir, cache, *overrides, nproc=1, standin=False):
+    args = (["--vllm-standin"] if standin else []) + ["train", CONFIG, *TINY, f"data.default_cache_dir={cache}",
+                                                      f"train.run_dir={run_dir}", *overrides]
+    if nproc == 1:
+        result = subprocess.run([sys.executable, str(REPO_ROOT / "tests" / "workers" / "train_engine_checks.py"), *args],
+                                capture_output=True, text=True, timeout=900, cwd=REPO_ROOT,
+                                env={**__import__("os").environ, "PYTHONPATH": str(REPO_ROOT)})
+        assert result.returncode == 0, (result.stdout + result.stderr)[-6000:]
+    else:
+        run_torchrun("train_engine_checks.py", *args, nproc=nproc, timeout=900)
+    return engine_checks(run_dir)
+
+
+def test_hf_engine_is_refreshed_after_every_update(tmp_path, cache):
+    """rollout.engine=hf holds its own transformers copy: after every update it equals the actor's export
+    bit for bit and the rollout-vs-train log-prob drift stays ~0 while the policy moves; with the refresh
+    switched off (the diagnostic knob) the copy goes stale and the drift grows."""
+    args = [*COMMON, "rollout.engine=hf"]
+    on = train_checked(tmp_path / "on", cache, *args)[0]
+    off = train_checked(tmp_path / "off", cache, *args, "rollout.refresh_weights=false")[0]
+    _, rl_on = rl_records(tmp_path / "on")
+    _, rl_off = rl_records(tmp_path / "off")
+    # eval before, 3 rollouts, eval after: one sync before the first phase, then one per update
+    assert on["stale_tensors"] == [0] * 5 and on["syncs_at_phase"] == [1, 1, 2, 3, 4] and on["syncs"] == 4
+    assert on["asleep_in_update"] == [True] * 3
+    assert off["syncs"] == 1 and off["stale_tensors"][:2] == [0, 0] and min(off["stale_tensors"][2:]) > 0
+    for step in (1, 2, 3):
+        assert rl_on[step]["grad_norm"] > 1e-4  # the policy moves
+        assert rl_on[step]["rollout/logp_diff_mean"] < 1e-5
+        assert rl_on[step]["rollout/weight_syncs"] == step
+    assert rl_off[1]["rollout/logp_diff_mean"] < 1e-5  # before any update both are the same weights
+    assert rl_off[2]["rollout/logp_diff_mean"] > 1e-3 and rl_off[3]["rollout/logp_diff_mean"] > 1e-3
+
+
+@pytest.mark.parametrize("layout", ["parallel.tp=2", "parallel.tp=1"], ids=["actor_tp2", "actor_dp2"])
+def test_vllm_engine_on_the_standin_two_ranks(tmp_path, cache, layout):
+    """VLLMRolloutEngine (one vLLM TP=2 engine over both ranks) on the vLLM 0.32 stand-in, in the trainer.
+    Actor TP=2: both ranks train on identical experiences, generated once (rank 1 has no prompts of its
+    own, yet runs every llm.generate: the stand-in checks both ranks submit the same requests).
+    Actor DP=2: the ranks ask for different prompts in the same engine. Both: the engine sleeps during
+    every update, reloads once per rollout phase (level 2 discards the weights) with the actor's
+    current weights, and the rollout-vs-train drift stays ~0."""
+    args = [*COMMON, "train.steps=2", "train.save_interval=2", "rollout.engine=vllm",
+            "rollout.tensor_parallel_size=2", "rollout.dtype=float32", layout]
+    checks = train_checked(tmp_path / "run", cache, *args, nproc=2, standin=True)
+    _, rl = rl_records(tmp_path / "run")
+    assert sorted(checks) == [0, 1]
+    for c in checks.values():
+        events = c["vllm_events"]
+        assert c["asleep_in_update"] == [True, True]
+        assert c["stale_tensors"] == [0] * 4 and c["syncs"] == 4  # eval, 2 rollouts, eval: a fresh reload each
+        assert events.count("reload") == 4 and events.count("sleep") == 4 and events[:2] == ["init", "reload"]
+    assert checks[0]["vllm_events"] == checks[1]["vllm_events"]  # same generate rounds on both ranks
+    # the run's budget (train.max_prompt_tokens=400 + the longest response), not the model's context
+    assert 400 + 6 < checks[0]["vllm_init"]["max_model_len"] < 512
+    assert checks[0]["vllm_init"]["disable_custom_all_reduce"] and checks[0]["vllm_init"]["data_parallel_size"] == 1
+    if layout == "parallel.tp=2":
+        assert checks[0]["experiences"] == checks[1]["experiences"]
+    else:
+        assert checks[0]["experiences"] != checks[1]["experiences"]
+    for step in (1, 2):
+        assert rl[step]["rollout/logp_diff_mean"] < 1e-5 and rl[step]["grad_norm"] > 1e-4

@@ -7,9 +7,17 @@ so every rank updates its own shard locally (no communication). Parameters are m
 after unwrapping DDP / Float16Module ``.module`` wrappers; a missing or extra name is an error,
 never a silent skip. Buffers are not averaged (Megatron's are derived, e.g. rotary frequencies).
 
+Precision: the average is kept in fp32. In bf16 a 0.1 % step (tau = 0.999) is below the format's
+resolution (8 bits of mantissa), so ``phi.mul_(tau).add_(theta, alpha=1 - tau)`` rounds back to
+``phi`` and the teacher never moves. A teacher in bf16/fp16 therefore gets an fp32 shadow of each
+parameter; the shadow is averaged and the teacher's parameter is the shadow rounded to its dtype. An
+fp32 teacher is its own average (no shadow). The policy side is read as it is (call
+``Actor.finish_param_sync`` first when parameters are gathered lazily).
+
 Checkpointing: ``state_dict()`` holds tau, the initialised flag and each teacher chunk's
-``state_dict``; a trainer using distributed checkpoints may instead save the teacher chunks like
-model chunks (``sharded_state_dict``) and ``EmaTeacher.initialized`` with its own state.
+``state_dict`` and the fp32 shadows; a trainer using distributed checkpoints may instead save the
+teacher chunks like model chunks (``sharded_state_dict``) and ``EmaTeacher.initialized`` with its own
+state; the shadow is then rebuilt from the restored (rounded) teacher at the first update.
 """
 
 from __future__ import annotations
@@ -38,6 +46,7 @@ class EmaTeacher:
         self.chunks = list(teacher_chunks)
         self.tau = float(tau)
         self.initialized = False
+        self.shadow: dict[str, torch.Tensor] = {}  # fp32 averages of the non-fp32 teacher parameters
         for chunk in self.chunks:
             unwrap(chunk).requires_grad_(False)
             chunk.eval()
@@ -55,13 +64,16 @@ class EmaTeacher:
             if phi.shape != theta.shape:
                 raise ValueError(f"EMA parameter {name}: teacher shape {tuple(phi.shape)} != "
                                  f"policy shape {tuple(theta.shape)}")
-            yield phi, theta
+            yield name, phi, theta
 
     @torch.no_grad()
     def initialize_from(self, policy_chunks) -> None:
         """phi <- theta (RLP: on the first batch)."""
-        for phi, theta in self._pairs(policy_chunks):
+        self.shadow = {}
+        for name, phi, theta in self._pairs(policy_chunks):
             phi.copy_(theta)
+            if phi.dtype != torch.float32:
+                self.shadow[name] = theta.detach().float().clone()
         self.initialized = True
 
     @torch.no_grad()
@@ -70,12 +82,20 @@ class EmaTeacher:
         if not self.initialized:
             self.initialize_from(policy_chunks)
             return
-        for phi, theta in self._pairs(policy_chunks):
-            phi.mul_(self.tau).add_(theta.to(phi.dtype), alpha=1.0 - self.tau)
+        for name, phi, theta in self._pairs(policy_chunks):
+            if phi.dtype == torch.float32:
+                phi.mul_(self.tau).add_(theta.float(), alpha=1.0 - self.tau)
+                continue
+            average = self.shadow.get(name)
+            if average is None:  # after a restore of the rounded teacher only
+                average = self.shadow[name] = phi.detach().float().clone()
+            average.mul_(self.tau).add_(theta.float(), alpha=1.0 - self.tau)
+            phi.copy_(average)
 
     def state_dict(self) -> dict:
         return {"tau": self.tau, "initialized": self.initialized,
-                "chunks": [unwrap(c).state_dict() for c in self.chunks]}
+                "chunks": [unwrap(c).state_dict() for c in self.chunks],
+                "shadow": {k: v.clone() for k, v in self.shadow.items()}}
 
     def load_state_dict(self, state: dict) -> None:
         if len(state["chunks"]) != len(self.chunks):
@@ -84,3 +104,4 @@ class EmaTeacher:
             unwrap(chunk).load_state_dict(sd)
         self.tau = float(state["tau"])
         self.initialized = bool(state["initialized"])
+        self.shadow = {k: v.clone().float() for k, v in state.get("shadow", {}).items()}

@@ -1,7 +1,8 @@
 """The one interface every rollout engine implements, and the records it returns.
 
 Objectives talk only to this interface, so the same PretrainZero/RLP code runs on Megatron's own
-KV-cache decoder (CPU, fallback) and on vLLM (GPU).
+KV-cache decoder (CPU, fallback), on the ``hf`` engine's own transformers copy (CPU, vLLM's twin) and on
+vLLM (GPU).
 """
 
 from __future__ import annotations
@@ -33,7 +34,13 @@ class Completion:
 
 
 class RolloutEngine(Protocol):
-    """Generates ``n`` completions for each prompt. Returns them grouped: result[i] has n items."""
+    """Generates ``n`` completions for each prompt. Returns them grouped: result[i] has n items.
+
+    Callers drive an engine through :class:`megatron_pz.rollout.phase.RolloutPhases` (wake -> sync the
+    new weights -> generate -> finish_phase -> sleep), never through these methods one by one.
+    """
+
+    owns_weights: bool  # True: holds its own copy of the weights, which update_weights refreshes
 
     def generate(self, prompts: Sequence[list[int]], params: SamplingParams) -> list[list[Completion]]:
         ...
@@ -47,4 +54,8 @@ class RolloutEngine(Protocol):
         ...
 
     def wake(self) -> None:
+        ...
+
+    def finish_phase(self) -> None:
+        """End of a rollout phase: serve peers' pending collective generation (see phase.py)."""
         ...

@@ -2,15 +2,28 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 from megatron_pz.rollout.config import RolloutConfig
 
 
-def build_rollout_engine(cfg: RolloutConfig, model_chunks, tokenizer, hf_config):
+def _param_dtype_and_device(model_chunks):
+    """The dtype/device of the actor's parameters (what the export hands to an engine's own copy)."""
+    for chunk in model_chunks:
+        for p in chunk.parameters():
+            return p.dtype, p.device
+    raise ValueError("the actor has no parameters")
+
+
+def build_rollout_engine(cfg: RolloutConfig, model_chunks, tokenizer, hf_config, max_model_len: Optional[int] = None):
     """The configured :class:`~megatron_pz.rollout.base.RolloutEngine`.
 
-    ``megatron``: decodes on ``model_chunks`` themselves (weights shared). ``vllm``: a colocated vLLM
-    engine that starts with the actor's current weights (vLLM is imported only here, lazily).
-    Call after :func:`megatron_pz.runtime.initialize`; collective over the whole world for vLLM.
+    ``megatron``: decodes on ``model_chunks`` themselves (weights shared). ``hf`` and ``vllm`` hold
+    their own copy of the weights, which :class:`~megatron_pz.rollout.phase.RolloutPhases` pushes at
+    the start of each rollout phase after an update (vLLM is imported only here, lazily).
+    ``max_model_len``: the run's prompt + response budget (vLLM's context length when
+    ``rollout.max_model_len`` is unset). Call after :func:`megatron_pz.runtime.initialize`;
+    collective over the whole world for ``hf`` and ``vllm``.
     """
     cfg.validate()
     if cfg.engine == "megatron":
@@ -18,6 +31,12 @@ def build_rollout_engine(cfg: RolloutConfig, model_chunks, tokenizer, hf_config)
 
         return MegatronRolloutEngine(model_chunks, tokenizer, hf_config,
                                      max_batch_size=cfg.max_batch_size, seed=cfg.seed)
+    if cfg.engine == "hf":
+        from megatron_pz.rollout.hf_engine import HFRolloutEngine
+
+        dtype, device = _param_dtype_and_device(model_chunks)
+        return HFRolloutEngine(tokenizer, hf_config, max_batch_size=cfg.max_batch_size, seed=cfg.seed,
+                               bucket_mb=cfg.bucket_mb, dtype=dtype, device=device)
     from megatron_pz.rollout.vllm_engine import VLLMRolloutEngine
 
-    return VLLMRolloutEngine(cfg, tokenizer, hf_config, model_chunks=model_chunks)
+    return VLLMRolloutEngine(cfg, tokenizer, hf_config, max_model_len=cfg.max_model_len or max_model_len)

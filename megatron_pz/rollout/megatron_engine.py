@@ -21,7 +21,10 @@ steps, which the static context does not carry.
 Expert parallelism: MoE layers exchange tokens with all-to-all over the EP group, so every rank of that
 group must run the same number of forward passes even when its prompts finish earlier (or it has
 fewer batches): the number of batches, the cache length and the "all done" flag are all-reduced over
-the EP group, and a rank with nothing left decodes a dummy row whose output is discarded.
+the EP group, and a rank with nothing left decodes a dummy row whose output is discarded. Each call
+opens with one all-reduce over the EP group, so a rank whose objective skipped a call (no prompts of its
+own) joins its peers' remaining calls in :meth:`MegatronRolloutEngine.finish_phase` at the end of the
+rollout phase.
 
 Sequence parallelism (TE spec) cannot split one-token decode steps: it is switched off for the
 rollout and restored after, as Megatron's own static controller does (kept in MoE layers when TP and
@@ -118,6 +121,8 @@ class StopChecker:
 class MegatronRolloutEngine:
     """:class:`~megatron_pz.rollout.base.RolloutEngine` on the actor's Megatron modules."""
 
+    owns_weights = False  # decodes on the actor's modules: nothing to refresh
+
     def __init__(
         self,
         model_chunks,
@@ -167,8 +172,23 @@ class MegatronRolloutEngine:
     def wake(self) -> None:
         pass
 
+    def finish_phase(self) -> None:
+        """End of a rollout phase. Expert parallelism: MoE layers exchange tokens over the EP group, so
+        a rank whose objective made fewer ``generate`` calls (no prompts of its own) keeps decoding
+        dummy rows in its peers' remaining calls until every peer has finished its phase too."""
+        if self.ep_group is None:
+            return
+        dummy = SamplingParams(max_new_tokens=1, temperature=0.0)
+        while self._group_max(0, self.ep_group):  # a peer started another generate call
+            num_batches = self._group_max(0, self.ep_group)
+            with self._rollout_mode():
+                for b in range(num_batches):
+                    self._decode_batch([[0]], dummy, [self._row_seed(0, [0], b)], dummy=True)
+
     def generate(self, prompts: Sequence[list[int]], params: SamplingParams) -> list[list[Completion]]:
         validate_request(prompts, params, self.vocab_size)
+        if self.ep_group is not None:  # one round per call: peers in finish_phase answer 0 here
+            self._group_max(1, self.ep_group)
         seed = self.seed + self._calls if params.seed is None else int(params.seed)
         self._calls += 1
         items = [(i, j, list(map(int, p))) for i, p in enumerate(prompts) for j in range(params.n)]

@@ -28,7 +28,6 @@ TP-invariant random stream, hence this module.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -158,8 +157,19 @@ def sample_tokens(
             perturbed = scores + noise[:, vocab_start: vocab_start + shard]
             vals, idx = perturbed.max(dim=-1)
             tokens = _pick_max(all_gather_stack(vals, group), all_gather_stack(idx + vocab_start, group))
+    return tokens, reported_logprobs(logits, tokens, vocab_start, group, spec.temperature)
+
+
+def reported_logprobs(logits: torch.Tensor, tokens: torch.Tensor, vocab_start: int, group=None,
+                      temperature: float = 1.0) -> torch.Tensor:
+    """The per-token log-prob every rollout engine reports for its sampled ``tokens`` (``[b]``).
+
+    ``log softmax(logits / T)[token]`` at the sampling temperature (before top-k/top-p; greedy counts as
+    T = 1): the policy that sampled, which the trainer recomputes at each row's temperature
+    (:func:`megatron_pz.rl.logprobs.logits_at_temperature`, one rule for every engine and the trainer).
+    The Megatron and the ``hf`` engine both call this function. Collective over ``group``.
+    """
     from megatron_pz.rl.logprobs import logits_at_temperature
 
-    scaled = logits_at_temperature(logits, spec.temperature)
-    logprobs = _token_logits(scaled, tokens, vocab_start, group) - sharded_logsumexp(scaled, group)
-    return tokens, logprobs
+    scaled = logits_at_temperature(logits.float(), temperature)
+    return _token_logits(scaled, tokens, vocab_start, group) - sharded_logsumexp(scaled, group)

@@ -200,3 +200,24 @@ class HFModelTarget:
         skip = {"lm_head.weight"} if tied else set()
         params = {n for n, _ in self.model.named_parameters(remove_duplicate=False)}
         return sorted(params - self.loaded - skip)
+
+
+def stale_weights(model: Optional[torch.nn.Module], model_chunks, hf_config, bucket_bytes: int = 64 * 1024 * 1024
+                  ) -> list[str]:
+    """HF names whose tensor in ``model`` is not bit-for-bit the actor's current export (empty: fresh).
+
+    The refresh check of a rollout engine with its own weights (tests, ``tools/gpu_smoke.py``):
+    collective like :func:`sync_weights` (every rank of the model-parallel group calls it); a rank
+    whose ``model`` is None only takes part in the export and returns []. A tied head is compared
+    through the embedding, as the sync writes it.
+    """
+    state = model.state_dict() if model is not None else None
+    differ: list[str] = []
+    for bucket in iter_model_buckets(model_chunks, hf_config, bucket_bytes):
+        if state is None:
+            continue
+        for name, tensor in bucket.tensors():
+            mine = state.get(name)
+            if mine is None or mine.dtype != tensor.dtype or not torch.equal(mine, tensor.to(mine.device)):
+                differ.append(name)
+    return differ

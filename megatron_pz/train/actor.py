@@ -217,6 +217,24 @@ class Actor:
             chunk.train()
         return collected
 
+    def finish_param_sync(self) -> None:
+        """Make every parameter hold the values of the last optimizer step, on every rank.
+
+        With the distributed optimizer and ``overlap_param_gather``, ``optimizer.step`` updates only
+        this rank's shard; the all-gather of the rest is dispatched lazily by the next forward pass
+        (megatron-core 0.16.1: ``DistributedDataParallel`` forward pre-hooks call the bucket groups'
+        ``finish_param_sync``, ``param_gather_dispatched`` is reset by ``finish_grad_sync``). Anything
+        that reads parameters between a step and the next forward (the EMA teacher, a weight sync to
+        a rollout engine) calls this first: bucket groups whose all-gather was not dispatched are
+        gathered now, pending ones are waited for; the next forward then finds them done.
+        """
+        for chunk in self.chunks:
+            if not getattr(chunk, "use_forward_hook", False):
+                continue  # gathered synchronously inside optimizer.step (or no distributed optimizer)
+            for group in chunk.bucket_groups + chunk.expert_parallel_bucket_groups:
+                if not group.param_gather_dispatched or group.param_gather_handle is not None:
+                    group.start_param_sync(force_sync=True)
+
 
 def equalize_micro_batches(batches: list[MicroBatch], pad_id: int = 0,
                            pad_to_multiple: int = 1) -> list[MicroBatch]:

@@ -8,6 +8,8 @@ Each data-parallel rank evaluates its slice; the counts are summed over ranks.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.distributed as dist
 
@@ -34,15 +36,44 @@ def build_eval_items(heldout, cfg) -> dict[str, list]:
             for source in ("candidates", "words")}
 
 
-def evaluate(engine, tokenizer, heldout, items: dict[str, list], cfg, dp_rank: int, dp_size: int
+def _rollout_phase(rollout):
+    """One rollout phase of a :class:`~megatron_pz.rollout.phase.RolloutPhases` (wake, sync, ..., sleep);
+    a bare engine (tests) is used as it is."""
+    if hasattr(rollout, "generating"):
+        return rollout.generating()
+    return contextlib.nullcontext(rollout)
+
+
+def evaluate(rollout, tokenizer, heldout, items: dict[str, list], cfg, dp_rank: int, dp_size: int
              ) -> tuple[dict[str, float], list[dict]]:
-    """``cfg`` is the RunConfig, ``items`` from :func:`build_eval_items`; returns (eval/* metrics
-    identical on every rank, this rank's samples).
+    """``rollout``: the run's :class:`~megatron_pz.rollout.phase.RolloutPhases` (or a bare engine);
+    ``cfg`` is the RunConfig, ``items`` from :func:`build_eval_items`; returns (eval/* metrics
+    identical on every rank, this rank's samples). All generation happens in one rollout phase, which
+    ends before the counts are summed over ranks.
 
     ``eval/mask_accuracy`` masks the preprocessor's span candidates (content words: the hard task);
     ``eval/word_mask_accuracy`` masks any single word the run's validity rules accept (function
     words included unless ``content_words_only``: what the generator may legally pick).
     """
+    with _rollout_phase(rollout) as engine:
+        totals, samples, valid, passages = _generate_eval(engine, tokenizer, heldout, items, cfg, dp_rank, dp_size)
+    totals = torch.tensor(totals + [valid, float(len(passages))], dtype=torch.float64)
+    if dist.is_initialized():
+        from megatron.core import parallel_state as ps
+
+        totals /= ps.get_tensor_model_parallel_world_size() * ps.get_pipeline_model_parallel_world_size() \
+            * ps.get_context_parallel_world_size()
+        dist.all_reduce(totals)
+    # a rate over no items is not 0: it is left out (the CLI prints n/a), the counts are kept
+    metrics = {"eval/num_spans": totals[1].item(), "eval/num_words": totals[3].item()}
+    for name, (hits, count) in {"eval/mask_accuracy": totals[0:2], "eval/word_mask_accuracy": totals[2:4],
+                                "eval/generator_valid_mask_rate": totals[4:6]}.items():
+        if count > 0:
+            metrics[name] = (hits / count).item()
+    return metrics, samples
+
+
+def _generate_eval(engine, tokenizer, heldout, items, cfg, dp_rank: int, dp_size: int):
     t, o = cfg.train, cfg.objective
     generate_answer = _greedy(engine, tokenizer, t.eval_max_new_tokens, o.predictor_stop)
     totals, samples = [], []
@@ -64,17 +95,4 @@ def evaluate(engine, tokenizer, heldout, items: dict[str, list], cfg, dp_rank: i
         valid = float(sum(v == "ok" for v in verdicts))
         samples += [{"eval": "generator", "passage": p.index, "response": x, "verdict": v}
                     for p, x, v in zip(passages, texts, verdicts)]
-    totals = torch.tensor(totals + [valid, float(len(passages))], dtype=torch.float64)
-    if dist.is_initialized():
-        from megatron.core import parallel_state as ps
-
-        totals /= ps.get_tensor_model_parallel_world_size() * ps.get_pipeline_model_parallel_world_size() \
-            * ps.get_context_parallel_world_size()
-        dist.all_reduce(totals)
-    # a rate over no items is not 0: it is left out (the CLI prints n/a), the counts are kept
-    metrics = {"eval/num_spans": totals[1].item(), "eval/num_words": totals[3].item()}
-    for name, (hits, count) in {"eval/mask_accuracy": totals[0:2], "eval/word_mask_accuracy": totals[2:4],
-                                "eval/generator_valid_mask_rate": totals[4:6]}.items():
-        if count > 0:
-            metrics[name] = (hits / count).item()
-    return metrics, samples
+    return totals, samples, valid, passages

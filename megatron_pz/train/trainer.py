@@ -203,8 +203,10 @@ class Run:
             raise ConfigError(f"runtime.world_size={cfg.runtime.world_size} but {world} ranks were launched")
         validate_parallel_sizes(cfg.parallel, self.hf_config, world)
         from megatron_pz.memory_plan import check_at_startup
+        from megatron_pz.rollout.config import check_engine_for_model
         from megatron_pz.runtime.distributed import resolve_device
 
+        check_engine_for_model(cfg.rollout, self.hf_config)
         check_at_startup(cfg, self.hf_config, world, resolve_device(cfg.runtime.device).type,
                          rank=int(os.environ.get("RANK", "0")))  # refuses an unfit plan before any model is built
         self.info = initialize(cfg.parallel, cfg.runtime)
@@ -296,12 +298,24 @@ def usable_passages(run: Run) -> list[int]:
     return usable
 
 
+def rollout_context_length(cfg: RunConfig) -> int:
+    """Prompt + longest response this run generates (vLLM's ``max_model_len`` unless
+    ``rollout.max_model_len`` is set; without it vLLM sizes its KV cache for the model's full context)."""
+    o, t = cfg.objective, cfg.train
+    responses = {"pretrainzero": max(o.generator_max_tokens, o.predictor_max_tokens),
+                 "random_rlpt": o.predictor_max_tokens, "rlp": o.rlp_thought_max_tokens}
+    longest = max(responses.get(o.name, o.ntr_max_tokens), o.generator_max_tokens, o.predictor_max_tokens,
+                  t.eval_max_new_tokens)  # the held-out eval runs the generator and predictor tasks
+    return t.max_prompt_tokens + longest + 8
+
+
 def train(cfg: RunConfig) -> dict:
     """Warm start (if configured), then the RL loop; resumes from ``run_dir/checkpoints``."""
     from megatron_pz.checkpoint import latest_checkpoint, load_checkpoint
     from megatron_pz.objectives.composite import build_training_objective
     from megatron_pz.rl.ema import EmaTeacher
     from megatron_pz.rollout.factory import build_rollout_engine
+    from megatron_pz.rollout.phase import RolloutPhases
     from megatron_pz.train.actor import build_model_chunks
     from megatron_pz.train.evaluate import build_eval_items, evaluate
     from megatron_pz.train.metrics import mean_over_ranks
@@ -344,7 +358,9 @@ def train(cfg: RunConfig) -> dict:
     if ema is not None and not ema.initialized:
         ema.initialize_from(actor.chunks)
 
-    engine = build_rollout_engine(cfg.rollout, actor.chunks, run.tokenizer, run.hf_config)
+    engine = build_rollout_engine(cfg.rollout, actor.chunks, run.tokenizer, run.hf_config,
+                                  max_model_len=rollout_context_length(cfg))
+    phases = RolloutPhases(engine, actor, refresh=cfg.rollout.refresh_weights)  # wake, sync, generate, sleep
     objective = build_training_objective(cfg.objective, run.tokenizer)
     scorer = MegatronScorer(actor, teacher, run.pad_id, t.max_tokens_per_micro_batch)
     loss_fn = make_grpo_loss_fn(cfg.grpo)
@@ -355,7 +371,7 @@ def train(cfg: RunConfig) -> dict:
     eval_items = build_eval_items(run.heldout, cfg)
 
     def run_eval(at_step):
-        metrics, samples = evaluate(engine, run.tokenizer, run.heldout, eval_items, cfg, run.dp_rank, run.dp_size)
+        metrics, samples = evaluate(phases, run.tokenizer, run.heldout, eval_items, cfg, run.dp_rank, run.dp_size)
         run.logger.log(at_step, metrics, phase="eval")
         run.logger.log_eval_samples(at_step, samples)
         return metrics
@@ -369,16 +385,21 @@ def train(cfg: RunConfig) -> dict:
     while step < t.steps:
         t0 = time.perf_counter()
         passages = sampler.next_batch()
-        experiences, metrics = objective.collect(passages, engine, scorer, step)
+        with phases.generating() as rollout_engine:
+            experiences, metrics = objective.collect(passages, rollout_engine, scorer, step)
         t1 = time.perf_counter()
+        # the engine is asleep; one or more optimizer steps (grpo.mini_batches x grpo.epochs)
         summed, result, batches = grpo_update(actor, experiences, cfg.grpo, loss_fn, t.max_tokens_per_micro_batch,
                                               run.pad_id, dp_group)
+        actor.finish_param_sync()  # overlap_param_gather: the EMA and the next weight sync read fresh values
+        phases.weights_updated()
         if ema is not None:
             ema.update(actor.chunks)
         t2 = time.perf_counter()
         step += 1
         rollout_tokens = float(sum(len(e.response_ids) for e in experiences))
         metrics.update(padding_fraction=padding_fraction(batches), rollout_tokens=rollout_tokens,
+                       **{"rollout/weight_syncs": float(phases.syncs)},
                        **{"time/rollout_s": t1 - t0, "time/train_s": t2 - t1})
         metrics = mean_over_ranks(metrics)
         metrics.update(token_means(summed), lr=result.lr, grad_norm=result.grad_norm)

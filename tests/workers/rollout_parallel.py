@@ -4,7 +4,8 @@ Weights are made once at TP=1 (fixed seed), exported to full HF-named tensors wi
 ``megatron_to_hf_tensors`` and loaded into each other layout with ``load_hf_tensors`` (in memory;
 ``dist_checkpointing.save`` needs psutil, which is not a dependency). Greedy and seeded sampling (plain, top-k, top-p) must give the same tokens,
 and log-probs must agree. The EP=2 run gives the two ranks different numbers of batches and prompt
-lengths, which exercises the lockstep of expert-parallel peers. Prints ROLLOUT_PARALLEL_OK.
+lengths, which exercises the lockstep of expert-parallel peers; then rank 1 makes one ``generate`` call
+fewer than rank 0 in a phase and ``finish_phase`` keeps it in rank 0's all-to-alls. Prints ROLLOUT_PARALLEL_OK.
 """
 
 import sys
@@ -103,11 +104,21 @@ def main():
     sharpen(model)
     moe_weights = save(model, moe)
     moe_ref = rollouts(model, moe, mine)
+    greedy_ref = MegatronRolloutEngine([model], TOK, moe, max_batch_size=3).generate(PROMPTS, PARAMS["greedy"])
     build = setup(ep=2)
     model = build(moe)
     load(model, moe, moe_weights)
     assert len(model.decoder.layers[0].mlp.experts.local_experts) == 2
     compare("EP=2 (MoE)", rollouts(model, moe, mine), moe_ref, reference="EP=1")
+    # a phase where rank 1's objective has nothing more to ask: finish_phase keeps it in rank 0's all-to-alls
+    engine = MegatronRolloutEngine([model], TOK, moe, max_batch_size=3)
+    first = engine.generate(mine, PARAMS["greedy"])
+    if dist.get_rank() == 0:
+        extra = engine.generate(PROMPTS, PARAMS["greedy"])
+        assert [[c.token_ids for c in g] for g in extra] == [[c.token_ids for c in g] for g in greedy_ref]
+    engine.finish_phase()
+    assert [[c.token_ids for c in g] for g in first] == [[c.token_ids for c in g] for g in moe_ref["greedy"]]
+    print(f"rank {dist.get_rank()}: EP=2 phase with uneven generate calls finished", flush=True)
     dist.barrier()
     print("ROLLOUT_PARALLEL_OK", flush=True)
 

@@ -1,0 +1,247 @@
+"""Rollouts on the engine's *own* ``transformers`` copy of the policy (``rollout.engine: hf``).
+
+vLLM's twin on CPU: like vLLM it holds a separate copy of the weights, which must be refreshed after
+every optimizer step through the same bucketed :func:`~megatron_pz.rollout.weight_sync.sync_weights`
+/ ``load_weights(iterable of (hf_name, tensor))`` path (a stale copy shows up as rollout-vs-train
+log-prob drift), and it is asleep while the actor trains (on a GPU its weights move to host memory).
+Unlike the Megatron engine it does not decode on the actor's modules, so the CPU tests exercise the
+refresh that the GPU runs depend on.
+
+One generation per model-parallel group: only the group's leader holds the model and decodes; the
+completions are broadcast to the group's other ranks (:mod:`megatron_pz.rollout.groups`), so every
+rank of a TP/PP group trains on identical data. Every rank still takes part in the weight sync
+(the export gathers TP shards and pipeline stages collectively).
+
+Decoding: sequences sorted by prompt length, batches left-padded with an attention mask (one prefill,
+then one forward per new token, as ``transformers`` batches; the Megatron engine instead teacher-forces
+longer prompts, which costs a forward per prompt-length difference). Each sampled token uses the noise
+stream of (seed, prompt, sample index, position) and the same Gumbel-max sampler as the Megatron engine
+(:func:`~megatron_pz.rollout.sampling.sample_tokens`), so for equal logits both engines draw the same
+tokens, whatever the batching or the data-parallel layout (padding changes logits only by rounding).
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+from megatron_pz.config import ConfigError
+from megatron_pz.rollout.base import Completion, SamplingParams
+from megatron_pz.rollout.groups import model_parallel_generation_group
+from megatron_pz.rollout.megatron_engine import (
+    MegatronRolloutEngine,
+    StopChecker,
+    _seeded_generator,
+    eos_ids_of,
+    validate_request,
+)
+from megatron_pz.rollout.sampling import SamplingSpec, sample_tokens
+from megatron_pz.rollout.weight_sync import HFModelTarget, sync_weights
+
+row_seed = MegatronRolloutEngine._row_seed  # one stream per (seed, prompt, sample index), shared by both
+
+
+def causal_lm_architecture(hf_config) -> str:
+    """The ``transformers`` / vLLM class name of the config's causal LM (e.g. ``Qwen3ForCausalLM``).
+
+    A config given inline (``model.architecture``) has no ``architectures`` field; vLLM resolves the
+    model class from it, so it is derived here from ``model_type``.
+    """
+    listed = getattr(hf_config, "architectures", None)
+    if listed:
+        return listed[0]
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    name = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(getattr(hf_config, "model_type", None))
+    if name is None:
+        raise ConfigError(f"no causal-LM class is known for model_type={getattr(hf_config, 'model_type', None)!r}")
+    return name
+
+
+def build_hf_model(hf_config, dtype: torch.dtype = torch.float32, device="cpu") -> torch.nn.Module:
+    """A randomly initialised ``transformers`` causal LM of the run's architecture (weights come by sync)."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.random.fork_rng(devices=[]):  # the random init must not move the run's RNG (resume replays it)
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
+    return model.to(device).eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def decode_batch(model, prompts: list[list[int]], spec: SamplingSpec, max_new_tokens: int, row_seeds: list[int],
+                 eos_ids: set[int], stops: StopChecker) -> list[Completion]:
+    """Sample one completion per prompt (rows may differ in length) with ``model``'s KV cache.
+
+    Rows are left-padded with an attention mask and per-row positions (one prefill, then exactly one
+    forward per new token), the way ``transformers`` batches generation.
+    """
+    from transformers import DynamicCache
+
+    device = next(model.parameters()).device
+    batch = len(prompts)
+    longest = max(len(p) for p in prompts)
+    vocab_size = int(model.config.vocab_size)
+    tokens = torch.zeros(batch, longest, dtype=torch.long, device=device)
+    mask = torch.zeros(batch, longest, dtype=torch.long, device=device)
+    for r, p in enumerate(prompts):
+        tokens[r, longest - len(p):] = torch.tensor(p, dtype=torch.long)
+        mask[r, longest - len(p):] = 1
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    cache = DynamicCache(config=model.config)
+    generated: list[list[int]] = [[] for _ in range(batch)]
+    logprobs: list[list[float]] = [[] for _ in range(batch)]
+    reasons = ["length"] * batch
+    done = [False] * batch
+    logits = model(input_ids=tokens, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                   use_cache=True, logits_to_keep=1).logits[:, -1]
+    while True:
+        generators = [_seeded_generator(seed, len(generated[r]), device) for r, seed in enumerate(row_seeds)]
+        sampled, lps = sample_tokens(logits, 0, vocab_size, spec, generators, None)
+        next_tokens = sampled.clone()
+        sampled, lps = sampled.tolist(), lps.tolist()
+        for r in range(batch):
+            if done[r]:
+                continue
+            token = sampled[r]
+            generated[r].append(token)
+            logprobs[r].append(lps[r])
+            if token in eos_ids:
+                done[r], reasons[r] = True, "eos"
+            elif stops.hit(generated[r]):
+                done[r], reasons[r] = True, "stop"
+            elif len(generated[r]) >= max_new_tokens:
+                done[r] = True
+        if all(done):
+            break
+        mask = torch.cat([mask, mask.new_ones(batch, 1)], dim=1)
+        positions = positions[:, -1:] + 1
+        logits = model(input_ids=next_tokens.unsqueeze(1), attention_mask=mask, position_ids=positions,
+                       past_key_values=cache, use_cache=True).logits[:, -1]
+    out = []
+    for r in range(batch):
+        text = stops.decode(generated[r])
+        if reasons[r] == "stop":
+            text = stops.cut(text)
+        out.append(Completion(prompt_ids=list(prompts[r]), token_ids=generated[r], text=text,
+                              logprobs=logprobs[r], finish_reason=reasons[r]))
+    return out
+
+
+def generate_with_model(model, tokenizer, eos_ids: set[int], prompts: Sequence[list[int]], params: SamplingParams,
+                        seed: int, max_batch_size: int, seeds: Optional[list[list[int]]] = None
+                        ) -> list[list[Completion]]:
+    """``params.n`` completions per prompt; ``seeds[i][j]`` overrides the row seed of sample j of prompt i."""
+    items = [(i, j, list(map(int, p))) for i, p in enumerate(prompts) for j in range(params.n)]
+    order = sorted(range(len(items)), key=lambda k: len(items[k][2]))
+    spec = SamplingSpec(params.temperature, params.top_k, params.top_p)
+    stops = StopChecker(tokenizer, params.stop)
+    out: list[list[Optional[Completion]]] = [[None] * params.n for _ in prompts]
+    for start in range(0, len(order), max_batch_size):
+        batch = order[start: start + max_batch_size]
+        row_seeds = [seeds[items[k][0]][items[k][1]] if seeds is not None else row_seed(seed, items[k][2], items[k][1])
+                     for k in batch]
+        done = decode_batch(model, [items[k][2] for k in batch], spec, params.max_new_tokens, row_seeds, eos_ids, stops)
+        for k, completion in zip(batch, done):
+            out[items[k][0]][items[k][1]] = completion
+    return out  # type: ignore[return-value]
+
+
+class HFRolloutEngine:
+    """:class:`~megatron_pz.rollout.base.RolloutEngine` on its own ``transformers`` model (see module doc)."""
+
+    owns_weights = True  # the phase protocol must push the actor's weights before each rollout
+    keeps_weights_asleep = True  # sleep moves them to host memory, never drops them
+
+    def __init__(self, tokenizer, hf_config, max_batch_size: int = 32, seed: int = 1234, bucket_mb: int = 512,
+                 dtype: torch.dtype = torch.float32, device="cpu"):
+        from megatron_pz.rollout.config import RolloutConfig, check_engine_for_model
+
+        check_engine_for_model(RolloutConfig(engine="hf"), hf_config)
+        self.tokenizer = tokenizer
+        self.hf_config = hf_config
+        self.vocab_size = int(hf_config.vocab_size)
+        self.max_batch_size = int(max_batch_size)
+        self.seed = int(seed)
+        self.bucket_bytes = int(bucket_mb) * 1024 * 1024
+        self.device = torch.device(device)
+        self.eos_ids = eos_ids_of(tokenizer, hf_config)
+        self.group = model_parallel_generation_group()
+        # only the leader decodes, so only the leader holds a model
+        self.model = build_hf_model(hf_config, dtype, self.device) if self.group.is_leader() else None
+        self._target = HFModelTarget(self.model) if self.model is not None else None
+        self._calls = 0
+        self.asleep = False
+        self.syncs = 0
+        self.last_sync = None
+
+    # ------------------------------------------------------------------ protocol
+
+    def generate(self, prompts: Sequence[list[int]], params: SamplingParams) -> list[list[Completion]]:
+        if self.asleep:
+            raise RuntimeError("HFRolloutEngine.generate called while asleep; enter a rollout phase first")
+        validate_request(prompts, params, self.vocab_size)
+        seed = self.seed + self._calls if params.seed is None else int(params.seed)
+        self._calls += 1
+        result = None
+        if self.model is not None:
+            result = generate_with_model(self.model, self.tokenizer, self.eos_ids, prompts, params, seed,
+                                         self.max_batch_size)
+        return self.group.broadcast_from_leader(result)
+
+    def update_weights(self, model_chunks) -> None:
+        """Pull the actor's current weights into this engine's model (collective over the model-parallel
+        group: every rank exports its shards; the leader loads them)."""
+        target = self._target
+        self.last_sync = sync_weights(model_chunks, self.hf_config,
+                                      (lambda weights: target.load_weights(weights)) if target else (lambda _: None),
+                                      self.bucket_bytes)
+        if target is not None and target.missing():
+            raise RuntimeError(f"weight sync left HF parameters unwritten: {target.missing()[:5]}")
+        self.syncs += 1
+
+    def sleep(self) -> None:
+        """Training phase: on an accelerator the weights go to host memory (the KV cache lives only
+        inside one generate call)."""
+        if self.model is not None and self.device.type != "cpu":
+            self.model.to("cpu")
+        self.asleep = True
+
+    def wake(self) -> None:
+        if self.model is not None and self.device.type != "cpu":
+            self.model.to(self.device)
+        self.asleep = False
+
+    def finish_phase(self) -> None:
+        """Nothing pending: generation is not collective beyond the model-parallel group."""
+
+    def stale_weights(self, model_chunks) -> list[str]:
+        """Names whose tensor differs (bit for bit) from the actor's export; collective like a sync."""
+        from megatron_pz.rollout.weight_sync import stale_weights
+
+        return stale_weights(self.model, model_chunks, self.hf_config, self.bucket_bytes)
+
+
+def check_refresh(model_chunks, tokenizer, hf_config, prompt_ids: list[int], max_new_tokens: int = 8) -> dict:
+    """Smoke check of the refresh on any device (``tools/gpu_smoke.py``): an ``hf`` engine on the actor's
+    device and dtype is synced from ``model_chunks``, must then hold the actor's export bit for bit, must
+    generate from a greedy prompt, and must still hold the same weights after a sleep/wake round trip.
+    Collective over the model-parallel group. Returns what it saw; raises on a failed check."""
+    from megatron_pz.rollout.factory import _param_dtype_and_device
+
+    dtype, device = _param_dtype_and_device(model_chunks)
+    engine = HFRolloutEngine(tokenizer, hf_config, dtype=dtype, device=device)
+    engine.update_weights(model_chunks)
+    stale = engine.stale_weights(model_chunks)
+    if stale:
+        raise RuntimeError(f"hf engine weights differ from the actor's export after a sync: {stale[:5]}")
+    completion = engine.generate([list(prompt_ids)], SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0,
+                                                                    seed=0))[0][0]
+    engine.sleep()
+    engine.wake()
+    stale = engine.stale_weights(model_chunks)
+    if stale:
+        raise RuntimeError(f"hf engine weights changed across sleep/wake: {stale[:5]}")
+    return {"device": str(device), "dtype": str(dtype), "tensors": engine.last_sync.num_tensors,
+            "sync_s": engine.last_sync.seconds, "tokens": completion.token_ids}
