@@ -12,6 +12,7 @@ from multiproc import REPO_ROOT
 
 pytestmark = pytest.mark.slow
 CHECKS = ("train", "eval", "resume", "moved", "hf_logits")
+HF_ENGINE = ("hf_engine", "hf_refresh")  # dense only: the hf engine refuses MoE models
 
 
 def test_gpu_smoke_passes_on_cpu(tmp_path, pz_data_cache):
@@ -23,8 +24,11 @@ def test_gpu_smoke_passes_on_cpu(tmp_path, pz_data_cache):
     out = result.stdout
     assert result.returncode == 0, (out + result.stderr)[-6000:]
     lines = {m.group(2): m.group(1) for m in re.finditer(r"^(PASS|FAIL) (\S+)", out, re.M)}
-    assert lines == {f"{model}/{check}": "PASS" for model in ("dense", "moe") for check in CHECKS}, out
-    assert "gpu_smoke: 10/10 checks passed" in out and "peak RSS" in out
+    expected = [f"{model}/{check}" for model in ("dense", "moe") for check in CHECKS] + \
+        [f"dense/{check}" for check in HF_ENGINE]
+    assert lines == {name: "PASS" for name in expected}, out
+    assert "gpu_smoke: 12/12 checks passed" in out and "peak RSS" in out
+    assert re.search(r"dense/hf_engine .* syncs \[1\.0, 2\.0\]", out)  # one weight sync per update
     diffs = re.findall(r"hf_logits .* max \|diff\| ([0-9.e-]+), mean ([0-9.e-]+)", out)
     assert len(diffs) == 2 and all(float(m) <= 0.1 and float(a) <= 0.01 for m, a in diffs), diffs
     # defect 7 of issue 14: the expected notices of megatron-core/torch are silenced at the source

@@ -14,7 +14,11 @@ For a tiny dense Qwen3 and a tiny Qwen3-MoE, in bf16, on the embedded Wikipedia 
 * ``resume``   a second `train` call resumes from the step-2 checkpoint and runs step 3;
 * ``moved``    the exported final weights differ from the exported warm-start weights;
 * ``hf_logits`` the final checkpoint exported to Hugging Face and loaded by ``transformers`` on the
-               device gives the logits the Megatron model (rebuilt from the checkpoint) gives.
+               device gives the logits the Megatron model (rebuilt from the checkpoint) gives;
+* ``hf_engine`` (dense) 2 RL steps with ``rollout.engine=hf`` from the warm start: one weight sync per
+               update, the rollout-vs-train log-prob drift printed;
+* ``hf_refresh`` (dense) the ``hf`` engine synced from the final checkpoint's model holds the actor's
+               export bit for bit, generates, and keeps it across sleep/wake.
 
 Each line ends with the device's peak memory during that check (CUDA: ``max_memory_allocated``; CPU:
 the process's peak RSS so far). The process exits 1 if any check failed.
@@ -159,8 +163,8 @@ def weights_moved(start_hf: Path, final_hf: Path) -> str:
     return f"{len(moved)}/{len(a)} tensors changed, max |delta| {delta:.3g}"
 
 
-def megatron_logits(ckpt: Path, ids: torch.Tensor, device: torch.device, spec: str) -> torch.Tensor:
-    """Logits of the model rebuilt at TP=PP=EP=1 from the checkpoint (the trainer's own model code)."""
+def model_from_checkpoint(ckpt: Path, device: torch.device, spec: str):
+    """(model, hf_config) rebuilt at TP=PP=EP=1 from a checkpoint with the trainer's own model code."""
     from megatron_pz.checkpoint import load_checkpoint, read_hf_config, read_metadata, resolve_checkpoint_dir
     from megatron_pz.config import ModelConfig, ParallelConfig, RuntimeConfig
     from megatron_pz.model.provider import build_model
@@ -170,9 +174,14 @@ def megatron_logits(ckpt: Path, ids: torch.Tensor, device: torch.device, spec: s
     info = initialize(ParallelConfig(), RuntimeConfig(device=device.type))
     model_cfg = ModelConfig(params_dtype=read_metadata(ckpt).get("params_dtype") or "float32", spec=spec,
                             init_weights=False)
-    model = build_model(read_hf_config(ckpt), model_cfg, ParallelConfig(), device=info.device)
+    hf_config = read_hf_config(ckpt)
+    model = build_model(hf_config, model_cfg, ParallelConfig(), device=info.device)
     load_checkpoint(ckpt, [model], restore_rng=False)
-    model.eval()
+    return model.eval(), hf_config
+
+
+def megatron_logits(ckpt: Path, ids: torch.Tensor, device: torch.device, spec: str) -> torch.Tensor:
+    model, _ = model_from_checkpoint(ckpt, device, spec)
     positions = torch.arange(ids.shape[1], device=device).unsqueeze(0).expand_as(ids)
     with torch.no_grad():
         return model(ids, positions, None).float()
@@ -199,6 +208,33 @@ def hf_logits_match(ckpt: Path, hf_dir: Path, device: torch.device, spec: str, t
     if not (diff.max().item() <= tolerance and diff.mean().item() <= tolerance / 10):
         raise AssertionError(detail)
     return detail
+
+
+def hf_engine_refresh(ckpt: Path, device: torch.device, spec: str) -> str:
+    """The ``hf`` rollout engine's refresh on this device: synced from the checkpoint's model it holds the
+    actor's export bit for bit, generates, and keeps its weights across sleep/wake."""
+    from megatron_pz.checkpoint import TOKENIZER_DIR, resolve_checkpoint_dir
+    from megatron_pz.data.tokenizer import load_tokenizer
+    from megatron_pz.rollout.hf_engine import check_refresh
+
+    model, hf_config = model_from_checkpoint(ckpt, device, spec)
+    tokenizer = load_tokenizer(resolve_checkpoint_dir(ckpt) / TOKENIZER_DIR)
+    seen = check_refresh([model], tokenizer, hf_config, tokenizer.encode("The city of", add_special_tokens=False))
+    return (f"{seen['tensors']} tensors synced in {seen['sync_s'] * 1e3:.0f} ms on {seen['device']} "
+            f"({seen['dtype']}), equal to the actor's export before and after sleep/wake")
+
+
+def hf_engine_run(run_dir: Path) -> str:
+    """A trainer run on the ``hf`` engine: one weight sync per update, train/rollout drift reported."""
+    from megatron_pz.train.metrics import read_metrics
+
+    rl = {r["step"]: r for r in read_metrics(run_dir) if r["phase"] == "rl"}
+    syncs = [rl[s]["rollout/weight_syncs"] for s in sorted(rl)]
+    if syncs != [float(s) for s in sorted(rl)]:
+        raise AssertionError(f"weight syncs per step {syncs}, expected one per update")
+    drift = max(rl[s]["rollout/logp_diff_mean"] for s in rl)
+    return f"syncs {syncs}; max rollout-vs-train |log-prob| drift {drift:.3g}; " + \
+        finite_rl_losses(run_dir, sorted(rl))
 
 
 def smoke_model(name: str, overrides: list[str], args, report: Report, device: torch.device) -> None:
@@ -241,6 +277,20 @@ def smoke_model(name: str, overrides: list[str], args, report: Report, device: t
     if report.check(f"{name}/moved", moved):
         report.check(f"{name}/hf_logits", lambda: hf_logits_match(run_dir / "checkpoints", final_hf, device,
                                                                   args.spec, args.logits_tolerance))
+    if name != "dense":  # the hf engine refuses MoE models (transformers fuses their experts)
+        return
+    hf_run = args.out / f"{name}_hf_engine"
+    shutil.rmtree(hf_run, ignore_errors=True)
+
+    def hf_engine():
+        engine_run = [o for o in base if not o.startswith(("rollout.engine=", "train.run_dir=", "warm_start."))]
+        train(load_run_config(config, [*engine_run, "rollout.engine=hf", f"train.run_dir={hf_run}",
+                                       "warm_start.enabled=false", f"train.init_checkpoint={run_dir / 'warm_start'}",
+                                       "train.steps=2"]))
+        return hf_engine_run(hf_run)
+
+    report.check(f"{name}/hf_engine", hf_engine)
+    report.check(f"{name}/hf_refresh", lambda: hf_engine_refresh(run_dir / "checkpoints", device, args.spec))
 
 
 def main(argv=None) -> int:
@@ -256,8 +306,8 @@ def main(argv=None) -> int:
     parser.add_argument("--te", action="store_true", help="Transformer Engine layer spec (GPU, TE installed)")
     parser.add_argument("--fp8", default=None, choices=["hybrid", "e4m3"], help="FP8 with TE (needs --te)")
     parser.add_argument("--fp8-recipe", default="delayed", choices=["delayed", "tensorwise", "mxfp8", "blockwise"])
-    parser.add_argument("--rollout", default="megatron", choices=["megatron", "vllm"],
-                        help="rollout engine (vllm: GPU with vLLM installed)")
+    parser.add_argument("--rollout", default="megatron", choices=["megatron", "hf", "vllm"],
+                        help="rollout engine of the main runs (vllm: GPU with vLLM installed; hf: dense only)")
     parser.add_argument("--logits-tolerance", type=float, default=0.1,
                         help="max |logit difference| between Megatron and transformers, both bf16")
     args = parser.parse_args(argv)

@@ -22,6 +22,8 @@ tokens, whatever the batching or the data-parallel layout (padding changes logit
 
 from __future__ import annotations
 
+import inspect
+
 from typing import Optional, Sequence
 
 import torch
@@ -89,12 +91,12 @@ def decode_batch(model, prompts: list[list[int]], spec: SamplingSpec, max_new_to
         tokens[r, longest - len(p):] = torch.tensor(p, dtype=torch.long)
         mask[r, longest - len(p):] = 1
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    cache = DynamicCache(config=model.config)
+    cache = {_cache_keyword(model): DynamicCache(config=model.config)}
     generated: list[list[int]] = [[] for _ in range(batch)]
     logprobs: list[list[float]] = [[] for _ in range(batch)]
     reasons = ["length"] * batch
     done = [False] * batch
-    logits = model(input_ids=tokens, attention_mask=mask, position_ids=positions, past_key_values=cache,
+    logits = model(input_ids=tokens, attention_mask=mask, position_ids=positions, **cache,
                    use_cache=True, logits_to_keep=1).logits[:, -1]
     while True:
         generators = [_seeded_generator(seed, len(generated[r]), device) for r, seed in enumerate(row_seeds)]
@@ -118,7 +120,7 @@ def decode_batch(model, prompts: list[list[int]], spec: SamplingSpec, max_new_to
         mask = torch.cat([mask, mask.new_ones(batch, 1)], dim=1)
         positions = positions[:, -1:] + 1
         logits = model(input_ids=next_tokens.unsqueeze(1), attention_mask=mask, position_ids=positions,
-                       past_key_values=cache, use_cache=True).logits[:, -1]
+                       **cache, use_cache=True).logits[:, -1]
     out = []
     for r in range(batch):
         text = stops.decode(generated[r])
@@ -127,6 +129,12 @@ def decode_batch(model, prompts: list[list[int]], spec: SamplingSpec, max_new_to
         out.append(Completion(prompt_ids=list(prompts[r]), token_ids=generated[r], text=text,
                               logprobs=logprobs[r], finish_reason=reasons[r]))
     return out
+
+
+def _cache_keyword(model) -> str:
+    """The KV-cache argument of ``model.forward``: ``cache`` in recent transformers 5 releases (which warn
+    on the older ``past_key_values``), ``past_key_values`` in those vLLM 0.32 accepts (< 5.20)."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def generate_with_model(model, tokenizer, eos_ids: set[int], prompts: Sequence[list[int]], params: SamplingParams,
