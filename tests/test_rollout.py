@@ -197,7 +197,6 @@ def test_weight_sync_buckets_into_hf_model():
     assert out.count("ROLLOUT_SYNC_OK") == 2
 
 
-
 @pytest.mark.slow
 def test_hf_engine_refresh_sampling_and_tp_group():
     out = run_torchrun("rollout_hf_engine.py", nproc=2, timeout=300)

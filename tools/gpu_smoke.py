@@ -21,7 +21,8 @@ For a tiny dense Qwen3 and a tiny Qwen3-MoE, in bf16, on the embedded Wikipedia 
                export bit for bit, generates, and keeps it across sleep/wake.
 
 Each line ends with the device's peak memory during that check (CUDA: ``max_memory_allocated``; CPU:
-the process's peak RSS so far). The process exits 1 if any check failed.
+the process's peak RSS so far); the ``train`` line also gives ``megatron-pz plan``'s prediction per phase
+for that run, to compare with the measured peak on a GPU. The process exits 1 if any check failed.
 
 The data comes from the ``gensim`` wheel (a dev dependency). On a machine without it, build the cache
 elsewhere (``--prepare-data --data-cache DIR``) and copy the folder over (a few MB).
@@ -126,6 +127,17 @@ def finite_rl_losses(run_dir: Path, steps: list[int]) -> str:
                 raise AssertionError(f"step {s}: {key}={rl[s][key]}")
     return "losses " + ", ".join(f"{rl[s]['loss']:.4g}" for s in steps) + \
         "; grad norms " + ", ".join(f"{rl[s]['grad_norm']:.3g}" for s in steps)
+
+
+def planned_peak(cfg, device: torch.device) -> str:
+    """What ``megatron-pz plan`` predicts for this run (compare with this check's measured peak on CUDA;
+    on CPU the measurement is the process's RSS, which also holds Python, torch and the data)."""
+    from megatron_pz.memory_plan import device_memory, plan_run
+    from megatron_pz.train.trainer import resolve_hf_config
+
+    plan = plan_run(cfg, resolve_hf_config(cfg), 1, device_memory(device.type), device.type)
+    phases = ", ".join(f"{p.name} {p.total / 2**20:.0f}" for p in plan.phases)
+    return f"memory plan MiB: {phases} (peak: {plan.peak_phase.name})"
 
 
 def eval_sane(result: dict) -> str:
@@ -253,8 +265,9 @@ def smoke_model(name: str, overrides: list[str], args, report: Report, device: t
     results: dict = {}
 
     def first_run():
-        results["first"] = train(load_run_config(config, [*base, "train.steps=2"]))
-        return finite_rl_losses(run_dir, [1, 2])
+        cfg = load_run_config(config, [*base, "train.steps=2"])
+        results["first"] = train(cfg)
+        return finite_rl_losses(run_dir, [1, 2]) + "; " + planned_peak(cfg, device)
 
     if not report.check(f"{name}/train", first_run):
         return
