@@ -1,4 +1,4 @@
-"""HF <-> Megatron conversion against transformers itself (tiny random Qwen3, Qwen3-MoE, Llama; fp32).
+"""HF <-> Megatron conversion against transformers itself (tiny random Qwen3, Qwen3-MoE, Llama, SmolLM3; fp32).
 
 One module fixture does the expensive work once: the HF folders, one 2-rank launch converting every
 case at TP=1 (DP=2), TP=2, PP=2 and EP=2 (logits vs transformers to 1e-5, round trip bit-exact, the TE
@@ -25,7 +25,7 @@ pytestmark = pytest.mark.slow
 LAYOUTS = ("1,1,1", "2,1,1", "1,2,1", "1,1,2")
 # (checkpoint tag written by the layouts worker, case): exported back to HF and checked
 EXPORTS = (("qwen3_211", "qwen3"), ("qwen3_moe_112", "qwen3_moe"), ("qwen3_moe_nonorm_121", "qwen3_moe_nonorm"),
-           ("llama_tied_121", "llama_tied"), ("llama_211", "llama"))
+           ("llama_tied_121", "llama_tied"), ("llama_211", "llama"), ("smollm3_121", "smollm3"))
 
 
 def _env():
@@ -58,9 +58,14 @@ def work(tmp_path_factory):
 def test_hf_to_megatron_logits_match_transformers_at_every_layout(work):
     _, out = work
     lines = [l for l in out["layouts"].splitlines() if l.startswith("OK ")]
-    # 5 cases at TP=1 + 3 dense at TP=2 + 5 at PP=2 + 2 MoE at EP=2; each line asserted < 1e-5 in the worker
-    assert len(lines) == 15, out["layouts"][-3000:]
-    assert "checked 15 (case, layout) pairs" in out["layouts"]
+    # 6 cases at TP=1 + 4 dense at TP=2 + 6 at PP=2 + 2 MoE at EP=2; each line asserted < 1e-5 in the worker
+    assert len(lines) == 18, out["layouts"][-3000:]
+    assert "checked 18 (case, layout) pairs" in out["layouts"]
+    # SmolLM3 (NoPE every 4th layer) at TP=1, TP=2 and PP=2, where the NoPE layer is on the second stage:
+    # each matched transformers, and RoPE on every layer would have missed it (the worker asserts > 1e-3)
+    for tag in ("smollm3_111", "smollm3_211", "smollm3_121"):
+        assert any(l.startswith(f"OK {tag} ") for l in lines), tag
+        assert f"{tag}: with RoPE on the NoPE layers the logits would be off by" in out["layouts"], tag
 
 
 def _tensors(folder: Path) -> dict[str, torch.Tensor]:

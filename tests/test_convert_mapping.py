@@ -74,3 +74,18 @@ def test_llama_tied_has_no_lm_head_and_qwen3_has_qk_norm():
     names = expected_hf_tensors(tied)
     assert "lm_head.weight" not in names and "model.layers.0.self_attn.q_norm.weight" not in names
     assert "model.layers.0.self_attn.q_norm.weight" in expected_hf_tensors(_cfg())
+
+
+def test_smollm3_has_the_tensors_of_a_tied_llama():
+    """SmolLM3 (transformers 5.24 modeling_smollm3) is a tied Llama by tensor names and shapes: its NoPE
+    layers hold no tensor of their own. 4 layers x 9 tensors + embedding + final norm, no lm_head."""
+    shapes = dict(vocab_size=16, hidden_size=8, intermediate_size=6, num_hidden_layers=4, num_attention_heads=4,
+                  num_key_value_heads=2, tie_word_embeddings=True)
+    smol = load_hf_config(dict(model_type="smollm3", bos_token_id=None, eos_token_id=None, pad_token_id=None,
+                               **shapes))
+    names = expected_hf_tensors(smol)
+    assert names == expected_hf_tensors(load_hf_config(dict(model_type="llama", **shapes)))
+    assert len(names) == 4 * 9 + 2 and "lm_head.weight" not in names
+    assert names["model.layers.3.self_attn.k_proj.weight"] == (2 * 2, 8)  # head_dim = 8 / 4 = 2
+    assert param_spec(smol, "decoder.layers.1.self_attention.linear_qkv.weight", layer=3).hf_names == tuple(
+        f"model.layers.3.self_attn.{p}_proj.weight" for p in "qkv")

@@ -192,6 +192,17 @@ def test_megatron_engine_tp2_pp2_ep2_equal_tp1():
 
 
 @pytest.mark.slow
+def test_megatron_engine_smollm3_nope_kv_cache_equals_transformers():
+    """SmolLM3's NoPE layers in the KV-cache decode: greedy tokens and log-probs equal transformers' at
+    TP=1 and PP=2 (NoPE layer on the second stage), and would not with RoPE on every layer."""
+    out = run_torchrun("rollout_smollm3.py", nproc=2, timeout=300)
+    assert out.count("ROLLOUT_SMOLLM3_OK") == 2
+    for layout in ("TP=1", "PP=2"):
+        assert out.count(f"{layout} KV-cache greedy equals transformers") == 2
+        assert out.count(f"{layout} with RoPE on the NoPE layer would be off by") == 2
+
+
+@pytest.mark.slow
 def test_weight_sync_buckets_into_hf_model():
     out = run_torchrun("rollout_weight_sync.py", nproc=2, timeout=300)
     assert out.count("ROLLOUT_SYNC_OK") == 2

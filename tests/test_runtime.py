@@ -90,3 +90,36 @@ def test_slurm_import_builds_the_model_on_cpu():
     assert args.device == "cpu"  # the command's own default, for anyone running it by hand
     args = build_parser().parse_args(["convert", "megatron-to-hf", "--ckpt", "x", "--out", "y"])
     assert args.device == "cpu"  # export reshards to one process too
+
+
+def _smollm3(overrides=None, **kw):
+    base = dict(model_type="smollm3", vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=8,
+                num_attention_heads=4, num_key_value_heads=2, bos_token_id=None, eos_token_id=None,
+                pad_token_id=None)
+    base.update(kw)
+    return load_hf_config(base, overrides)
+
+
+def test_smollm3_nope_layers_become_megatron_no_rope_freq():
+    """HF no_rope_layers (1 = uses RoPE, transformers 5.24) -> Megatron no_rope_freq (1 = skips RoPE)."""
+    cfg = transformer_config_from_hf(_smollm3())  # interval 4 (SmolLM3-3B): layers 4 and 8 (1-based) NoPE
+    assert cfg.no_rope_freq == [0, 0, 0, 1, 0, 0, 0, 1]
+    assert not cfg.qk_layernorm and not cfg.add_qkv_bias and not cfg.add_bias_linear and cfg.kv_channels == 16
+    explicit = _smollm3(no_rope_layers=[0, 1, 1, 1, 1, 1, 1, 0, 1, 1])  # longer than the layers: HF allows it
+    assert transformer_config_from_hf(explicit).no_rope_freq == [1, 0, 0, 0, 0, 0, 0, 1]
+    assert transformer_config_from_hf(_smollm3(no_rope_layers=[1] * 8)).no_rope_freq is None
+    llama = load_hf_config(dict(model_type="llama", vocab_size=512, hidden_size=64, intermediate_size=128,
+                                num_hidden_layers=2, num_attention_heads=4))
+    assert transformer_config_from_hf(llama).no_rope_freq is None
+
+
+def test_smollm3_unsupported_features_are_refused_by_name():
+    with pytest.raises(ConfigError, match="no_rope_layers must list 0 or 1"):
+        transformer_config_from_hf(_smollm3(no_rope_layers=[1, 2, 1, 0, 1, 1, 1, 0]))
+    with pytest.raises(ConfigError, match="no_rope_layers must list 0 or 1 for each of the 8 layers"):
+        # a short list cannot come through SmolLM3Config itself, but can through model.hf_overrides
+        transformer_config_from_hf(_smollm3({"no_rope_layers": [1, 1, 1, 0]}))
+    with pytest.raises(ConfigError, match="use_sliding_window=true"):
+        transformer_config_from_hf(_smollm3(use_sliding_window=True, sliding_window=64))
+    with pytest.raises(ConfigError, match="attention_bias=True with mlp_bias=False"):
+        transformer_config_from_hf(_smollm3(attention_bias=True))

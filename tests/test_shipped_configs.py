@@ -22,7 +22,7 @@ def cluster_env(monkeypatch, tmp_path):
 def test_there_are_configs_for_every_size():
     names = {p.stem for p in CONFIGS}
     assert {"tiny_cpu", "pretrainzero_qwen3_4b", "pretrainzero_qwen3_8b", "pretrainzero_qwen3_30b_a3b",
-            "rlp_qwen3_4b"} <= names
+            "rlp_qwen3_4b", "pretrainzero_smollm3_3b"} <= names
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)

@@ -158,7 +158,8 @@ def expected_hf_tensors(hf_config) -> dict[str, tuple[int, ...]]:
     """Every tensor a Hugging Face checkpoint of this config holds (hub layout), with its shape.
 
     Built from the config alone, so a checkpoint can be checked (names and shapes from the safetensors
-    headers) before any weight is read or any collective starts.
+    headers) before any weight is read or any collective starts. SmolLM3 holds Llama's tensors (its NoPE
+    layers differ only in ``no_rope_layers``, which maps to Megatron's ``no_rope_freq``, not to a tensor).
     """
     h, v = hf_config.hidden_size, hf_config.vocab_size
     nq, ng, hd = hf_config.num_attention_heads, num_query_groups(hf_config), head_dim(hf_config)

@@ -1,4 +1,4 @@
-"""Build a Megatron-Core ``GPTModel`` from a Hugging Face config (Qwen3, Qwen3-MoE, Llama).
+"""Build a Megatron-Core ``GPTModel`` from a Hugging Face config (Qwen3, Qwen3-MoE, Llama, SmolLM3).
 
 The HF config is the single source of truth for architecture, so a checkpoint imported from the hub
 and the model trained here agree by construction. The layer spec is Transformer Engine's on GPU
@@ -23,6 +23,7 @@ SUPPORTED_ARCHITECTURES = {
     "qwen3_moe": "Qwen3MoeForCausalLM",
     "llama": "LlamaForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
+    "smollm3": "SmolLM3ForCausalLM",
 }
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -95,6 +96,43 @@ def resolve_spec(model_cfg: ModelConfig, device: torch.device) -> str:
     return "te"
 
 
+def no_rope_pattern(hf_config) -> Optional[list[int]]:
+    """Megatron's ``no_rope_freq`` list (1 = this layer skips RoPE) from SmolLM3's ``no_rope_layers``.
+
+    transformers 5.24 ``SmolLM3Config``: ``no_rope_layers[i] == 1`` means layer ``i`` *uses* RoPE (0 = NoPE),
+    derived as ``int((i + 1) % no_rope_layer_interval != 0)`` when absent (every 4th layer NoPE in the 3B);
+    ``SmolLM3Attention`` rotates q/k iff ``config.no_rope_layers[layer_idx]``. megatron-core 0.16.1
+    ``TransformerConfig.no_rope_freq`` is the opposite flag (1 = skip), indexed by the *global* layer
+    number (``Attention.forward``: ``no_rope_freq[self.layer_number - 1]``; ``TransformerLayer`` adds the
+    pipeline offset to ``layer_number``), so the list is ``1 - no_rope_layers``. None when every layer
+    uses RoPE (other architectures).
+    """
+    uses_rope = getattr(hf_config, "no_rope_layers", None)
+    if hf_config.model_type != "smollm3" or uses_rope is None:
+        return None
+    layers = hf_config.num_hidden_layers
+    uses_rope = list(uses_rope)
+    if len(uses_rope) < layers or any(v not in (0, 1) for v in uses_rope[:layers]):
+        raise ConfigError(f"no_rope_layers must list 0 or 1 for each of the {layers} layers "
+                          f"(1 = the layer uses RoPE), got {uses_rope}")
+    skip = [1 - int(v) for v in uses_rope[:layers]]  # HF allows a longer list; the first `layers` count
+    return skip if any(skip) else None
+
+
+def check_supported_features(hf_config) -> None:
+    """Refuse HF features this provider cannot build, naming the field, before any work starts."""
+    if getattr(hf_config, "use_sliding_window", False) and getattr(hf_config, "sliding_window", None) is not None \
+            and hf_config.model_type == "smollm3":
+        # transformers 5.24 SmolLM3: sliding-window attention on the NoPE layers when use_sliding_window
+        raise ConfigError(f"use_sliding_window=true (sliding_window={hf_config.sliding_window}) is not supported; "
+                          "set use_sliding_window: false (SmolLM3-3B's own config has it off)")
+    if hf_config.model_type in ("llama", "smollm3") and \
+            bool(getattr(hf_config, "attention_bias", False)) != bool(getattr(hf_config, "mlp_bias", False)):
+        # HF puts attention_bias on o_proj too; Megatron has one add_bias_linear for o_proj and the MLP
+        raise ConfigError(f"attention_bias={hf_config.attention_bias} with mlp_bias={hf_config.mlp_bias} is not "
+                          "supported (o_proj and MLP biases share Megatron's add_bias_linear); they must be equal")
+
+
 def moe_layer_pattern(hf_config) -> Optional[list[int]]:
     if not num_experts_of(hf_config):
         return None
@@ -116,6 +154,7 @@ def transformer_config_from_hf(
 
     model_cfg = model_cfg or ModelConfig()
     parallel = parallel or ParallelConfig()
+    check_supported_features(hf_config)
     if model_cfg.params_dtype == "auto":
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     else:
@@ -135,6 +174,7 @@ def transformer_config_from_hf(
         gated_linear_unit=True,
         activation_func=F.silu,
         add_bias_linear=bool(getattr(hf_config, "mlp_bias", False)),
+        no_rope_freq=no_rope_pattern(hf_config),  # SmolLM3's NoPE layers; None elsewhere
         add_qkv_bias=bool(getattr(hf_config, "attention_bias", False)) or hf_config.model_type == "qwen2",
         qk_layernorm=hf_config.model_type in ("qwen3", "qwen3_moe"),
         attention_dropout=model_cfg.attention_dropout,

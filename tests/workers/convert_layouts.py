@@ -96,6 +96,14 @@ def main():
             got = forward_logits(model, ids)
             err = (got - ref).abs().max().item()
             assert got.shape == ref.shape and err < 1e-5, f"{tag}: logits differ from transformers by {err}"
+            # SmolLM3: the NoPE layers matter (the check above has power). At PP=2 the only NoPE layer is
+            # on stage 2, so RoPE everywhere is also what a per-stage (local) layer index would give.
+            if model.config.no_rope_freq:
+                kept, model.config.no_rope_freq = model.config.no_rope_freq, None  # every layer's config
+                off = (forward_logits(model, ids) - ref).abs().max().item()
+                model.config.no_rope_freq = kept
+                assert off > 1e-3, f"{tag}: RoPE on every layer changes the logits by only {off}"
+                print(f"{tag}: with RoPE on the NoPE layers the logits would be off by {off:.2e}", flush=True)
             # round trip: every yielded tensor equals the HF file bit for bit; union covers all exactly once
             reader = HFCheckpointReader(hf_dir)
             names = []

@@ -1,4 +1,4 @@
-"""Tiny random Hugging Face models (Qwen3, Qwen3-MoE, Llama) shared by the conversion tests and workers."""
+"""Tiny random Hugging Face models (Qwen3, Qwen3-MoE, Llama, SmolLM3) shared by the conversion tests and workers."""
 
 from __future__ import annotations
 
@@ -18,6 +18,15 @@ CASES = {
                              norm_topk_prob=False, mlp_only_layers=[0], **BASE),
     "llama_tied": dict(model_type="llama", tie_word_embeddings=True, **BASE),
     "llama": dict(model_type="llama", tie_word_embeddings=False, **BASE),
+    # SmolLM3-3B's own NoPE pattern (every 4th layer skips RoPE; transformers derives no_rope_layers =
+    # [1, 1, 1, 0] from the interval) on 4 layers: at PP=2 the NoPE layer sits on the second stage only,
+    # so a per-stage (local) layer index would rotate it and the logits would differ. Tied, no head_dim
+    # field (SmolLM3Config has none: hidden / heads = 16), no token ids outside the tiny vocab.
+    "smollm3": dict(model_type="smollm3", tie_word_embeddings=True, no_rope_layer_interval=4,
+                    rope_parameters={"rope_type": "default", "rope_theta": 5e6}, bos_token_id=None,
+                    eos_token_id=None, pad_token_id=None,
+                    **{k: v for k, v in BASE.items() if k not in ("head_dim", "num_hidden_layers")},
+                    num_hidden_layers=4),
 }
 MOE_CASES = ("qwen3_moe", "qwen3_moe_nonorm")
 
