@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from megatron_pz.memory_plan import (GIB, Layout, ParamSpec, Shapes, check_at_startup, chunk_params, ddp_buffer,
-                                     owned_elements, plan_run)
+                                     max_sequence_length, owned_elements, plan_run)
 from megatron_pz.model import load_hf_config
 from megatron_pz.plan_cli import plan_config
 from megatron_pz.config import ConfigError
@@ -161,6 +161,14 @@ def test_plan_terms_follow_their_knobs():
     n = sum(p.numel for p in chunk_params(s, Layout(1, 1, 1, 1, 1, 1, None, False), 0))
     moments = {t.name: t.bytes for t in base.phases[0].terms}["optimizer: Adam moments (1/DP shard)"]
     assert 8 * n <= moments < 8 * (n + 128)
+    # the tiny default's hf engine: a full fp32 copy (the tied head counted once) and a KV cache of
+    # every layer for max_batch_size sequences, awake in the rollout phase only
+    rollout = {t.name: t.bytes for t in base.phases[0].terms}
+    seq = max_sequence_length(cfg)
+    assert rollout["hf engine weights (full copy)"] == 4 * n
+    kv = 2 * hf.num_hidden_layers * hf.num_key_value_heads * hf.head_dim * 4 * cfg.rollout.max_batch_size * seq
+    assert rollout[f"hf engine KV cache ({cfg.rollout.max_batch_size} sequences x {seq})"] == kv
+    assert not any(t.name.startswith("hf engine") for t in base.phases[2].terms)
 
 
 def test_train_refuses_an_unfit_plan_before_any_work(monkeypatch):

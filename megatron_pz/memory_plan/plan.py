@@ -157,9 +157,10 @@ def rollout_engine_terms(cfg, s: Shapes, lay: Layout, stage: int, device_bytes: 
     ``rollout.tensor_parallel_size``, then the KV cache and its workspace fill the rest of that
     share); weight sync pushes buckets of ``rollout.bucket_mb`` while only its weights are awake.
     Asleep (scoring and training, ``llm.sleep``): level 1 moves its weights to pinned host memory and
-    drops the KV cache, level 2 drops both; neither leaves tensors on the GPU. Megatron engine: the
-    static KV cache of ``max_batch_size`` sequences of the run's longest sequence, on this stage's
-    layers, freed after each batch (counted in the rollout phase only).
+    drops the KV cache, level 2 drops both; neither leaves tensors on the GPU. ``hf`` engine: a full
+    copy of the weights and a KV cache of every layer while awake, the copy in host memory asleep.
+    Megatron engine: the static KV cache of ``max_batch_size`` sequences of the run's longest sequence,
+    on this stage's layers, freed after each batch (counted in the rollout phase only).
     """
     r = cfg.rollout
     problems: list[str] = []
@@ -184,6 +185,16 @@ def rollout_engine_terms(cfg, s: Shapes, lay: Layout, stage: int, device_bytes: 
             host.append(Term("vLLM weights offloaded while asleep (pinned host memory)", weights,
                              "rollout.sleep_level=2"))
         return awake, [], host, problems
+    if r.engine == "hf":
+        # rollout/hf_engine.py: the first rank of each model-parallel group holds a full transformers copy
+        # in the actor's dtype and a DynamicCache of every layer for max_batch_size sequences; asleep, the
+        # copy moves to host memory (``model.to("cpu")``) and the cache is gone.
+        weights = _total_params(s) * p
+        kv = 2 * s.layers * s.groups * s.head_dim * p * r.max_batch_size * seq
+        host.append(Term("hf engine weights while asleep (host memory)", weights, "rollout.engine"))
+        return [Term("hf engine weights (full copy)", weights, "rollout.engine"),
+                Term(f"hf engine KV cache ({r.max_batch_size} sequences x {seq})", kv, "rollout.max_batch_size")], \
+            [], host, problems
     # Megatron engine: decodes with the actor's own weights
     layers_here = s.layers // lay.pp
     kv = 2 * layers_here * max(1, s.groups // lay.tp) * s.head_dim * p * r.max_batch_size * seq
