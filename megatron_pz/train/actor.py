@@ -19,8 +19,8 @@ import torch
 import torch.distributed as dist
 
 from megatron_pz.config import ModelConfig, OptimizerConfig, ParallelConfig
-from megatron_pz.model.provider import build_model, transformer_config_from_hf
-from megatron_pz.train.batching import MicroBatch, TokenSequence, make_micro_batches, sequence_multiple
+from megatron_pz.model.provider import build_model
+from megatron_pz.train.batching import MicroBatch, TokenSequence, make_micro_batches, round_up, sequence_multiple
 
 LossFn = Callable[[MicroBatch, torch.Tensor], tuple[torch.Tensor, torch.Tensor, dict]]
 
@@ -253,7 +253,7 @@ def equalize_micro_batches(batches: list[MicroBatch], pad_id: int = 0,
 
     interleaved = (ps.get_virtual_pipeline_model_parallel_world_size() or 1) > 1
     rows = max((mb.input_ids.shape[0] for mb in batches), default=1)
-    width = max((mb.input_ids.shape[1] for mb in batches), default=-(-2 // pad_to_multiple) * pad_to_multiple)
+    width = max((mb.input_ids.shape[1] for mb in batches), default=round_up(2, pad_to_multiple))
     sizes = torch.tensor([len(batches), rows, width], dtype=torch.int64)
     dist.all_reduce(sizes, op=dist.ReduceOp.MAX)
     target, rows, width = (int(v) for v in sizes.tolist())

@@ -102,7 +102,7 @@ def make_micro_batches(
     when needed (e.g. a data-parallel rank whose samples were all filtered out).
     """
     order = sorted(range(len(sequences)), key=lambda i: (-len(sequences[i].tokens), i))
-    lengths = [_round_up(len(sequences[i].tokens), pad_to_multiple) for i in order]
+    lengths = [round_up(len(sequences[i].tokens), pad_to_multiple) for i in order]
     groups = [order[a:b] for a, b in _cheapest_cuts(lengths, max_tokens_per_micro_batch, micro_batch_cost_tokens)]
     batches = [_collate([sequences[i] for i in g], pad_id, pad_to_multiple) for g in groups]
     while len(batches) < min_micro_batches:
@@ -139,13 +139,13 @@ def _names(sequences: Sequence[TokenSequence]) -> list[str]:
     return sorted(sequences[0].per_token) if sequences else []
 
 
-def _round_up(n: int, multiple: int) -> int:
+def round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
 def _collate(rows: list[TokenSequence], pad_id: int, pad_to_multiple: int,
              per_token_names: Optional[list[str]] = None) -> MicroBatch:
-    width = _round_up(max(len(r.tokens) for r in rows), pad_to_multiple)
+    width = round_up(max(len(r.tokens) for r in rows), pad_to_multiple)
     names = per_token_names if per_token_names is not None else sorted(rows[0].per_token)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.float32)
