@@ -247,16 +247,20 @@ def validate_static(cfg: Any) -> None:
         raise ConfigError(f"model.local_attention must be sdpa|megatron, got {m.local_attention!r}")
     if m.fp8 not in (None, "hybrid", "e4m3"):
         raise ConfigError(f"model.fp8 must be null|hybrid|e4m3, got {m.fp8!r}")
-    if m.fp8_recipe not in ("delayed", "tensorwise", "mxfp8", "blockwise"):
-        raise ConfigError(f"model.fp8_recipe must be delayed|tensorwise|mxfp8|blockwise, got {m.fp8_recipe!r}")
+    from megatron_pz.train.batching import FP8_TOKEN_ALIGN  # the recipes whose width rule is known
+
+    if m.fp8_recipe not in FP8_TOKEN_ALIGN:
+        raise ConfigError(f"model.fp8_recipe must be {'|'.join(FP8_TOKEN_ALIGN)}, got {m.fp8_recipe!r}")
     if m.fp8 and m.spec == "local":
         raise ConfigError("model.fp8 needs the Transformer Engine spec (model.spec: te|auto)")
     if cfg.optimizer.lr_schedule not in ("constant", "cosine", "linear"):
         raise ConfigError(f"optimizer.lr_schedule must be constant|cosine|linear, got {cfg.optimizer.lr_schedule!r}")
     if cfg.runtime.device not in ("auto", "cpu", "cuda"):
         raise ConfigError(f"runtime.device must be auto|cpu|cuda, got {cfg.runtime.device!r}")
-    if cfg.runtime.backend not in ("auto", "gloo", "cpu:gloo,cuda:nccl"):
-        raise ConfigError(f"runtime.backend must be auto | gloo | cpu:gloo,cuda:nccl (a GPU world also needs a "
+    from megatron_pz.runtime.distributed import CUDA_WORLD_BACKEND
+
+    if cfg.runtime.backend not in ("auto", "gloo", CUDA_WORLD_BACKEND):
+        raise ConfigError(f"runtime.backend must be auto | gloo | {CUDA_WORLD_BACKEND} (a GPU world also needs a "
                           f"CPU backend for host-side metrics), got {cfg.runtime.backend!r}")
     if cfg.runtime.memory_plan not in ("enforce", "warn", "off"):
         raise ConfigError(f"runtime.memory_plan must be enforce|warn|off, got {cfg.runtime.memory_plan!r}")

@@ -81,13 +81,10 @@ def _dtype_bytes(model_cfg, device: str) -> int:
 
 
 def max_sequence_length(cfg) -> int:
-    """The longest row the run can make: prompt budget + the longest response of the roles its objective
-    samples + 8 (the margin ``Run.max_sequence_length`` keeps; that bound covers every objective)."""
-    o = cfg.objective
-    response = {"pretrainzero": max(o.generator_max_tokens, o.predictor_max_tokens),
-                "random_rlpt": max(o.generator_max_tokens, o.predictor_max_tokens),
-                "rlp": o.rlp_thought_max_tokens + 2}.get(o.name, o.ntr_max_tokens)
-    return cfg.train.max_prompt_tokens + response + 8
+    """The longest row the run can make: prompt budget + the longest response of the roles its objectives
+    sample, over every phase and mixture component (``ObjectiveConfig.longest_response``) + 8 (the margin
+    ``Run.max_sequence_length`` keeps; that bound covers every objective)."""
+    return cfg.train.max_prompt_tokens + cfg.objective.longest_response() + 8
 
 
 def plan_run(cfg, hf, world: int, device_bytes: float, device: str = "cuda",

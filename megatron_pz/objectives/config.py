@@ -222,6 +222,20 @@ class ObjectiveConfig:
                     for i, c in enumerate(self.mixture)]
         return [self]
 
+    def response_budget(self) -> int:
+        """Longest response this single objective samples or scores (in tokens): both PretrainZero roles
+        (Random RLPT's held-out eval runs the generator task too), RLP's thought plus the ``</think>`` and
+        target token its scoring appends, the next-token baselines' response."""
+        if self.name in ("pretrainzero", "random_rlpt"):
+            return max(self.generator_max_tokens, self.predictor_max_tokens)
+        if self.name == "rlp":
+            return self.rlp_thought_max_tokens + 2
+        return self.ntr_max_tokens
+
+    def longest_response(self) -> int:
+        """:meth:`response_budget` over every phase and mixture component this section runs."""
+        return max(leaf.response_budget() for leaf in self.leaves())
+
     def uses_rlp(self) -> bool:
         """True iff some phase or component is RLP (the EMA teacher is built only then)."""
         return any(leaf.name == "rlp" for leaf in self.leaves())

@@ -36,6 +36,7 @@ from megatron_pz.rollout.megatron_engine import (
     StopChecker,
     _seeded_generator,
     eos_ids_of,
+    request_batches,
     validate_request,
 )
 from megatron_pz.rollout.sampling import SamplingSpec, sample_tokens
@@ -141,13 +142,11 @@ def generate_with_model(model, tokenizer, eos_ids: set[int], prompts: Sequence[l
                         seed: int, max_batch_size: int, seeds: Optional[list[list[int]]] = None
                         ) -> list[list[Completion]]:
     """``params.n`` completions per prompt; ``seeds[i][j]`` overrides the row seed of sample j of prompt i."""
-    items = [(i, j, list(map(int, p))) for i, p in enumerate(prompts) for j in range(params.n)]
-    order = sorted(range(len(items)), key=lambda k: len(items[k][2]))
+    items, batches = request_batches(prompts, params.n, max_batch_size)
     spec = SamplingSpec(params.temperature, params.top_k, params.top_p)
     stops = StopChecker(tokenizer, params.stop)
     out: list[list[Optional[Completion]]] = [[None] * params.n for _ in prompts]
-    for start in range(0, len(order), max_batch_size):
-        batch = order[start: start + max_batch_size]
+    for batch in batches:
         row_seeds = [seeds[items[k][0]][items[k][1]] if seeds is not None else row_seed(seed, items[k][2], items[k][1])
                      for k in batch]
         done = decode_batch(model, [items[k][2] for k in batch], spec, params.max_new_tokens, row_seeds, eos_ids, stops)

@@ -68,6 +68,16 @@ def eos_ids_of(tokenizer, hf_config) -> set[int]:
     return ids
 
 
+def request_batches(prompts: Sequence[Sequence[int]], n: int, max_batch_size: int
+                    ) -> tuple[list[tuple[int, int, list[int]]], list[list[int]]]:
+    """The rows of one ``generate`` call, ``(prompt index, sample index, prompt)`` for each of the ``n``
+    samples of each prompt, and batches of at most ``max_batch_size`` row indices, shortest prompts
+    first (neighbours in length share a batch: less padding and cache length)."""
+    items = [(i, j, list(map(int, p))) for i, p in enumerate(prompts) for j in range(n)]
+    order = sorted(range(len(items)), key=lambda k: len(items[k][2]))
+    return items, [order[s: s + max_batch_size] for s in range(0, len(order), max_batch_size)]
+
+
 def validate_request(prompts: Sequence[Sequence[int]], params: SamplingParams, vocab_size: int) -> None:
     """Reject bad requests before any forward pass, naming the offending field."""
     if params.n < 1:
@@ -191,9 +201,7 @@ class MegatronRolloutEngine:
             self._group_max(1, self.ep_group)
         seed = self.seed + self._calls if params.seed is None else int(params.seed)
         self._calls += 1
-        items = [(i, j, list(map(int, p))) for i, p in enumerate(prompts) for j in range(params.n)]
-        order = sorted(range(len(items)), key=lambda k: len(items[k][2]))
-        batches = [order[s: s + self.max_batch_size] for s in range(0, len(order), self.max_batch_size)]
+        items, batches = request_batches(prompts, params.n, self.max_batch_size)
         num_batches = self._group_max(len(batches), self.ep_group)
         out: list[list[Optional[Completion]]] = [[None] * params.n for _ in prompts]
         with self._rollout_mode():

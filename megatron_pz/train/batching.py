@@ -44,12 +44,9 @@ class MicroBatch:
 
     def to(self, device: torch.device) -> "MicroBatch":
         """This micro-batch with every tensor on ``device`` (batches are built on the host; the model
-        and its loss run on the actor's device). Non-blocking: the copies overlap the host's next work."""
-        def move(t: torch.Tensor) -> torch.Tensor:
-            return t.to(device, non_blocking=True)
-
-        return MicroBatch(move(self.input_ids), move(self.position_ids), move(self.loss_mask),
-                          {k: move(v) for k, v in self.per_token.items()}, self.lengths, self.indices)
+        and its loss run on the actor's device)."""
+        return MicroBatch(self.input_ids.to(device), self.position_ids.to(device), self.loss_mask.to(device),
+                          {k: v.to(device) for k, v in self.per_token.items()}, self.lengths, self.indices)
 
 
 # One forward/backward pass costs about as much as this many extra padded tokens, whatever its size

@@ -302,10 +302,8 @@ def rollout_context_length(cfg: RunConfig) -> int:
     """Prompt + longest response this run generates (vLLM's ``max_model_len`` unless
     ``rollout.max_model_len`` is set; without it vLLM sizes its KV cache for the model's full context)."""
     o, t = cfg.objective, cfg.train
-    responses = {"pretrainzero": max(o.generator_max_tokens, o.predictor_max_tokens),
-                 "random_rlpt": o.predictor_max_tokens, "rlp": o.rlp_thought_max_tokens}
-    longest = max(responses.get(o.name, o.ntr_max_tokens), o.generator_max_tokens, o.predictor_max_tokens,
-                  t.eval_max_new_tokens)  # the held-out eval runs the generator and predictor tasks
+    # every phase / component's responses, and the held-out eval's generator and predictor tasks
+    longest = max(o.longest_response(), o.generator_max_tokens, o.predictor_max_tokens, t.eval_max_new_tokens)
     return t.max_prompt_tokens + longest + 8
 
 
