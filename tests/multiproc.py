@@ -27,9 +27,9 @@ class DistributedTestFailure(AssertionError):
     pass
 
 
-def run_torchrun(script: str | Path, *args: str, nproc: int = 2, timeout: float = 300,
-                 env: dict | None = None) -> str:
-    """Run ``script`` (a path, or a file name under tests/workers) on ``nproc`` ranks; return output."""
+def start_torchrun(script: str | Path, *args: str, nproc: int = 2, env: dict | None = None) -> subprocess.Popen:
+    """Start ``script`` (a path, or a file name under tests/workers) on ``nproc`` ranks in a session of its
+    own, output (stdout and stderr together) on a pipe; :func:`kill_tree` ends it."""
     script = Path(script)
     if not script.is_absolute():
         script = WORKERS / script
@@ -47,12 +47,19 @@ def run_torchrun(script: str | Path, *args: str, nproc: int = 2, timeout: float 
         "CUDA_VISIBLE_DEVICES": "",
     })
     full_env.update(env or {})
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=full_env,
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=full_env,
                             cwd=REPO_ROOT, start_new_session=True, text=True)
+
+
+def run_torchrun(script: str | Path, *args: str, nproc: int = 2, timeout: float = 300,
+                 env: dict | None = None) -> str:
+    """Run ``script`` (a path, or a file name under tests/workers) on ``nproc`` ranks; return output."""
+    script = Path(script)
+    proc = start_torchrun(script, *args, nproc=nproc, env=env)
     try:
         output, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        _kill_tree(proc.pid)
+        kill_tree(proc.pid)
         output, _ = proc.communicate()
         raise DistributedTestFailure(
             f"{script.name} on {nproc} ranks did not finish within {timeout}s (killed). Output:\n"
@@ -65,7 +72,7 @@ def run_torchrun(script: str | Path, *args: str, nproc: int = 2, timeout: float 
     return output
 
 
-def _kill_tree(pid: int) -> None:
+def kill_tree(pid: int) -> None:
     """torchrun starts ranks in their own sessions: kill every descendant, not just the group."""
     import psutil
 

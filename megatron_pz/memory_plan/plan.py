@@ -117,7 +117,8 @@ def plan_run(cfg, hf, world: int, device_bytes: float, device: str = "cuda",
             teacher = sum(sum(q.numel for q in chunk_params(s, lay, stage, spec, cfg.model.moe_grouped_gemm, v))
                           for v in range(lay.vp or 1)) * p
             resident.append(Term("RLP EMA teacher weights", teacher, "parallel.tp/pp/ep"))
-        rollout_terms, asleep_terms, host, problems = rollout_engine_terms(cfg, s, lay, stage, device_bytes, p, seq)
+        rollout_terms, asleep_terms, host, problems = rollout_engine_terms(cfg, s, lay, stage, device_bytes, p, seq,
+                                                                           hf, on_cpu=device != "cuda")
         train_terms = list(resident) + asleep_terms
         if cfg.model.fp8:
             train_terms.append(Term("FP8 weight copies (row + column-wise, 1 byte each)", 2 * st.fp8_gemm_weights,
@@ -147,14 +148,18 @@ def plan_run(cfg, hf, world: int, device_bytes: float, device: str = "cuda",
     return best
 
 
-def rollout_engine_terms(cfg, s: Shapes, lay: Layout, stage: int, device_bytes: float, p: int, seq: int):
-    """(awake terms, asleep terms, host terms, problems) of the rollout engine on one GPU.
+def rollout_engine_terms(cfg, s: Shapes, lay: Layout, stage: int, device_bytes: float, p: int, seq: int,
+                         hf=None, on_cpu: bool = False):
+    """(awake terms, asleep terms, host terms, problems) of the rollout engine on one GPU (or CPU rank).
 
     vLLM (``gpu_memory_utilization`` = u): awake it holds ``u x device`` (its weights at
     ``rollout.tensor_parallel_size``, then the KV cache and its workspace fill the rest of that
     share); weight sync pushes buckets of ``rollout.bucket_mb`` while only its weights are awake.
     Asleep (scoring and training, ``llm.sleep``): level 1 moves its weights to pinned host memory and
-    drops the KV cache, level 2 drops both; neither leaves tensors on the GPU. ``hf`` engine: a full
+    drops the KV cache, level 2 drops both; neither leaves tensors on the GPU. With its KV cache given
+    in bytes (``rollout.kv_cache_memory_bytes``; always on CPU, :func:`~megatron_pz.rollout.budget.
+    vllm_kv_cache_bytes`) it holds its weights plus exactly those bytes; on CPU, which has no sleep mode,
+    it holds them in every phase. ``hf`` engine: a full
     copy of the weights and a KV cache of every layer while awake, the copy in host memory asleep.
     Megatron engine: the static KV cache of ``max_batch_size`` sequences of the run's longest sequence,
     on this stage's layers, freed after each batch (counted in the rollout phase only).
@@ -163,8 +168,18 @@ def rollout_engine_terms(cfg, s: Shapes, lay: Layout, stage: int, device_bytes: 
     problems: list[str] = []
     host: list[Term] = []
     if r.engine == "vllm":
+        from megatron_pz.rollout.budget import vllm_kv_cache_bytes, vllm_max_model_len
+
         total_params = _total_params(s)
-        weights = total_params * _DTYPE_BYTES.get(r.dtype, 2) / r.tensor_parallel_size
+        vllm_bytes = _DTYPE_BYTES.get(r.dtype, p)  # auto: the actor's dtype
+        weights = total_params * vllm_bytes / r.tensor_parallel_size
+        kv = vllm_kv_cache_bytes(r, hf, vllm_max_model_len(cfg), on_cpu, vllm_bytes) if hf is not None else None
+        if kv is not None:
+            sized = ("rollout.kv_cache_memory_bytes" if r.kv_cache_memory_bytes
+                     else f"{r.max_batch_size} sequences x {vllm_max_model_len(cfg)} tokens")
+            awake = [Term(f"vLLM weights (TP {r.tensor_parallel_size})", weights, "rollout.tensor_parallel_size"),
+                     Term(f"vLLM KV cache ({sized})", kv, "rollout.kv_cache_memory_bytes, rollout.max_batch_size")]
+            return awake, (list(awake) if on_cpu else []), host, problems
         share = r.gpu_memory_utilization * device_bytes
         bucket = r.bucket_mb * 2**20
         kv_per_token = 2 * s.layers * max(1, s.groups // r.tensor_parallel_size) * s.head_dim * 2

@@ -8,6 +8,7 @@ from typing import Optional
 from megatron_pz.config import ConfigError
 
 ENGINES = ("megatron", "hf", "vllm")
+VLLM_DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 @dataclass
@@ -26,13 +27,19 @@ class RolloutConfig:
     refresh_weights: bool = True
     # vLLM settings.
     gpu_memory_utilization: float = 0.5  # fraction of the GPU vLLM may take (the actor shares it)
+    # vLLM's KV cache per rank in bytes; null: the rest of gpu_memory_utilization on a GPU, and on CPU
+    # (where that fraction would be of the node's whole RAM per rank) rollout.max_batch_size sequences of
+    # max_model_len tokens (megatron_pz/rollout/budget.py; the memory plan counts the same bytes)
+    kv_cache_memory_bytes: Optional[int] = None
     tensor_parallel_size: int = 1  # vLLM's own TP (independent of the actor's layout)
-    enforce_eager: bool = False  # True: no CUDA graphs (slower decode, faster start, less memory)
+    # True: no CUDA graphs (slower decode, faster start, less memory). On CPU always eager: vLLM's CPU
+    # compile mode runs inductor (minutes to start, needs a C++ compiler).
+    enforce_eager: bool = False
     # 2: drop weights and KV cache while the actor trains (the weights are resent every step anyway);
     # 1: also keeps a host copy of the weights (needed only with refresh_weights: false).
     sleep_level: int = 2
     max_model_len: Optional[int] = None  # None: the run's prompt + response budget (not the model's 40,960)
-    dtype: str = "bfloat16"
+    dtype: str = "auto"  # vLLM's weights and KV cache; auto: the actor's parameter dtype (what the sync sends)
     enable_prefix_caching: bool = True
 
     def validate(self) -> None:
@@ -53,6 +60,10 @@ class RolloutConfig:
                               "(level 2 discards the weights that would not be resent)")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ConfigError(f"rollout.max_model_len must be >= 2 (or unset), got {self.max_model_len}")
+        if self.kv_cache_memory_bytes is not None and self.kv_cache_memory_bytes < 1:
+            raise ConfigError(f"rollout.kv_cache_memory_bytes must be >= 1 (or unset), got {self.kv_cache_memory_bytes}")
+        if self.dtype not in VLLM_DTYPES:
+            raise ConfigError(f"rollout.dtype must be one of {'|'.join(VLLM_DTYPES)}, got {self.dtype!r}")
         if self.tensor_parallel_size < 1:
             raise ConfigError(f"rollout.tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
 

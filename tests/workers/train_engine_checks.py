@@ -1,9 +1,9 @@
 """`megatron-pz train ...` with observation points on the rollout engine (tests/test_trainer.py).
 
 Wraps, without changing what they do: every rollout phase (after its weight sync, the ``hf`` engine's
-weights are compared with the actor's export, bit for bit), ``Actor.train_step`` (is every engine
-asleep?), and the objective's ``collect`` (a digest of the experiences of each step). With
-``--vllm-standin`` first, ``import vllm`` finds the test stand-in. Each rank writes what it saw to
+weights are compared with the actor's export, bit for bit; the vLLM engine's post-reload refresh and the
+CPU build's shared-memory segments are recorded), ``Actor.train_step`` (is every engine asleep?), and
+the objective's ``collect`` (a digest of the experiences of each step). Each rank writes what it saw to
 ``<train.run_dir>/engine_checks_rank<R>.json`` at the end.
 """
 
@@ -14,17 +14,13 @@ import os
 import sys
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-if len(sys.argv) > 1 and sys.argv[1] == "--vllm-standin":
-    sys.argv.pop(1)
-    sys.path.insert(0, str(HERE.parent / "vllm_standin"))
+SHM = Path("/dev/shm")
 
 
 def install(records):
     import megatron_pz.objectives.base as objectives
     from megatron_pz.rollout.hf_engine import HFRolloutEngine
     from megatron_pz.rollout.phase import RolloutPhases
-    from megatron_pz.rollout.weight_sync import stale_weights
     from megatron_pz.train.actor import Actor
 
     phases_made = []
@@ -41,15 +37,16 @@ def install(records):
         with original_generating(self) as engine:
             if isinstance(engine, HFRolloutEngine):
                 records["stale_tensors"].append(len(engine.stale_weights(self.actor.chunks)))
-            elif hasattr(getattr(engine, "llm", None), "model"):  # the vLLM stand-in's model
-                records["stale_tensors"].append(len(stale_weights(engine.llm.model, self.actor.chunks,
-                                                                  engine.hf_config)))
+            elif hasattr(engine, "last_refresh"):  # the vLLM engine
+                records["vllm_refresh"].append(dict(engine.last_refresh))
+                records["shm_segments"].append(sorted(p.name for p in SHM.glob("*cpushm*")) if SHM.is_dir() else [])
             records["syncs_at_phase"].append(self.syncs)
             yield engine
 
     def asleep(engine):
-        llm = getattr(engine, "llm", None)
-        return llm.asleep if llm is not None else bool(getattr(engine, "asleep", False))
+        if hasattr(engine, "sleep_mode"):  # vLLM: asleep after every phase where its platform has sleep mode
+            return not engine._weights_awake and not engine._kv_awake
+        return bool(getattr(engine, "asleep", False))
 
     original_step = Actor.train_step
 
@@ -83,18 +80,16 @@ def install(records):
 def main(argv):
     from megatron_pz.cli import main as cli_main
 
-    records = {"stale_tensors": [], "syncs_at_phase": [], "asleep_in_update": [], "experiences": []}
+    records = {"stale_tensors": [], "syncs_at_phase": [], "asleep_in_update": [], "experiences": [],
+               "vllm_refresh": [], "shm_segments": []}
     phases_made = install(records)
     code = cli_main(argv)
     records["syncs"] = phases_made[0].syncs if phases_made else 0
-    try:
-        import vllm
-
-        records["vllm_events"] = [e[0] for e in vllm.EVENTS] if hasattr(vllm, "EVENTS") else None
-        records["vllm_init"] = {k: v for k, v in vllm.INSTANCES[0].init_kwargs.items()
-                                if k in ("max_model_len", "disable_custom_all_reduce", "data_parallel_size")}
-    except ImportError:
-        records["vllm_events"] = None
+    engine = phases_made[0].engine if phases_made else None
+    if hasattr(engine, "sleep_mode"):
+        records["vllm"] = {k: getattr(engine, k) for k in ("sleep_mode", "max_model_len", "kv_cache_memory_bytes",
+                                                           "enforce_eager", "dtype", "syncs")}
+        records["vllm"]["engine_ranks"] = engine._engine_ranks
     rank = int(os.environ.get("RANK", "0"))
     run_dir = next(a.split("=", 1)[1] for a in argv if a.startswith("train.run_dir="))
     (Path(run_dir) / f"engine_checks_rank{rank}.json").write_text(json.dumps(records))
