@@ -34,3 +34,21 @@ def test_gpu_smoke_passes_on_cpu(tmp_path, pz_data_cache):
     # defect 7 of issue 14: the expected notices of megatron-core/torch are silenced at the source
     warnings = [line for line in result.stderr.splitlines() if re.search(r"Warning\b", line)]
     assert warnings == [], warnings
+
+
+def test_gpu_smoke_with_vllm_passes_on_cpu(tmp_path, pz_data_cache, real_vllm):
+    """``--rollout vllm`` on vLLM's CPU build: the trainer's runs roll out on vLLM (dense and MoE), and
+    vllm_parity holds after two weight pushes (tied head and MoE experts re-derived)."""
+    result = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "tools" / "gpu_smoke.py"), "--device", "cpu", "--rollout", "vllm",
+         "--out", str(tmp_path), "--data-cache", str(pz_data_cache)],
+        capture_output=True, text=True, timeout=900, cwd=REPO_ROOT, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
+    out = result.stdout
+    assert result.returncode == 0, (out + result.stderr)[-6000:]
+    lines = {m.group(2): m.group(1) for m in re.finditer(r"^(PASS|FAIL) (\S+)", out, re.M)}
+    expected = [f"{model}/{check}" for model in ("dense", "moe") for check in (*CHECKS, "vllm_parity")] + \
+        [f"dense/{check}" for check in HF_ENGINE]
+    assert lines == {name: "PASS" for name in expected}, out
+    assert "gpu_smoke: 14/14 checks passed" in out
+    assert re.search(r"dense/vllm_parity .*'tied': True.*'shares_storage': True", out)
+    assert re.search(r"moe/vllm_parity .*'moe_layers_repacked': 2", out)

