@@ -230,6 +230,13 @@ class VLLMRolloutEngine:
             raise ConfigError("the vLLM engine on CPU needs its KV cache in bytes: pass max_model_len (the trainer "
                               "does) or set rollout.kv_cache_memory_bytes")
         self.enforce_eager = bool(cfg.enforce_eager or self.on_cpu)
+        cpu_only = {}
+        if self.on_cpu:
+            # vLLM 0.32.0 gpu_model_runner._bookkeeping_sync rewinds a seeded request's generator
+            # (gen.set_offset) when a chunked prefill discards its sampled token; CPU generators have no
+            # offset ("CPU Generator does not use offset"), so every batch whose prompts exceed one step's
+            # token budget crashed. Whole prompts per step: no partial prefill, nothing discarded.
+            cpu_only = dict(enable_chunked_prefill=False, max_num_batched_tokens=max(8192, max_model_len or 0))
         tag = self._shm_tag()
         # external_launcher needs the engine core in this process (vLLM sets it too; set before import use)
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
@@ -254,6 +261,7 @@ class VLLMRolloutEngine:
                 # top_k = 0 and top_p = 1 that is exactly logits_at_temperature's rule. With truncation
                 # vLLM renormalises over the kept tokens, which our rule does not.
                 logprobs_mode="processed_logprobs",
+                **cpu_only,
             )
 
     def close(self) -> None:
