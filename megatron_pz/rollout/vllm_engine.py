@@ -163,6 +163,19 @@ def refresh_processed_weights(model) -> dict:
     return report
 
 
+def check_cpu_head_size(hf_config) -> None:
+    """vLLM's CPU attention has kernels for some head sizes only; another one builds an engine that fails at
+    its first generation ("Unsupported CPU attention configuration"), so it is refused before any work."""
+    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+
+    heads = hf_config.num_attention_heads
+    head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // heads
+    supported = CPUAttentionBackend.get_supported_head_sizes()
+    if head_dim not in supported:
+        raise ConfigError(f"rollout.engine=vllm on CPU: vLLM's CPU attention has no kernel for head_dim={head_dim} "
+                          f"(model.architecture / the HF config); it supports {supported}")
+
+
 class VLLMRolloutEngine:
     """:class:`~megatron_pz.rollout.base.RolloutEngine` backed by one colocated ``vllm.LLM`` per vLLM TP group."""
 
@@ -232,6 +245,7 @@ class VLLMRolloutEngine:
         self.enforce_eager = bool(cfg.enforce_eager or self.on_cpu)
         cpu_only = {}
         if self.on_cpu:
+            check_cpu_head_size(hf_config)
             # vLLM 0.32.0 gpu_model_runner._bookkeeping_sync rewinds a seeded request's generator
             # (gen.set_offset) when a chunked prefill discards its sampled token; CPU generators have no
             # offset ("CPU Generator does not use offset"), so every batch whose prompts exceed one step's
