@@ -8,6 +8,7 @@ TP=2: only the group leader holds a model; both ranks get identical completions,
 Prints ROLLOUT_HF_OK.
 """
 
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -54,14 +55,19 @@ def main():
         assert key(mine) == key(theirs), (params, key(mine), key(theirs))
         for a, b in zip(sum(mine, []), sum(theirs, [])):
             assert torch.allclose(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-4)
-    out = engine.generate(prompts, sampled)
-    reasons = {c.finish_reason for g in out for c in g}
-    assert "stop" in reasons and all(c.text.endswith("o") for g in out for c in g if c.finish_reason == "stop")
+    # a stop string the policy does write: a character of a free sample's text (random weights pick which)
+    free = engine.generate(prompts, dataclasses.replace(sampled, stop=[]))
+    i, j, k = next((i, j, k) for i, g in enumerate(free) for j, c in enumerate(g) for k, ch in enumerate(c.text)
+                   if k >= 2 and ch.isprintable() and ch != "\ufffd")
+    stop = free[i][j].text[k]
+    out = engine.generate(prompts, dataclasses.replace(sampled, stop=[stop]))
+    assert out[i][j].finish_reason == "stop" and out[i][j].text == free[i][j].text[:free[i][j].text.index(stop) + 1]
+    assert all(c.text.endswith(stop) for g in out for c in g if c.finish_reason == "stop")
     assert len({tuple(c.token_ids) for c in out[0]}) > 1  # n samples of one prompt differ
     # a prompt's samples depend on (seed, prompt, sample index) only
     alone = HFRolloutEngine(tok, cfg, max_batch_size=1, seed=3)
     alone.update_weights([model])
-    assert key(alone.generate([prompts[2]], sampled))[0] == key(out)[2]
+    assert key(alone.generate([prompts[2]], dataclasses.replace(sampled, stop=[stop])))[0] == key(out)[2]
     eos_engine = HFRolloutEngine(tok, cfg, max_batch_size=4, seed=3)
     eos_engine.update_weights([model])
     forced = eos_engine.generate(prompts[:1], greedy)[0][0]
