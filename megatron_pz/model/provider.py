@@ -234,6 +234,9 @@ def transformer_config_from_hf(
             moe_grouped_gemm=model_cfg.moe_grouped_gemm,
             moe_layer_freq=moe_layer_pattern(hf_config),
             moe_router_dtype="fp32",
+            # one RouterReplay per router (megatron-core 0.16.1), inert until routing replay
+            # (megatron_pz.train.routing_replay) or route recording (rollout.route_recorder) sets an action
+            moe_enable_routing_replay=True,
         )
     if model_cfg.fp8:
         kwargs.update(fp8=model_cfg.fp8, fp8_recipe=model_cfg.fp8_recipe)

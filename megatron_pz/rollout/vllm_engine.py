@@ -39,6 +39,11 @@ Written against vLLM 0.32.0's offline API (``vllm/entrypoints/llm.py``, ``vllm/v
   (``logprobs_mode="processed_logprobs"``), the rule of
   :func:`megatron_pz.rl.logprobs.logits_at_temperature` that the other engines and the trainer use.
 
+* MoE routes (R3, issue 21): ``capture_routes=True`` builds the engine with
+  ``enable_return_routed_experts=True`` and turns each finished output's ``routed_experts`` into the
+  completion's routes (:func:`megatron_pz.rollout.routes.routes_from_vllm`, written against 0.32.0).
+  Capture needs Model Runner V2 and prefix caching; the CPU build has no V2 runner and is refused.
+
 ``vllm`` is imported only inside this class; without it construction fails with a clear message.
 """
 
@@ -103,9 +108,21 @@ class VLLMRolloutEngine:
     owns_weights = True
 
     def __init__(self, cfg: RolloutConfig, tokenizer, hf_config, max_model_len: Optional[int] = None,
-                 model_dir: Optional[str] = None):
+                 model_dir: Optional[str] = None, capture_routes: bool = False):
         self._vllm, self._TokensPrompt = _import_vllm()
         cfg.validate()
+        # --- R3 (issue 21): route capture; the conversion lives in megatron_pz/rollout/routes.py
+        self.route_shape = None
+        if capture_routes:
+            from vllm.platforms import current_platform
+
+            from megatron_pz.rollout.config import VLLM_CPU_CANNOT_CAPTURE
+            from megatron_pz.rollout.routes import RouteShape
+
+            if current_platform.is_cpu():
+                raise ConfigError(f"MoE route capture with rollout.engine=vllm: {VLLM_CPU_CANNOT_CAPTURE}")
+            self.route_shape = RouteShape.from_hf(hf_config)
+        # --- end R3
         self.cfg = cfg
         self.tokenizer = tokenizer
         self.hf_config = hf_config
@@ -147,6 +164,8 @@ class VLLMRolloutEngine:
             # top_k = 0 and top_p = 1 that is exactly logits_at_temperature's rule. With truncation
             # vLLM renormalises over the kept tokens, which our rule does not.
             logprobs_mode="processed_logprobs",
+            # R3 (issue 21): vLLM 0.32.0 EngineArgs field, passed only when capturing
+            **({"enable_return_routed_experts": True} if capture_routes else {}),
         )
         self.keeps_weights_asleep = cfg.sleep_level == 1  # level 2 discards them: every phase reloads
         self._calls = 0
@@ -247,8 +266,14 @@ class VLLMRolloutEngine:
             out = output.outputs[0]
             token_ids = list(out.token_ids)
             logprobs = [step[t].logprob for t, step in zip(token_ids, out.logprobs or [])] or None
+            routes = None
+            if self.route_shape is not None:  # R3 (issue 21)
+                from megatron_pz.rollout.routes import routes_from_vllm
+
+                routes = routes_from_vllm(out.routed_experts, len(prompts[i]), len(token_ids), self.route_shape,
+                                          f"vLLM completion {j} of prompt {i}")
             result[i][j] = Completion(prompt_ids=list(prompts[i]), token_ids=token_ids, text=out.text,
-                                      logprobs=logprobs, finish_reason=_finish_reason(out))
+                                      logprobs=logprobs, finish_reason=_finish_reason(out), routes=routes)
         return result
 
     def _sampling_params(self, params: SamplingParams, seed: int):
