@@ -255,7 +255,7 @@ def layer_spec(config, spec: str, vp_stage: Optional[int] = None, local_attentio
         from megatron.core.models.gpt.gpt_layer_specs import (
             get_gpt_layer_with_transformer_engine_spec,
         )
-    if config.num_moe_experts:
+    if config.num_moe_experts or (not use_te and config.sequence_parallel):  # a block spec: its final norm too
         block = get_gpt_decoder_block_spec(
             config, use_transformer_engine=use_te, normalization="RMSNorm", vp_stage=vp_stage
         )
@@ -270,6 +270,10 @@ def layer_spec(config, spec: str, vp_stage: Optional[int] = None, local_attentio
 
         for layer in layers:
             layer.submodules.self_attention.submodules.core_attention = SdpaDotProductAttention
+    if not use_te and config.sequence_parallel:  # torch's norm refuses SP; this one all-reduces its grad
+        from megatron_pz.model.sp_norm import use_sequence_parallel_norms
+
+        use_sequence_parallel_norms(block)
     return block
 
 
@@ -304,8 +308,6 @@ def build_model(
                         else torch.device("cpu"))
     config = transformer_config_from_hf(hf_config, model_cfg, parallel, device)
     spec = resolve_spec(model_cfg, device)
-    if spec == "local" and parallel.sequence_parallel:
-        raise ConfigError("parallel.sequence_parallel needs the Transformer Engine spec (model.spec: te)")
     if spec == "te" and device.type != "cuda":
         raise ConfigError("model.spec='te' needs a CUDA device; use model.spec: local on CPU")
     theta, rope_scaling, rope_factor = rope_settings(hf_config)
