@@ -196,6 +196,11 @@ def transformer_config_from_hf(
         bf16=dtype == torch.bfloat16,
         fp16=dtype == torch.float16,
         use_cpu_initialization=device.type != "cuda",
+        # Pipeline p2p as single isend/irecv pairs on CPU. megatron-core 0.16.1's batched form posts
+        # [send_prev, recv_prev, send_next, recv_next] on every rank; gloo matches a pair's messages in
+        # posting order, so with PP=2 (prev == next) the interleaved schedule's forward activation and
+        # backward gradient cross over (wrong losses after the warm-up micro-batches). NCCL groups them.
+        batch_p2p_comm=device.type == "cuda",
         init_method_std=getattr(hf_config, "initializer_range", 0.02),
         perform_initialization=model_cfg.init_weights,
         # Rollout batches have varying lengths; Megatron's allgather dispatcher cannot handle that.
