@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 from megatron_pz.config import ConfigError
 
@@ -39,7 +39,8 @@ class RolloutConfig:
     # the GRPO update and its recompute, RLP's policy scoring) uses the experts its rollout chose; off =
     # native routing (agreement with the rollout is still measured where the engine captures routes);
     # auto = r3 for MoE models whose engine can capture them, off otherwise (resolve_routing_replay).
-    routing_replay: str = "auto"
+    # (Typed Any: YAML reads a bare `off` as false, which validate() turns back into "off".)
+    routing_replay: Any = "auto"
 
     def validate(self) -> None:
         if self.engine not in ENGINES:
@@ -61,7 +62,9 @@ class RolloutConfig:
             raise ConfigError(f"rollout.max_model_len must be >= 2 (or unset), got {self.max_model_len}")
         if self.tensor_parallel_size < 1:
             raise ConfigError(f"rollout.tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
-        if self.routing_replay not in ROUTING_REPLAY:
+        if self.routing_replay is False:
+            self.routing_replay = "off"
+        if not isinstance(self.routing_replay, str) or self.routing_replay not in ROUTING_REPLAY:
             raise ConfigError(f"rollout.routing_replay must be one of {'|'.join(ROUTING_REPLAY)}, "
                               f"got {self.routing_replay!r}")
 

@@ -168,7 +168,7 @@ class Actor:
                 routing.begin_forward(model, mb)  # this chunk's routers: the micro-batch's rollout routes
             output = model(mb.input_ids, mb.position_ids, None)
             if routing is not None:
-                routing.end_forward(model)  # from here on a router call of this chunk is a recompute
+                routing.end_forward(model, backward_follows=not forward_only)  # later calls: recomputes
             return output, functools.partial(loss_fn, mb)
 
         num = len(micro_batches)

@@ -113,16 +113,19 @@ class RoutingReplay:
                 router.router_replay.set_target_indices(target)
                 router.router_replay.set_router_replay_action(_action("REPLAY_FORWARD"))
 
-    def end_forward(self, chunk) -> None:
-        """After ``chunk``'s forward: later router calls of this chunk are recomputes (REPLAY_BACKWARD)."""
+    def end_forward(self, chunk, backward_follows: bool = True) -> None:
+        """After ``chunk``'s forward: later router calls of this chunk are recomputes (REPLAY_BACKWARD).
+        ``backward_follows``: False for forward-only passes (nothing will be recomputed)."""
+        keep = backward_follows and self.keep_backward_copies
         for router, _ in self._routers.get(id(chunk), []):
             self._pending.pop(id(router), None)
             if not self.replay:
                 continue
             replay = router.router_replay
             replay.set_router_replay_action(_action("REPLAY_BACKWARD"))
-            if not self.keep_backward_copies and replay.replay_backward_list:
-                # nothing recomputes this router: drop the copy set_target_indices queued for it
+            if not keep and replay.replay_backward_list:
+                # nothing recomputes this router: drop the copy set_target_indices queued for it, so only
+                # the micro-batches in flight hold targets
                 replay.replay_backward_list.pop()
 
     def finish(self) -> None:
