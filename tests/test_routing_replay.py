@@ -167,6 +167,17 @@ def test_routing_replay_resolves_per_model_engine_and_device():
         RolloutConfig(routing_replay="r2").validate()
 
 
+def test_the_30b_moe_run_replays_routes_on_gpu(monkeypatch, tmp_path):
+    from megatron_pz.train.config import load_run_config
+
+    monkeypatch.setenv("MODEL_DIR", str(tmp_path / "model"))
+    monkeypatch.setenv("DATA_DIR", str(tmp_path / "data"))
+    cfg = load_run_config(REPO_ROOT / "examples" / "pretrainzero_qwen3_30b_a3b.yaml")
+    hf = load_hf_config(dict(cfg.model.architecture))
+    assert resolve_routing_replay(cfg.rollout, hf, "cuda") == "r3"
+    assert RouteShape.from_hf(hf).dtype == np.uint8 and RouteShape.from_hf(hf).bytes_per_token() == 48 * 8
+
+
 def test_yaml_off_reads_as_off():
     from megatron_pz.train.config import load_run_config
 
@@ -184,7 +195,8 @@ def test_router_settings_replay_cannot_honour_are_refused():
     for field, value, message in (("moe_router_fusion", True, "moe_router_fusion"),
                                   ("moe_router_load_balancing_type", "sinkhorn", "sinkhorn"),
                                   ("moe_expert_capacity_factor", 1.0, "capacity"),
-                                  ("moe_input_jitter_eps", 0.01, "jitter")):
+                                  ("moe_input_jitter_eps", 0.01, "jitter"),
+                                  ("moe_router_force_load_balancing", True, "force_load_balancing")):
         config = transformer_config_from_hf(moe())
         setattr(config, field, value)
         with pytest.raises(ConfigError, match=f"routing_replay=r3 cannot replay routes with .*{message}"):

@@ -78,11 +78,12 @@ def check_engine_for_model(cfg: RolloutConfig, hf_config) -> None:
                           "in memory while the weight sync sends them one by one (use megatron or vllm)")
 
 
-# vLLM 0.32.0 ``VllmConfig._verify_aux_output_compatibility``: route capture needs Model Runner V2, which
-# the CPU build does not run (``vllm/v1/worker/cpu/model_runner.py`` is the GPU V2 runner, which needs
-# Triton; without it ``use_v2_model_runner`` falls back to V1, and AuxOutput refuses V1).
-VLLM_CPU_CANNOT_CAPTURE = ("vLLM's CPU build runs the V1 model runner, which cannot return routed experts "
-                           "(vLLM 0.32.0 captures them only on Model Runner V2)")
+# vLLM 0.32.0 ``VllmConfig._verify_aux_output_compatibility``: route capture needs Model Runner V2, and the
+# CPU build has no Triton, without which ``use_v2_model_runner`` falls back to V1. Tried on the CPU build
+# (one process, a tiny Qwen3-MoE): as is, "AuxOutput Connector requires Model Runner V2"; with
+# VLLM_USE_V2_MODEL_RUNNER=1, "Model Runner V2 requires Triton".
+VLLM_CPU_CANNOT_CAPTURE = ("vLLM's CPU build runs the V1 model runner (Model Runner V2 needs Triton), and vLLM "
+                           "0.32.0 returns routed experts only on Model Runner V2")
 
 
 def engine_captures_routes(cfg: RolloutConfig, device: str) -> bool:

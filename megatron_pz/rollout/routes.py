@@ -79,7 +79,8 @@ def check_routes(routes, shape: RouteShape, num_tokens: int, where: str) -> np.n
     Bad routes would make the MoE all-to-all fail far from their source (duplicate ids in a row break its
     split sizes) or silently train on wrong experts, so each is refused here with ``where`` (the
     experience or completion) named: wrong shape or length, an id outside ``[0, experts)``, a layer that is
-    all zeros (an unwritten layer, e.g. a dense layer's column of vLLM's array), a repeated id in a row.
+    all zeros with top-k > 1 (an unwritten layer, e.g. a dense layer's column of vLLM's array), a repeated id
+    in a row.
     """
     array = np.asarray(routes)
     expected = (num_tokens, len(shape.moe_layers), shape.topk)
@@ -93,12 +94,11 @@ def check_routes(routes, shape: RouteShape, num_tokens: int, where: str) -> np.n
     low, high = int(array.min()), int(array.max())
     if low < 0 or high >= shape.num_experts:
         raise ValueError(f"{where}: routes hold expert ids in [{low}, {high}], expected [0, {shape.num_experts})")
-    if shape.topk > 1 or num_tokens > 1:
-        zero_layers = np.flatnonzero(~array.reshape(num_tokens, len(shape.moe_layers), -1).any(axis=(0, 2)))
-        if len(zero_layers) and (shape.topk > 1 or num_tokens >= 8):
+    if shape.topk > 1:  # (with top-1, a router may legitimately send every token to expert 0)
+        zero_layers = np.flatnonzero(~array.any(axis=(0, 2)))
+        if len(zero_layers):
             layer = shape.moe_layers[int(zero_layers[0])]
             raise ValueError(f"{where}: routes of MoE layer {layer} (0-based) are all zeros: an unwritten layer")
-    if shape.topk > 1:
         ordered = np.sort(array, axis=-1)
         repeated = np.argwhere((ordered[..., 1:] == ordered[..., :-1]).any(axis=-1))
         if len(repeated):

@@ -6,8 +6,9 @@ right before a chunk's forward on a micro-batch and :meth:`RoutingReplay.end_for
 gets the rollout's choices for its tokens (``[tokens, topk]`` in the router's own token order,
 :func:`~megatron_pz.model.moe_routers.router_token_order`) through megatron-core 0.16.1's ``RouterReplay``:
 
-* ``REPLAY_FORWARD`` during the forward: the router takes the given ids and gathers their scores, so the
-  gradient flows through the router's probabilities of the replayed experts (R3 §3);
+* ``REPLAY_FORWARD`` during the forward: the router takes the given ids and gathers its own scores for
+  them, so the gate weights come from the training router's logits under the rollout's mask, as R3 does
+  (arXiv 2510.11370), and the router keeps its gradient;
 * ``REPLAY_BACKWARD`` from the end of that forward on: activation recompute pops the same ids again in
   forward order (``RouterReplay.replay_backward_list`` is a FIFO filled by ``set_target_indices``; the
   schedule runs backwards in forward order under 1F1B and interleaving alike). Megatron never switches
