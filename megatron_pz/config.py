@@ -292,7 +292,7 @@ def validate_parallel_sizes(parallel: ParallelConfig, hf_config: Any, world_size
         if tp > 1 and not parallel.sequence_parallel:
             problems.append(
                 f"MoE with parallel.tp={tp} needs parallel.sequence_parallel=true (Megatron refuses "
-                "MoE+TP without it; sequence parallel needs the Transformer Engine spec)"
+                "MoE+TP without it)"
             )
     elif ep > 1:
         problems.append(f"parallel.ep={ep} > 1 but the model has no experts")

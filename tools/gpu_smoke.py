@@ -24,6 +24,12 @@ For a tiny dense Qwen3 and a tiny Qwen3-MoE, in bf16, on the embedded Wikipedia 
                argmax and log-probs at T=1 / 0.7 the actor's (the tied LM head and the MoE experts are
                re-derived after every reload, see ``refresh_processed_weights``); on a GPU also a
                sleep/wake cycle (level 2) before the second push.
+* ``routing_replay`` (MoE) the main run replays the rollout's routes (``rollout.routing_replay`` auto = r3:
+               recorded by the Megatron engine, or captured by vLLM with ``--rollout vllm`` on a GPU;
+               vLLM's CPU build cannot capture, so there both runs roll out on the Megatron engine): routing
+               agreement exactly 1 on every RL step; then 2 RL steps with replay off from the same warm
+               start (the same first rollouts) print native agreement and the rollout-vs-train log-prob gap
+               beside replay's.
 
 Each line ends with the device's peak memory during that check (CUDA: ``max_memory_allocated``; CPU:
 the process's peak RSS so far); the ``train`` line also gives ``megatron-pz plan``'s prediction per phase
@@ -297,6 +303,24 @@ class _Chunks:
         pass
 
 
+def routing_replay_runs(replayed: Path, native: Path) -> str:
+    """R3 on this device: the main (replaying) run agrees with its rollouts on every routing choice; a run
+    without replay from the same warm start shows what native routing does to the same first rollouts."""
+    from megatron_pz.train.metrics import read_metrics
+
+    def rl(run_dir):
+        return {r["step"]: r for r in read_metrics(run_dir) if r["phase"] == "rl"}
+
+    on, off = rl(replayed), rl(native)
+    key, gap = "rollout/routing_agreement", "rollout/logp_diff_mean"
+    if any(key not in r for r in list(on.values()) + list(off.values())):
+        raise AssertionError(f"{key} missing from an RL step (did the rollout engine capture routes?)")
+    if any(r[key] != 1.0 for r in on.values()):
+        raise AssertionError(f"replay on, yet routing agreement {[on[s][key] for s in sorted(on)]} (expected 1)")
+    return (f"step 1, replay on: agreement {on[1][key]:.4f}, log-prob gap {on[1][gap]:.3g}; replay off: "
+            f"agreement {off[1][key]:.4f}, gap {off[1][gap]:.3g}")
+
+
 def smoke_model(name: str, overrides: list[str], args, report: Report, device: torch.device) -> None:
     from megatron_pz.convert.megatron_to_hf import export_hf_checkpoint
     from megatron_pz.train.config import load_run_config
@@ -341,16 +365,31 @@ def smoke_model(name: str, overrides: list[str], args, report: Report, device: t
     if args.rollout == "vllm":
         report.check(f"{name}/vllm_parity", lambda: vllm_parity(run_dir / "checkpoints", device, args.spec,
                                                                 args.logprob_tolerance))
+    # 2 RL steps from the main run's warm start (the same first rollouts), in another run folder
+    from_warm_start = [o for o in base if not o.startswith(("train.run_dir=", "warm_start."))] + \
+        ["warm_start.enabled=false", f"train.init_checkpoint={run_dir / 'warm_start'}", "train.steps=2"]
     if name != "dense":  # the hf engine refuses MoE models (transformers fuses their experts)
+        native = args.out / f"{name}_no_replay"
+        shutil.rmtree(native, ignore_errors=True)
+
+        def routing_replay():
+            replayed, runs = run_dir, from_warm_start
+            if args.rollout == "vllm" and device.type == "cpu":  # vLLM's CPU build cannot capture routes
+                replayed = args.out / f"{name}_replay_megatron"
+                shutil.rmtree(replayed, ignore_errors=True)
+                runs = [o for o in from_warm_start if not o.startswith("rollout.engine=")] + ["rollout.engine=megatron"]
+                train(load_run_config(config, [*runs, "rollout.routing_replay=r3", f"train.run_dir={replayed}"]))
+            train(load_run_config(config, [*runs, "rollout.routing_replay=off", f"train.run_dir={native}"]))
+            return routing_replay_runs(replayed, native)
+
+        report.check(f"{name}/routing_replay", routing_replay)
         return
     hf_run = args.out / f"{name}_hf_engine"
     shutil.rmtree(hf_run, ignore_errors=True)
 
     def hf_engine():
-        engine_run = [o for o in base if not o.startswith(("rollout.engine=", "train.run_dir=", "warm_start."))]
-        train(load_run_config(config, [*engine_run, "rollout.engine=hf", f"train.run_dir={hf_run}",
-                                       "warm_start.enabled=false", f"train.init_checkpoint={run_dir / 'warm_start'}",
-                                       "train.steps=2"]))
+        engine_run = [o for o in from_warm_start if not o.startswith("rollout.engine=")]
+        train(load_run_config(config, [*engine_run, "rollout.engine=hf", f"train.run_dir={hf_run}"]))
         return hf_engine_run(hf_run)
 
     report.check(f"{name}/hf_engine", hf_engine)

@@ -18,12 +18,14 @@ saying which tensors it counts and where that was read or measured. Three groups
   the allocator's peak (torch.profiler memory events): tests/test_memory_plan.py. The Transformer
   Engine spec differs where TE fuses (layer norm into the next GEMM) or quantises (FP8 GEMM inputs);
   those differences are read from the source, not measured (no GPU was at hand).
+* **MoE routing replay** (:mod:`.routes`): the step's rollout routes on the host, the replay targets of
+  the micro-batches in flight on the device.
 * **Rollout engine**: vLLM takes ``gpu_memory_utilization`` of the device while awake (weights at its
   own TP, the KV cache and its workspace inside that share); asleep, level 1 keeps its weights in
   pinned host memory and level 2 drops them; the Megatron engine's static KV cache.
 
 Modules: :mod:`.model_state` (parameters, buffers, optimizer), :mod:`.activations` (saved tensors and the
-logits path), :mod:`.plan` (the phases, the verdict, the table, ``train``'s start-up check).
+logits path), :mod:`.routes` (routing replay), :mod:`.plan` (the phases, the verdict, the table, ``train``'s start-up check).
 
 Not counted (left to the margin): the CUDA context and NCCL's communication buffers (a few hundred
 MiB per process, driver- and topology-dependent), allocator fragmentation, vLLM's CUDA-graph pool

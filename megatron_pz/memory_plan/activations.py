@@ -90,6 +90,14 @@ def _bytes_of(elements: dict[str, float], tokens: float, act_bytes: int, gemm_by
                      + elements["bytes"])
 
 
+def stage_layer_indices(s: Shapes, lay: Layout, pp_rank: int) -> list[int]:
+    """0-based decoder layers pipeline rank ``pp_rank`` holds (every virtual stage's, in order)."""
+    vp = lay.vp or 1
+    per_chunk = s.layers // (lay.pp * vp)
+    return [i for v in range(vp) for i in range((v * lay.pp + pp_rank) * per_chunk,
+                                                 (v * lay.pp + pp_rank + 1) * per_chunk)]
+
+
 def training_activation_terms(s: Shapes, lay: Layout, pp_rank: int, tokens: int, seq_len: int, spec: str,
                               act_bytes: int, fp8: bool, recompute: Optional[str]) -> list[Term]:
     """Saved activations of the micro-batches in flight on pipeline rank ``pp_rank``, and the logits path.
@@ -103,11 +111,7 @@ def training_activation_terms(s: Shapes, lay: Layout, pp_rank: int, tokens: int,
     warm-up keeps more micro-batches in flight than ``PP - rank``; this count is then a lower bound.
     """
     tokens_rank = tokens / lay.cp
-    vp = lay.vp or 1
-    indices = []
-    for v in range(vp):
-        start = (v * lay.pp + pp_rank) * (s.layers // (lay.pp * vp))
-        indices += list(range(start, start + s.layers // (lay.pp * vp)))
+    indices = stage_layer_indices(s, lay, pp_rank)
     in_flight = lay.pp - pp_rank
     gemm_bytes = 1 if fp8 else act_bytes
     hs = s.hidden / lay.tp if lay.sequence_parallel else s.hidden

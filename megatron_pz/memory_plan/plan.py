@@ -9,6 +9,8 @@ from typing import Optional
 from megatron_pz.memory_plan.activations import Term, scoring_terms, training_activation_terms
 from megatron_pz.memory_plan.model_state import (_DTYPE_BYTES, Layout, Shapes, _total_params, chunk_params,
                                                  layout_of, worst_model_state)
+from megatron_pz.memory_plan.routes import routing_replay_terms
+from megatron_pz.rollout.config import engine_captures_routes
 
 GIB = 2**30
 DEFAULT_MIN_MARGIN = 0.10  # shipped configs keep >= 10 % of the device free (see the package docstring)
@@ -99,6 +101,7 @@ def plan_run(cfg, hf, world: int, device_bytes: float, device: str = "cuda",
     seq = max_sequence_length(cfg)
     tokens = cfg.train.max_tokens_per_micro_batch
     r = cfg.rollout
+    routes_captured = bool(s.experts) and engine_captures_routes(r, device)
     best = None
     stage_totals = []
     for stage in range(lay.pp):
@@ -129,6 +132,13 @@ def plan_run(cfg, hf, world: int, device_bytes: float, device: str = "cuda",
                             for q in chunk_params(s, lay, stage, spec, cfg.model.moe_grouped_gemm, v)), default=0)
         train_terms.append(Term("largest weight gradient before it joins the buffer (transient)", largest_grad * p))
         score_terms = list(resident) + asleep_terms + scoring_terms(s, lay, stage, tokens, spec, p)
+        if routes_captured:  # MoE routing replay: targets per micro-batch (device), the step's routes (host)
+            replay_train, replay_host = routing_replay_terms(cfg, s, lay, stage, tokens, seq,
+                                                             recompute_routers=cfg.model.recompute == "full")
+            replay_score, _ = routing_replay_terms(cfg, s, lay, stage, tokens, seq, recompute_routers=False)
+            train_terms += replay_train
+            score_terms += replay_score
+            host = host + replay_host
         phases = [Phase("rollout", list(resident) + rollout_terms), Phase("scoring", score_terms),
                   Phase("training", train_terms)]
         candidate = MemoryPlan(device_bytes=device_bytes, min_margin=min_margin, world=world, layout=lay,

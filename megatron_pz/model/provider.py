@@ -196,6 +196,11 @@ def transformer_config_from_hf(
         bf16=dtype == torch.bfloat16,
         fp16=dtype == torch.float16,
         use_cpu_initialization=device.type != "cuda",
+        # Pipeline p2p as single isend/irecv pairs on CPU. megatron-core 0.16.1's batched form posts
+        # [send_prev, recv_prev, send_next, recv_next] on every rank; gloo matches a pair's messages in
+        # posting order, so with PP=2 (prev == next) the interleaved schedule's forward activation and
+        # backward gradient cross over (wrong losses after the warm-up micro-batches). NCCL groups them.
+        batch_p2p_comm=device.type == "cuda",
         init_method_std=getattr(hf_config, "initializer_range", 0.02),
         perform_initialization=model_cfg.init_weights,
         # Rollout batches have varying lengths; Megatron's allgather dispatcher cannot handle that.
@@ -234,6 +239,9 @@ def transformer_config_from_hf(
             moe_grouped_gemm=model_cfg.moe_grouped_gemm,
             moe_layer_freq=moe_layer_pattern(hf_config),
             moe_router_dtype="fp32",
+            # one RouterReplay per router (megatron-core 0.16.1), inert until routing replay
+            # (megatron_pz.train.routing_replay) or route recording (rollout.route_recorder) sets an action
+            moe_enable_routing_replay=True,
         )
     if model_cfg.fp8:
         kwargs.update(fp8=model_cfg.fp8, fp8_recipe=model_cfg.fp8_recipe)
@@ -252,7 +260,7 @@ def layer_spec(config, spec: str, vp_stage: Optional[int] = None, local_attentio
         from megatron.core.models.gpt.gpt_layer_specs import (
             get_gpt_layer_with_transformer_engine_spec,
         )
-    if config.num_moe_experts:
+    if config.num_moe_experts or (not use_te and config.sequence_parallel):  # a block spec: its final norm too
         block = get_gpt_decoder_block_spec(
             config, use_transformer_engine=use_te, normalization="RMSNorm", vp_stage=vp_stage
         )
@@ -267,6 +275,10 @@ def layer_spec(config, spec: str, vp_stage: Optional[int] = None, local_attentio
 
         for layer in layers:
             layer.submodules.self_attention.submodules.core_attention = SdpaDotProductAttention
+    if not use_te and config.sequence_parallel:  # torch's norm refuses SP; this one all-reduces its grad
+        from megatron_pz.model.sp_norm import use_sequence_parallel_norms
+
+        use_sequence_parallel_norms(block)
     return block
 
 
@@ -301,8 +313,6 @@ def build_model(
                         else torch.device("cpu"))
     config = transformer_config_from_hf(hf_config, model_cfg, parallel, device)
     spec = resolve_spec(model_cfg, device)
-    if spec == "local" and parallel.sequence_parallel:
-        raise ConfigError("parallel.sequence_parallel needs the Transformer Engine spec (model.spec: te)")
     if spec == "te" and device.type != "cuda":
         raise ConfigError("model.spec='te' needs a CUDA device; use model.spec: local on CPU")
     theta, rope_scaling, rope_factor = rope_settings(hf_config)

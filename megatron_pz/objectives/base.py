@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import random
 from collections import Counter
-from typing import Protocol, Sequence
+from typing import Optional, Protocol, Sequence
 
 from megatron_pz.objectives.config import ObjectiveConfig
 from megatron_pz.rl.grpo import group_advantages
@@ -19,10 +19,13 @@ from megatron_pz.rollout.base import Completion, RolloutEngine, SamplingParams
 
 
 class Scorer(Protocol):
-    def token_logprobs(self, sequences: list[list[int]], model: str = "policy") -> list[list[float]]:
+    def token_logprobs(self, sequences: list[list[int]], model: str = "policy",
+                       routes: Optional[Sequence] = None) -> list[list[float]]:
         """Teacher-forced log p(seq[i] | seq[:i]) for i = 1..len-1 (len-1 values per sequence).
 
         ``model`` is "policy" (current weights) or "ema" (RLP's EMA teacher). No gradient.
+        ``routes[i]``: the rollout's MoE routes of the first tokens of ``sequences[i]`` (a completion's
+        ``routes``), replayed by the policy under R3; the rest, and the EMA teacher, route natively.
         """
         ...
 
@@ -96,7 +99,7 @@ def to_experiences(prompt_ids: list[int], completions: Sequence[Completion], rew
     return [
         Experience(prompt_ids=list(prompt_ids), response_ids=list(c.token_ids), reward=float(r),
                    group=group, role=role, rollout_logprobs=c.logprobs, temperature=float(temperature),
-                   info={**info, "finish_reason": c.finish_reason})
+                   info={**info, "finish_reason": c.finish_reason}, routes=c.routes)
         for c, r, info in zip(completions, rewards, infos)
     ]
 

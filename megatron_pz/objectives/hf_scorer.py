@@ -29,7 +29,9 @@ class HFScorer:
             for i, s in enumerate(chunk):
                 yield s, logits[i, :len(s)]
 
-    def token_logprobs(self, sequences: list[list[int]], model: str = "policy") -> list[list[float]]:
+    def token_logprobs(self, sequences: list[list[int]], model: str = "policy", routes=None) -> list[list[float]]:
+        if routes is not None and any(r is not None for r in routes):
+            raise ValueError("HFScorer routes natively; it cannot replay MoE routes (use the trainer's scorer)")
         net = self.models.get(model)
         if net is None:
             raise ValueError(f"HFScorer has no {model!r} model")

@@ -70,7 +70,11 @@ class RLPObjective:
                                       self.close_ids, target)
                      for (_, _, target, _), prompt, completions in zip(chosen, prompts, outputs)
                      for c in completions]
-        policy_lps = [lp[-1] for lp in scorer.token_logprobs(sequences, model="policy")] if sequences else []
+        # R3: the policy's pass replays each thought's rollout routes (its prompt and thought tokens); the
+        # appended </think> and target route natively, and so does the EMA teacher
+        routes = [c.routes for completions in outputs for c in completions]
+        policy_lps = [lp[-1] for lp in scorer.token_logprobs(sequences, model="policy", routes=routes)] \
+            if sequences else []
         ema_lps = [lp[-1] for lp in scorer.token_logprobs(
             [context + [target] for _, context, target, _ in chosen], model="ema")] if chosen else []
 

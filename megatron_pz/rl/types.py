@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
 
 @dataclass
@@ -34,3 +34,6 @@ class Experience:
     loss_agg: str = "token_mean"
     mix_weight: float = 1.0
     info: dict = field(default_factory=dict)  # parsed answer, mask text, correctness...
+    # MoE routing replay (R3): the rollout's experts for prompt + response[:-1], [tokens, moe_layers, topk]
+    # uint8/uint16 on the host (megatron_pz.rollout.routes); every Megatron forward on this sample uses them
+    routes: Optional[Any] = None

@@ -8,7 +8,7 @@ vLLM (GPU).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional, Protocol, Sequence
+from typing import Any, Optional, Protocol, Sequence
 
 
 @dataclass
@@ -31,6 +31,9 @@ class Completion:
     text: str  # decoded generated text
     logprobs: Optional[list[float]] = None  # per generated token, from the rollout engine
     finish_reason: str = "length"  # stop | eos | length
+    # MoE: the experts each prompt + response token but the last went to, [tokens, moe_layers, topk]
+    # uint8/uint16 (megatron_pz.rollout.routes); None for dense models or an engine that cannot capture
+    routes: Optional[Any] = None
 
 
 class RolloutEngine(Protocol):

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 from megatron_pz.config import ConfigError
 
 ENGINES = ("megatron", "hf", "vllm")
 VLLM_DTYPES = ("auto", "float32", "bfloat16", "float16")
+ROUTING_REPLAY = ("auto", "off", "r3")
 
 
 @dataclass
@@ -41,6 +42,12 @@ class RolloutConfig:
     max_model_len: Optional[int] = None  # None: the run's prompt + response budget (not the model's 40,960)
     dtype: str = "auto"  # vLLM's weights and KV cache; auto: the actor's parameter dtype (what the sync sends)
     enable_prefix_caching: bool = True
+    # MoE routing replay (R3, arXiv 2510.11370): r3 = every Megatron forward on a sample (old log-probs,
+    # the GRPO update and its recompute, RLP's policy scoring) uses the experts its rollout chose; off =
+    # native routing (agreement with the rollout is still measured where the engine captures routes);
+    # auto = r3 for MoE models whose engine can capture them, off otherwise (resolve_routing_replay).
+    # (Typed Any: YAML reads a bare `off` as false, which validate() turns back into "off".)
+    routing_replay: Any = "auto"
 
     def validate(self) -> None:
         if self.engine not in ENGINES:
@@ -66,6 +73,11 @@ class RolloutConfig:
             raise ConfigError(f"rollout.dtype must be one of {'|'.join(VLLM_DTYPES)}, got {self.dtype!r}")
         if self.tensor_parallel_size < 1:
             raise ConfigError(f"rollout.tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
+        if self.routing_replay is False:
+            self.routing_replay = "off"
+        if not isinstance(self.routing_replay, str) or self.routing_replay not in ROUTING_REPLAY:
+            raise ConfigError(f"rollout.routing_replay must be one of {'|'.join(ROUTING_REPLAY)}, "
+                              f"got {self.routing_replay!r}")
 
 
 def check_engine_for_model(cfg: RolloutConfig, hf_config) -> None:
@@ -75,3 +87,46 @@ def check_engine_for_model(cfg: RolloutConfig, hf_config) -> None:
     if cfg.engine == "hf" and num_experts_of(hf_config):
         raise ConfigError("rollout.engine=hf supports dense models only: transformers 5 fuses MoE experts "
                           "in memory while the weight sync sends them one by one (use megatron or vllm)")
+
+
+# vLLM 0.32.0 ``VllmConfig._verify_aux_output_compatibility``: route capture needs Model Runner V2, and the
+# CPU build has no Triton, without which ``use_v2_model_runner`` falls back to V1. Tried on the CPU build
+# (one process, a tiny Qwen3-MoE): as is, "AuxOutput Connector requires Model Runner V2"; with
+# VLLM_USE_V2_MODEL_RUNNER=1, "Model Runner V2 requires Triton".
+VLLM_CPU_CANNOT_CAPTURE = ("vLLM's CPU build runs the V1 model runner (Model Runner V2 needs Triton), and vLLM "
+                           "0.32.0 returns routed experts only on Model Runner V2")
+
+
+def engine_captures_routes(cfg: RolloutConfig, device: str) -> bool:
+    """Whether ``cfg.engine`` can record an MoE rollout's expert choices on ``device`` ("cpu" | "cuda"):
+    the Megatron engine always; vLLM on GPU with prefix caching (0.32.0 refuses capture without it); the
+    ``hf`` engine never (it runs dense models only)."""
+    if cfg.engine == "megatron":
+        return True
+    return cfg.engine == "vllm" and device == "cuda" and cfg.enable_prefix_caching
+
+
+def resolve_routing_replay(cfg: RolloutConfig, hf_config, device: str) -> str:
+    """``rollout.routing_replay`` resolved for this model and device: "r3" or "off"; refuses what cannot run.
+
+    auto: r3 for an MoE model whose engine captures routes, off otherwise (dense, or vLLM's CPU build).
+    """
+    from megatron_pz.config import num_experts_of
+
+    cfg.validate()
+    moe = bool(num_experts_of(hf_config))
+    captures = engine_captures_routes(cfg, device)
+    if cfg.routing_replay == "auto":
+        return "r3" if moe and captures else "off"
+    if cfg.routing_replay == "off":
+        return "off"
+    if not moe:
+        raise ConfigError(f"rollout.routing_replay=r3 replays MoE routes, but the model ({hf_config.model_type}) "
+                          "has no experts; set rollout.routing_replay: off (or auto)")
+    if cfg.engine == "vllm" and device != "cuda":
+        raise ConfigError(f"rollout.routing_replay=r3 with rollout.engine=vllm on {device}: {VLLM_CPU_CANNOT_CAPTURE}; "
+                          "use rollout.engine=megatron on CPU, or rollout.routing_replay: off")
+    if cfg.engine == "vllm" and not cfg.enable_prefix_caching:
+        raise ConfigError("rollout.routing_replay=r3 with rollout.engine=vllm needs rollout.enable_prefix_caching: "
+                          "true (vLLM 0.32.0 returns routed experts only with prefix caching on)")
+    return "r3"

@@ -15,22 +15,28 @@ def _param_dtype_and_device(model_chunks):
     raise ValueError("the actor has no parameters")
 
 
-def build_rollout_engine(cfg: RolloutConfig, model_chunks, tokenizer, hf_config, max_model_len: Optional[int] = None):
+def build_rollout_engine(cfg: RolloutConfig, model_chunks, tokenizer, hf_config, max_model_len: Optional[int] = None,
+                         capture_routes: bool = False):
     """The configured :class:`~megatron_pz.rollout.base.RolloutEngine`.
 
     ``megatron``: decodes on ``model_chunks`` themselves (weights shared). ``hf`` and ``vllm`` hold
     their own copy of the weights, which :class:`~megatron_pz.rollout.phase.RolloutPhases` pushes at
     the start of each rollout phase after an update (vLLM is imported only here, lazily).
     ``max_model_len``: the run's prompt + response budget (vLLM's context length when
-    ``rollout.max_model_len`` is unset). Call after :func:`megatron_pz.runtime.initialize`;
-    collective over the whole world for ``hf`` and ``vllm``.
+    ``rollout.max_model_len`` is unset). ``capture_routes``: every completion carries its MoE routes
+    (:mod:`megatron_pz.rollout.routes`; see :func:`~megatron_pz.rollout.config.engine_captures_routes`).
+    Call after :func:`megatron_pz.runtime.initialize`; collective over the whole world for ``hf`` and ``vllm``.
     """
     cfg.validate()
+    if capture_routes and cfg.engine == "hf":
+        raise ValueError("the hf rollout engine runs dense models only and cannot capture MoE routes")
     if cfg.engine == "megatron":
         from megatron_pz.rollout.megatron_engine import MegatronRolloutEngine
+        from megatron_pz.rollout.routes import RouteShape
 
         return MegatronRolloutEngine(model_chunks, tokenizer, hf_config,
-                                     max_batch_size=cfg.max_batch_size, seed=cfg.seed)
+                                     max_batch_size=cfg.max_batch_size, seed=cfg.seed,
+                                     route_shape=RouteShape.from_hf(hf_config) if capture_routes else None)
     if cfg.engine == "hf":
         from megatron_pz.rollout.hf_engine import HFRolloutEngine
 
@@ -41,4 +47,4 @@ def build_rollout_engine(cfg: RolloutConfig, model_chunks, tokenizer, hf_config,
 
     dtype, _ = _param_dtype_and_device(model_chunks)
     return VLLMRolloutEngine(cfg, tokenizer, hf_config, max_model_len=cfg.max_model_len or max_model_len,
-                             actor_dtype=dtype)
+                             actor_dtype=dtype, capture_routes=capture_routes)

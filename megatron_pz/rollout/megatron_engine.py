@@ -34,6 +34,10 @@ Cost note (CPU, local spec): Megatron's static KV path caches keys *before* RoPE
 for GQA, re-expands) the whole cache at every step, an O(length) elementwise cost per layer that
 Hugging Face's cache avoids; it dominates the gap measured by ``bench/bench_rollout.py``.
 
+MoE routes (R3): built with a :class:`~megatron_pz.rollout.routes.RouteShape`, the engine records every
+router's choices while it decodes (:mod:`megatron_pz.rollout.route_recorder`) and each completion carries
+the routes of its prompt and response tokens (all but the last sampled one, which is never fed back).
+
 Log-probs are those of the sampling distribution at the request's temperature (log softmax(logits / T),
 before top-k / top-p) for each sampled token; see :mod:`megatron_pz.rollout.sampling` and
 :func:`megatron_pz.rl.logprobs.logits_at_temperature`.
@@ -49,6 +53,8 @@ import torch
 import torch.distributed as dist
 
 from megatron_pz.rollout.base import Completion, SamplingParams
+from megatron_pz.rollout.route_recorder import RouteRecorder
+from megatron_pz.rollout.routes import RouteShape, check_routes
 from megatron_pz.rollout.sampling import SamplingSpec, sample_tokens
 
 
@@ -141,6 +147,7 @@ class MegatronRolloutEngine:
         max_batch_size: int = 32,
         seed: int = 1234,
         eos_token_ids: Optional[Iterable[int]] = None,
+        route_shape: Optional[RouteShape] = None,
     ):
         from megatron.core import parallel_state as ps
 
@@ -169,12 +176,17 @@ class MegatronRolloutEngine:
         self.pipeline_dtype = torch.float32 if config.fp32_residual_connection else config.params_dtype
         self.device = next(_unwrap(self.model_chunks[0]).parameters()).device
         self._calls = 0
+        self.route_shape = route_shape  # set: record MoE routes into every completion
+        self._recorder = RouteRecorder(self.model_chunks, route_shape) if route_shape is not None else None
+        self._route_buffer: Optional[torch.Tensor] = None  # the decode batch being recorded
 
     # ------------------------------------------------------------------ protocol
 
     def update_weights(self, model_chunks) -> None:
         """Shares the actor's modules: only follow a rebuilt module list, no copy."""
         self.model_chunks = list(model_chunks) if isinstance(model_chunks, (list, tuple)) else [model_chunks]
+        if self._recorder is not None:
+            self._recorder = RouteRecorder(self.model_chunks, self.route_shape)
 
     def sleep(self) -> None:
         """Nothing to release: the KV cache lives only inside one :meth:`generate` call."""
@@ -242,10 +254,11 @@ class MegatronRolloutEngine:
                     lambda mod, args, kwargs: (args, {**kwargs, "runtime_gather_output": False}),
                     with_kwargs=True,
                 ))
+        recording = self._recorder.recording() if self._recorder is not None else contextlib.nullcontext()
         try:
             for m in self.model_chunks:
                 m.eval()
-            with torch.no_grad():
+            with torch.no_grad(), recording:
                 yield
         finally:
             for hook in hooks:
@@ -319,6 +332,8 @@ class MegatronRolloutEngine:
                 logits = output[:, -1, :]
             else:
                 send_to_next_pipeline_rank(output.contiguous())
+        if self._route_buffer is not None:
+            self._recorder.store(self._route_buffer, context.sequence_len_offset, length)
         context.sequence_len_offset += length
         return logits
 
@@ -344,6 +359,8 @@ class MegatronRolloutEngine:
         done = [dummy] * batch
         vocab_start = self.tp_rank * (self.vocab_size // self.tp_size)
         is_last_stage = self.pp_rank == self.pp_size - 1
+        if self._recorder is not None and not dummy:
+            self._route_buffer = self._recorder.new_buffer(batch, capacity)
 
         logits = self._forward(tokens[:, :shortest], context)
         position = shortest
@@ -383,14 +400,27 @@ class MegatronRolloutEngine:
             logits = self._forward(tokens[:, position - 1: position], context)
         if dummy:
             return []
+        routes = self._take_routes(prompts, generated)
         completions = []
         for r in range(batch):
             text = stops.decode(generated[r])
             if reasons[r] == "stop":
                 text = stops.cut(text)
             completions.append(Completion(prompt_ids=prompts[r], token_ids=generated[r], text=text,
-                                          logprobs=logprobs[r], finish_reason=reasons[r]))
+                                          logprobs=logprobs[r], finish_reason=reasons[r], routes=routes[r]))
         return completions
+
+    def _take_routes(self, prompts: list[list[int]], generated: list[list[int]]) -> list:
+        """Each row's recorded routes (prompt + response - 1 tokens), every pipeline stage's layers."""
+        buffer, self._route_buffer = self._route_buffer, None
+        if buffer is None:
+            return [None] * len(prompts)
+        buffer = self._recorder.gather(buffer, self.pp_group, self.pp_size)
+        out = []
+        for r, (prompt, gen) in enumerate(zip(prompts, generated)):
+            n = len(prompt) + len(gen) - 1
+            out.append(check_routes(buffer[r, :n].numpy(), self.route_shape, n, f"Megatron engine decode row {r}"))
+        return out
 
 
 def _seeded_generator(row_seed: int, index: int, device) -> torch.Generator:

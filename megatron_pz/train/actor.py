@@ -6,6 +6,10 @@ All parallel plumbing for one optimizer step lives here so the trainer loop read
 last pipeline stage. ``loss_fn`` returns ``(loss_sum, num_tokens, metrics)``: with
 ``calculate_per_token_loss`` Megatron sums ``num_tokens`` over micro-batches and data-parallel ranks and
 divides the gradients once by that global count.
+
+MoE routing replay (R3): every forward the schedule runs goes through :attr:`Actor.routing`
+(:class:`~megatron_pz.train.routing_replay.RoutingReplay`), which hands the micro-batch's rollout routes to
+the routers of the chunk that runs it (``routing_replay="r3"``) or only measures agreement (``"off"``).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import torch.distributed as dist
 
 from megatron_pz.config import ModelConfig, OptimizerConfig, ParallelConfig
 from megatron_pz.model.provider import build_model
+from megatron_pz.rollout.routes import NATIVE, RouteShape
 from megatron_pz.train.batching import MicroBatch, TokenSequence, make_micro_batches, round_up, sequence_multiple
 
 LossFn = Callable[[MicroBatch, torch.Tensor], tuple[torch.Tensor, torch.Tensor, dict]]
@@ -62,7 +67,7 @@ class Actor:
 
     def __init__(self, hf_config, model_cfg: ModelConfig, parallel: ParallelConfig,
                  opt_cfg: OptimizerConfig, device: torch.device, total_steps: int,
-                 max_sequence_length: Optional[int] = None):
+                 max_sequence_length: Optional[int] = None, routing_replay: str = "off"):
         from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
         from megatron.core.distributed.finalize_model_grads import finalize_model_grads
         from megatron.core.optimizer import OptimizerConfig as MegatronOptimizerConfig
@@ -119,6 +124,17 @@ class Actor:
             wd_incr_steps=decay_steps,
             wd_incr_style="constant",
         )
+        # MoE: rollout routes replayed ("r3") or only compared ("off") in every forward; None when dense
+        self.route_shape = RouteShape.from_hf(hf_config)
+        if routing_replay not in ("off", "r3"):
+            raise ValueError(f"routing_replay must be 'off' or 'r3', got {routing_replay!r}")
+        if routing_replay == "r3" and self.route_shape is None:
+            raise ValueError("routing_replay='r3' needs an MoE model; this one is dense")
+        self.routing = None
+        if self.route_shape is not None:
+            from megatron_pz.train.routing_replay import RoutingReplay
+
+            self.routing = RoutingReplay(self.chunks, self.route_shape, replay=routing_replay == "r3")
         cfg = self.transformer_config
         cfg.finalize_model_grads_func = finalize_model_grads
         cfg.grad_scale_func = self.optimizer.scale_loss
@@ -144,25 +160,34 @@ class Actor:
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         chunks = chunks or self.chunks
+        routing = self.routing
 
         def forward_step(data_iterator, model):
             mb = next(data_iterator).to(self.device)  # the one place batches meet the device
+            if routing is not None:
+                routing.begin_forward(model, mb)  # this chunk's routers: the micro-batch's rollout routes
             output = model(mb.input_ids, mb.position_ids, None)
+            if routing is not None:
+                routing.end_forward(model, backward_follows=not forward_only)  # later calls: recomputes
             return output, functools.partial(loss_fn, mb)
 
         num = len(micro_batches)
         iterators = [iter(list(micro_batches)) for _ in chunks]
         longest = max(mb.input_ids.shape[1] for mb in micro_batches)
         rows = max(mb.input_ids.shape[0] for mb in micro_batches)
-        return get_forward_backward_func()(
-            forward_step_func=forward_step,
-            data_iterator=iterators if len(chunks) > 1 else iterators[0],
-            model=chunks,
-            num_microbatches=num,
-            seq_length=longest,
-            micro_batch_size=rows,
-            forward_only=forward_only,
-        )
+        try:
+            return get_forward_backward_func()(
+                forward_step_func=forward_step,
+                data_iterator=iterators if len(chunks) > 1 else iterators[0],
+                model=chunks,
+                num_microbatches=num,
+                seq_length=longest,
+                micro_batch_size=rows,
+                forward_only=forward_only,
+            )
+        finally:
+            if routing is not None:
+                routing.finish()
 
     def train_step(self, micro_batches: Sequence[MicroBatch], loss_fn: LossFn) -> StepResult:
         """Forward/backward over all micro-batches, one optimizer step, LR schedule step."""
@@ -284,9 +309,13 @@ def pad_micro_batch(mb: MicroBatch, rows: int, width: int, pad_id: int) -> Micro
         return out
 
     positions = torch.arange(width, dtype=torch.long).unsqueeze(0).expand(rows, -1).contiguous()
+    routes = None
+    if mb.routes is not None:  # padding routes natively
+        routes = torch.full((rows, width, *mb.routes.shape[2:]), NATIVE, dtype=mb.routes.dtype)
+        routes[:b, :s] = mb.routes
     return MicroBatch(grow(mb.input_ids, pad_id), positions, grow(mb.loss_mask, 0.0),
                       {k: grow(v, 0.0) for k, v in mb.per_token.items()},
-                      list(mb.lengths) + [0] * (rows - b), list(mb.indices) + [-1] * (rows - b))
+                      list(mb.lengths) + [0] * (rows - b), list(mb.indices) + [-1] * (rows - b), routes)
 
 
 def reduce_metrics(outputs: list[dict]) -> tuple[dict[str, float], int]:

@@ -9,14 +9,20 @@ tokens, and the loss mask drops it. Padding waste is measured and reported with 
 
 Per-token fields are aligned with ``input_ids``: value ``[r, j]`` belongs to the prediction of token
 ``j`` from the prefix ``< j`` (column 0 is never predicted and is always masked).
+
+MoE routes (R3, :mod:`megatron_pz.rollout.routes`) ride along as ``MicroBatch.routes`` ``[b, s, moe_layers,
+topk]`` int16, -1 where a token has no rollout route (routed natively); they stay on the host and the
+actor's :class:`~megatron_pz.train.routing_replay.RoutingReplay` copies each router's share to the device.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
+
+from megatron_pz.rollout.routes import NATIVE
 
 
 @dataclass
@@ -27,6 +33,7 @@ class TokenSequence:
     loss_mask: list[float]
     per_token: dict[str, list[float]] = field(default_factory=dict)
     index: int = 0  # position in the caller's list, to map results back
+    routes: Optional[Any] = None  # MoE routes of the first tokens, [n <= len(tokens), moe_layers, topk]
 
 
 @dataclass
@@ -37,6 +44,7 @@ class MicroBatch:
     per_token: dict[str, torch.Tensor]  # name -> [b, s] float
     lengths: list[int]  # real length of each row
     indices: list[int]  # TokenSequence.index of each row
+    routes: Optional[torch.Tensor] = None  # [b, s, moe_layers, topk] int16, -1 = route natively; host
 
     @property
     def num_tokens(self) -> int:
@@ -44,9 +52,11 @@ class MicroBatch:
 
     def to(self, device: torch.device) -> "MicroBatch":
         """This micro-batch with every tensor on ``device`` (batches are built on the host; the model
-        and its loss run on the actor's device)."""
+        and its loss run on the actor's device). Routes stay on the host: routing replay moves only each
+        router's share."""
         return MicroBatch(self.input_ids.to(device), self.position_ids.to(device), self.loss_mask.to(device),
-                          {k: v.to(device) for k, v in self.per_token.items()}, self.lengths, self.indices)
+                          {k: v.to(device) for k, v in self.per_token.items()}, self.lengths, self.indices,
+                          self.routes)
 
 
 # One forward/backward pass costs about as much as this many extra padded tokens, whatever its size
@@ -162,7 +172,25 @@ def _collate(rows: list[TokenSequence], pad_id: int, pad_to_multiple: int,
             values[name][r, :n] = torch.tensor(vals, dtype=torch.float32)
     mask[:, 0] = 0.0
     positions = torch.arange(width, dtype=torch.long).unsqueeze(0).expand(len(rows), -1).contiguous()
-    return MicroBatch(ids, positions, mask, values, [len(r.tokens) for r in rows], [r.index for r in rows])
+    return MicroBatch(ids, positions, mask, values, [len(r.tokens) for r in rows], [r.index for r in rows],
+                      _collate_routes(rows, width))
+
+
+def _collate_routes(rows: list[TokenSequence], width: int) -> Optional[torch.Tensor]:
+    """The rows' routes as ``[b, width, moe_layers, topk]`` int16, -1 (native) where a row has none."""
+    given = [r.routes for r in rows if r.routes is not None]
+    if not given:
+        return None
+    out = torch.full((len(rows), width, *given[0].shape[1:]), NATIVE, dtype=torch.int16)
+    for r, row in enumerate(rows):
+        if row.routes is None:
+            continue
+        n = len(row.routes)
+        if n > len(row.tokens) or tuple(row.routes.shape[1:]) != tuple(out.shape[2:]):
+            raise ValueError(f"row {row.index}: routes of shape {tuple(row.routes.shape)} for {len(row.tokens)} "
+                             f"tokens (expected at most that many rows of {tuple(out.shape[2:])})")
+        out[r, :n] = torch.from_numpy(row.routes.astype("int16"))
+    return out
 
 
 def padding_fraction(batches: Sequence[MicroBatch]) -> float:

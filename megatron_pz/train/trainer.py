@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from megatron_pz.config import ConfigError, validate_parallel_sizes
+from megatron_pz.config import ConfigError, num_experts_of, validate_parallel_sizes
 from megatron_pz.train.batching import TokenSequence, padding_fraction
 from megatron_pz.train.config import RunConfig
 
@@ -25,10 +25,14 @@ from megatron_pz.train.config import RunConfig
 # ------------------------------------------------------------------ pieces of one step
 
 
-def experiences_to_sequences(experiences, loss_weights=None) -> list[TokenSequence]:
+def experiences_to_sequences(experiences, loss_weights=None, route_shape=None,
+                             require_routes: bool = False) -> list[TokenSequence]:
     """Prompt + response rows; the loss covers response tokens only, each carrying its advantage,
     its sampling temperature (log-probs are taken at it) and, if given, its aggregation weight
-    (``loss_weights[i]`` for ``experiences[i]``, see :func:`megatron_pz.rl.grpo.aggregation_weights`)."""
+    (``loss_weights[i]`` for ``experiences[i]``, see :func:`megatron_pz.rl.grpo.aggregation_weights`).
+
+    MoE (``route_shape`` set): each row carries its rollout routes, checked first (an error names the
+    experience); ``require_routes`` (routing replay on) refuses a trainable experience without them."""
     rows = []
     for i, e in enumerate(experiences):
         if not e.trainable or not e.response_ids:
@@ -41,8 +45,23 @@ def experiences_to_sequences(experiences, loss_weights=None) -> list[TokenSequen
             per_token["rollout_logprobs"] = [0.0] * p + [float(x) for x in e.rollout_logprobs]
         if loss_weights is not None:
             per_token["loss_weight"] = [0.0] * p + [float(loss_weights[i])] * r
-        rows.append(TokenSequence(tokens, [0.0] * p + [1.0] * r, per_token, index=i))
+        rows.append(TokenSequence(tokens, [0.0] * p + [1.0] * r, per_token, index=i,
+                                  routes=_experience_routes(e, i, route_shape, require_routes)))
     return rows
+
+
+def _experience_routes(e, i: int, route_shape, required: bool):
+    from megatron_pz.rollout.routes import check_routes
+
+    where = f"experience {i} (role {e.role}, group {e.group})"
+    if e.routes is None:
+        if required:
+            raise ValueError(f"{where}: routing replay is on but the experience carries no MoE routes "
+                             "(its rollout engine did not capture them)")
+        return None
+    if route_shape is None:
+        raise ValueError(f"{where}: carries MoE routes but the model is dense")
+    return check_routes(e.routes, route_shape, len(e.prompt_ids) + len(e.response_ids) - 1, where)
 
 
 def update_loss_weights(experiences, dp_group=None) -> list[float]:
@@ -107,15 +126,28 @@ def grpo_update(actor, experiences, grpo_cfg, loss_fn, max_tokens: int, pad_id: 
     steps. With more than one step, old log-probs are computed once before the first (at each row's
     temperature), so every later step sees a live ratio and the clip can engage.
 
+    MoE: every forward carries the experiences' rollout routes (replayed under R3, see
+    :mod:`megatron_pz.train.routing_replay`); routing agreement is measured on the first pass over the
+    batch, at the rollout's weights (the old-log-prob pass, or the single optimizer step).
+
     Returns (summed loss metrics of all steps, the last StepResult, every micro-batch trained on).
     """
+    import contextlib
+
     from megatron_pz.train.losses import token_logprobs_at_temperature
+
+    routing = getattr(actor, "routing", None)
+    routes = dict(route_shape=getattr(actor, "route_shape", None), require_routes=bool(routing and routing.replay))
+
+    def measured(first: bool):
+        return routing.measuring() if first and routing is not None else contextlib.nullcontext()
 
     n_mini, epochs = grpo_cfg.mini_batches, grpo_cfg.epochs
     if n_mini * epochs > 1:
-        rows = experiences_to_sequences(experiences)
+        rows = experiences_to_sequences(experiences, **routes)
         batches = actor.micro_batches(rows, max_tokens, pad_id)
-        values = actor.forward_values(batches, token_logprobs_at_temperature)
+        with measured(True):
+            values = actor.forward_values(batches, token_logprobs_at_temperature)
         old = {}
         for mb, vals in zip(batches, values):
             for r, (idx, length) in enumerate(zip(mb.indices, mb.lengths)):
@@ -132,12 +164,13 @@ def grpo_update(actor, experiences, grpo_cfg, loss_fn, max_tokens: int, pad_id: 
             part = list(range(k, len(experiences), n_mini))
             mine = [experiences[i] for i in part]
             weights = update_loss_weights(mine, dp_group)
-            rows = experiences_to_sequences(mine, weights)
+            rows = experiences_to_sequences(mine, weights, **routes)
             if old is not None:
                 for row in rows:
                     row.per_token["old_logprobs"] = old[part[row.index]]
             batches = actor.micro_batches(rows, max_tokens, pad_id)
-            result = actor.train_step(batches, loss_fn)
+            with measured(old is None):
+                result = actor.train_step(batches, loss_fn)
             all_batches += batches
             for key, value in result.metrics.items():
                 summed[key] = summed.get(key, 0.0) + value
@@ -203,11 +236,16 @@ class Run:
             raise ConfigError(f"runtime.world_size={cfg.runtime.world_size} but {world} ranks were launched")
         validate_parallel_sizes(cfg.parallel, self.hf_config, world)
         from megatron_pz.memory_plan import check_at_startup
-        from megatron_pz.rollout.config import check_engine_for_model
+        from megatron_pz.rollout.config import check_engine_for_model, engine_captures_routes, resolve_routing_replay
         from megatron_pz.runtime.distributed import resolve_device
 
         check_engine_for_model(cfg.rollout, self.hf_config)
-        check_at_startup(cfg, self.hf_config, world, resolve_device(cfg.runtime.device).type,
+        device_type = resolve_device(cfg.runtime.device).type
+        self.routing_replay = resolve_routing_replay(cfg.rollout, self.hf_config, device_type)  # "r3" | "off"
+        # MoE rollouts carry their routes wherever the engine can record them (replayed under r3, compared
+        # with the training forward's own routing either way)
+        self.capture_routes = bool(num_experts_of(self.hf_config)) and engine_captures_routes(cfg.rollout, device_type)
+        check_at_startup(cfg, self.hf_config, world, device_type,
                          rank=int(os.environ.get("RANK", "0")))  # refuses an unfit plan before any model is built
         self.info = initialize(cfg.parallel, cfg.runtime)
         self.data_path = _data_on_rank0_first(cfg)
@@ -232,11 +270,12 @@ class Run:
                                    o.rlp_thought_max_tokens + 2) for o in self.cfg.objective.leaves())
         return self.cfg.train.max_prompt_tokens + longest_response + 8
 
-    def build_actor(self, opt_cfg, total_steps: int):
+    def build_actor(self, opt_cfg, total_steps: int, routing_replay: str = "off"):
         from megatron_pz.train.actor import Actor
 
         return Actor(self.hf_config, self.cfg.model, self.cfg.parallel, opt_cfg, self.info.device,
-                     total_steps=total_steps, max_sequence_length=self.max_sequence_length())
+                     total_steps=total_steps, max_sequence_length=self.max_sequence_length(),
+                     routing_replay=routing_replay)
 
     def save(self, root, step, actor, teacher=None, extra_state=None, with_optimizer=True):
         from megatron_pz.checkpoint import save_checkpoint
@@ -330,7 +369,8 @@ def train(cfg: RunConfig) -> dict:
             start_weights = Path(t.init_checkpoint)
 
     # one scheduler step per optimizer step: grpo.epochs x grpo.mini_batches per RL step
-    actor = run.build_actor(cfg.optimizer, total_steps=t.steps * cfg.grpo.mini_batches * cfg.grpo.epochs)
+    actor = run.build_actor(cfg.optimizer, total_steps=t.steps * cfg.grpo.mini_batches * cfg.grpo.epochs,
+                            routing_replay=run.routing_replay)
     teacher = None
     if cfg.objective.uses_rlp():  # the EMA teacher only when some phase / component is RLP
         teacher = build_model_chunks(run.hf_config, cfg.model, cfg.parallel, run.info.device,
@@ -356,7 +396,7 @@ def train(cfg: RunConfig) -> dict:
         ema.initialize_from(actor.chunks)
 
     engine = build_rollout_engine(cfg.rollout, actor.chunks, run.tokenizer, run.hf_config,
-                                  max_model_len=rollout_context_length(cfg))
+                                  max_model_len=rollout_context_length(cfg), capture_routes=run.capture_routes)
     phases = RolloutPhases(engine, actor, refresh=cfg.rollout.refresh_weights)  # wake, sync, generate, sleep
     objective = build_training_objective(cfg.objective, run.tokenizer)
     scorer = MegatronScorer(actor, teacher, run.pad_id, t.max_tokens_per_micro_batch)
@@ -400,6 +440,10 @@ def train(cfg: RunConfig) -> dict:
                        **{"time/rollout_s": t1 - t0, "time/train_s": t2 - t1})
         metrics = mean_over_ranks(metrics)
         metrics.update(token_means(summed), lr=result.lr, grad_norm=result.grad_norm)
+        if actor.routing is not None:  # beside rollout/logp_diff_mean, the train-vs-rollout log-prob gap
+            agreement = actor.routing.take_agreement()
+            if agreement is not None:
+                metrics["rollout/routing_agreement"] = agreement
         metrics["tokens_per_s"] = (metrics["rollout_tokens"] * run.dp_size + summed.get("num_tokens", 0.0)) \
             / max(t2 - t0, 1e-9)
         last_metrics = metrics
