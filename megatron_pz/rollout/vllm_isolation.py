@@ -237,6 +237,8 @@ def unique_cpu_shm_names(tag: str) -> Iterator[None]:
     try:
         from vllm.distributed.device_communicators import cpu_communicator
     except ImportError:  # a build without the CPU communicator has no such segments
+        cpu_communicator = None
+    if not tag or cpu_communicator is None:  # no tag: not on vLLM's CPU platform
         yield
         return
     shm = cpu_communicator._CPUSHMDistributed
