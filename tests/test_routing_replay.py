@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import numpy as np
+from pathlib import Path
 import pytest
 import torch
 
@@ -277,12 +278,14 @@ def test_replay_under_parallel_layouts(tmp_path):
 
 
 @pytest.mark.slow
-def test_vllm_engine_refuses_route_capture_on_the_cpu_build():
-    pytest.importorskip("vllm")
+def test_vllm_engine_refuses_route_capture_on_the_cpu_build(real_vllm):
     from megatron_pz.rollout.vllm_engine import VLLMRolloutEngine
 
+    sys.path.insert(0, str(Path(__file__).resolve().parent / "workers"))
+    from rollout_common import byte_tokenizer
+
     with pytest.raises(ConfigError, match="V1 model runner"):
-        VLLMRolloutEngine(RolloutConfig(engine="vllm"), None, moe(), capture_routes=True)
+        VLLMRolloutEngine(RolloutConfig(engine="vllm"), byte_tokenizer(), moe(), capture_routes=True)
 
 
 @pytest.fixture(scope="module")
