@@ -31,6 +31,7 @@ import os
 import signal
 import socket
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -44,6 +45,32 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 _RANK = {signal.SIGUSR1: 1, signal.SIGTERM: 2}
 STOP_RECORD = "stop.json"
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+@dataclass
+class PreemptionConfig:
+    """How early SLURM must warn a job (``sbatch --signal=USR1@LEAD``), for ``megatron-pz plan``:
+    ``LEAD = phase_seconds + save_margin x (checkpoint bytes per node / save_bytes_per_s)``
+    (:mod:`megatron_pz.memory_plan.checkpoint_time`). Planning only: the ranks stop on any signal."""
+
+    # bytes/s one node writes a checkpoint at. Default: measured on this project's 2-core CPU machine
+    # (bench/bench_checkpoint_save.py, 0.44B model, one process: 104-268 MB/s); a cluster file system is
+    # usually faster: measure it there with the same script and set this.
+    save_bytes_per_s: float = 1.0e8
+    # the longest rollout or update phase of one RL step (the ranks finish the phase they are in before
+    # they agree to stop); a run logs both as time/rollout_s and time/train_s
+    phase_seconds: float = 300.0
+    save_margin: float = 2.0  # the write may take this many times the estimate
+
+    def validate(self) -> None:
+        from megatron_pz.config import ConfigError
+
+        for name in ("save_bytes_per_s", "phase_seconds"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"preemption.{name} must be > 0, got {getattr(self, name)}")
+        if not self.save_margin >= 1.0:
+            raise ConfigError(f"preemption.save_margin must be >= 1 (a factor on the write estimate), "
+                              f"got {self.save_margin}")
 
 
 class StopSignals:
