@@ -137,12 +137,12 @@ def read_holder(path: Path) -> Optional[Holder]:
         data = json.loads(Path(path).read_text())
     except FileNotFoundError:
         return None
-    except ValueError:  # unreadable: treated as held by nobody known, so refuse rather than guess
-        return Holder(host="?", pid=-1, start_time=0.0, command=f"unreadable lock file {path}")
+    except ValueError:  # unreadable (pid -1): refused rather than guessed about
+        return Holder(host="?", pid=-1, start_time=0.0, command="not JSON")
     try:
         return Holder(**{k: data[k] for k in data if k in Holder.__dataclass_fields__})
-    except TypeError:
-        return Holder(host="?", pid=-1, start_time=0.0, command=f"unreadable lock file {path}")
+    except TypeError as exc:
+        return Holder(host="?", pid=-1, start_time=0.0, command=str(exc))
 
 
 def _create(path: Path, holder: Holder) -> bool:
@@ -174,7 +174,10 @@ def acquire(run_dir) -> RunLock:
         holder = read_holder(path)
         if holder is None:  # released between our two looks
             continue
-        reason = why_stale(holder, me) if holder.pid >= 0 else None
+        if holder.pid < 0:
+            raise RunDirLocked(f"run directory {run_dir}: cannot read its lock file {path} ({holder.command}); "
+                               f"delete it if no job writes into {run_dir}")
+        reason = why_stale(holder, me)
         if reason is None:
             raise RunDirLocked(
                 f"run directory {run_dir} is in use by {holder.describe()} (lock file {path}). One job "
