@@ -15,6 +15,9 @@ RL steps; DP=2, gloo, ``train.save_interval`` 100), waits until RL step
 * ``save``: like ``tree``, but at the moment a checkpoint save is under way (a ``.tmp_iter_*`` directory
   exists; the run saves every step).
 
+``agent:SIGKILL`` kills the agent outright; its seconds are those until its ranks are gone (the agent's
+exit code is then -9 whatever they did). ``rank:SIGKILL`` kills one rank (a dead rank).
+
 Prints one row per route: exit code, seconds from the signal to the launcher's exit, the step of the
 newest complete checkpoint, and processes of the job still alive afterwards (then killed). ``--repo``
 runs another checkout (e.g. the commit before a change, with ``--launcher torchrun``). Timing depends on
@@ -44,7 +47,7 @@ TINY = [
     "objective.name=rlp", "objective.rlp_group=2", "objective.rlp_thought_max_tokens=4", "optimizer.lr=1e-3",
 ]
 ROUTES = ["agent:SIGTERM", "tree:SIGTERM", "workers:SIGTERM", "agent:SIGUSR1", "tree:SIGUSR1",
-          "workers:SIGUSR1", "save:SIGTERM"]
+          "workers:SIGUSR1", "save:SIGTERM", "agent:SIGKILL", "rank:SIGKILL"]
 
 
 def launch_command(launcher: str, repo: Path, nproc: int, port: int, train_args: list[str]) -> list[str]:
@@ -81,11 +84,22 @@ def job_processes(root: psutil.Process) -> list[psutil.Process]:
         return []
 
 
+def ranks_of(run_dir: Path) -> list[psutil.Process]:
+    out = []
+    for p in psutil.process_iter(["cmdline", "status"]):
+        if p.info["status"] != psutil.STATUS_ZOMBIE and f"train.run_dir={run_dir}" in (p.info["cmdline"] or []) \
+                and "--nproc_per_node=2" not in p.info["cmdline"]:
+            out.append(p)
+    return out
+
+
 def send(route: str, sig: signal.Signals, root: psutil.Process) -> None:
     if route == "agent":
         targets = [root]
     elif route == "workers":
         targets = root.children(recursive=False)
+    elif route == "rank":
+        targets = root.children(recursive=False)[:1]
     else:  # tree, save
         targets = job_processes(root)
     for p in targets:
@@ -126,13 +140,14 @@ def run_route(spec: str, args, port: int) -> dict:
         proc.wait(timeout=max(1.0, deadline - time.monotonic()))
     except subprocess.TimeoutExpired:
         pass
+    if sig == signal.SIGKILL:  # the agent is gone at once: time its ranks instead
+        while ranks_of(run_dir) and time.monotonic() < deadline:
+            time.sleep(0.05)
     exited = time.monotonic()
     left = [p for p in job_processes(root) if p.pid != proc.pid and p.is_running()
             and p.status() != psutil.STATUS_ZOMBIE]
     # ranks run in sessions of their own: an agent that died leaves them behind; find them by run dir
-    for p in psutil.process_iter(["cmdline"]):
-        if p.pid != os.getpid() and p not in left and any(f"train.run_dir={run_dir}" == c for c in p.info["cmdline"] or []):
-            left.append(p)
+    left += [p for p in ranks_of(run_dir) if p not in left]
     for p in left:
         try:
             p.kill()

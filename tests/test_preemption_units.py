@@ -238,3 +238,40 @@ write_stop_record('{run_dir}', signal.SIGUSR1, 5, 'checkpoints/iter_0000005', Fa
     assert "requeueing job 77" in out
     log = calls.read_text()
     assert "scontrol requeue 77" in log and "megatron_pz.runtime.launcher" in log
+
+
+def test_a_rank_is_stopped_when_its_agent_dies(tmp_path):
+    """kill -9 of the torchrun agent: its ranks (each in a session of its own) get SIGTERM from the kernel
+    (PR_SET_PDEATHSIG), i.e. they stop as on any stop signal instead of training on unwatched."""
+    flag = tmp_path / "flag"
+    rank = textwrap.dedent(f"""
+        import time
+        from megatron_pz.runtime.preemption import install_stop_signals
+        stop = install_stop_signals()
+        open({str(flag)!r} + ".ready", "w").close()
+        deadline = time.time() + 60
+        while stop.requested() is None and time.time() < deadline:
+            time.sleep(0.02)
+        open({str(flag)!r}, "w").write(stop.requested().name)
+    """)
+    agent = textwrap.dedent(f"""
+        import subprocess, sys, time
+        child = subprocess.Popen([sys.executable, "-c", {rank!r}], start_new_session=True)
+        print(child.pid, flush=True)
+        time.sleep(120)
+    """)
+    parent = subprocess.Popen([sys.executable, "-c", agent], env={**ENV, "TORCHELASTIC_RUN_ID": "test"},
+                              stdout=subprocess.PIPE, text=True)
+    child_pid = int(parent.stdout.readline())
+    deadline = time.time() + 60
+    while not Path(f"{flag}.ready").exists() and time.time() < deadline:
+        time.sleep(0.02)
+    parent.kill()
+    parent.wait()
+    while not flag.exists() and time.time() < deadline:
+        time.sleep(0.02)
+    assert flag.read_text() == "SIGTERM"
+    with pytest.raises(ProcessLookupError):  # it then exited on its own
+        for _ in range(100):
+            os.kill(child_pid, 0)
+            time.sleep(0.05)
