@@ -4,7 +4,8 @@ PZ_TEST_SIGNAL="ROUTE:SIGNAL:WHEN:STEP", acted on once by rank 0 (STEP is the 1-
 
 * WHEN ``rollout``: as rank 0's objective starts collecting step STEP's rollouts;
   ``update``: as its GRPO update of step STEP starts; ``save``: from one of the checkpoint writer
-  processes megatron-core forks from rank 0, while it writes step STEP's checkpoint (before its write).
+  processes megatron-core forks from rank 0, while it writes step STEP's checkpoint (before its write);
+  ``warm``: as rank 0 builds the rows of warm-start step STEP.
 * ROUTE ``agent``: the launcher (torchrun agent) only; ``tree``: the agent and every process below it
   at once (what SLURM does to a job step), this process and the writer included; ``workers``: the ranks.
 
@@ -95,6 +96,18 @@ def install_hooks() -> None:
         return update(*args, **kwargs)
 
     trainer.grpo_update = update_with_hook
+
+    if when == "warm":
+        import megatron_pz.train.warm_start as warm_start
+
+        rows = warm_start.warm_start_rows
+
+        def rows_with_hook(dataset, step, *args, **kwargs):
+            if step + 1 == at:
+                send(route, sig)
+            return rows(dataset, step, *args, **kwargs)
+
+        warm_start.warm_start_rows = rows_with_hook
 
     if when == "save":
         from megatron.core.dist_checkpointing.strategies.filesystem_async import FileSystemWriterAsync
