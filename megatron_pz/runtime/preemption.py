@@ -19,8 +19,14 @@ A rank started by a torchrun agent also asks the kernel for SIGTERM when the age
 session of its own, and writing into a run directory that a resubmitted job then writes too.
 
 Used by the RL loop (:func:`megatron_pz.train.trainer.train`) and meant for any other loop that runs
-ranks of a job (``install_stop_signals()`` once, ``agreed()`` at the loop's consistent points,
-``EXIT_STOPPED`` as the process's exit code).
+ranks of a job:
+
+* ``stop = install_stop_signals()`` once, first thing in the process;
+* ``stop.agreed(group)`` at the loop's consistent points (every rank of ``group`` calls it at the same
+  point); when it returns a signal, write what must be kept and raise :class:`Stopped`
+  (``stop_if_agreed(stop, where)`` when there is nothing to write);
+* the caller turns :class:`Stopped` into ``write_stop_record`` (rank 0) and ``ignore_stop_signals()``,
+  then exits with :data:`EXIT_STOPPED`.
 """
 
 from __future__ import annotations
@@ -108,6 +114,13 @@ class StopSignals:
         dist.all_reduce(value, op=dist.ReduceOp.MAX, group=group)
         code = int(value.item())
         return next((s for s, r in _RANK.items() if r == code), None)
+
+
+def stop_if_agreed(stop: StopSignals, where: str, group=None) -> None:
+    """An agreement point with nothing to save: raise :class:`Stopped` on every rank once a stop is agreed."""
+    sig = stop.agreed(group)
+    if sig:
+        raise Stopped(sig, where=where)
 
 
 _installed: Optional[StopSignals] = None

@@ -345,14 +345,12 @@ def _train(run: Run, stop) -> dict:
     from megatron_pz.train.metrics import mean_over_ranks
     from megatron_pz.train.sampler import PassageSampler
     from megatron_pz.train.scorer import MegatronScorer
-    from megatron_pz.runtime.preemption import Stopped, clear_stop_record
+    from megatron_pz.runtime.preemption import Stopped, clear_stop_record, stop_if_agreed
 
     cfg = run.cfg
     if dist.get_rank() == 0:
         clear_stop_record(run.run_dir)
-    sig = stop.agreed()
-    if sig:
-        raise Stopped(sig, where="before the run started")
+    stop_if_agreed(stop, "before the run started")
     t = cfg.train
     resume_from = latest_checkpoint(run.ckpt_root) if t.resume else None
     start_weights = None
@@ -413,10 +411,11 @@ def _train(run: Run, stop) -> dict:
         _prune(run.ckpt_root, t.keep_last)
         return time.perf_counter() - t_save
 
-    before = run_eval(step) if resume_from is None else None
-    sig = stop.agreed()
-    if sig:
-        raise Stopped(sig, where="before the first RL step")
+    before = None
+    if resume_from is None:  # no RL state to save before the first step
+        stop_if_agreed(stop, "before the evaluation before RL")
+        before = run_eval(step)
+    stop_if_agreed(stop, "before the first RL step")
     last_metrics: dict = {}
     while step < t.steps:
         t0 = time.perf_counter()
