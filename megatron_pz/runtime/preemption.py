@@ -60,8 +60,8 @@ class PreemptionConfig:
     (:mod:`megatron_pz.memory_plan.checkpoint_time`). Planning only: the ranks stop on any signal."""
 
     # bytes/s one node writes a checkpoint at. Default: measured on this project's 2-core CPU machine
-    # (bench/bench_checkpoint_save.py, 0.44B model, one process: 104-268 MB/s); a cluster file system is
-    # usually faster: measure it there with the same script and set this.
+    # (bench/bench_checkpoint_save.py, 0.44B model, one process: 104-448 MB/s over three rounds, the lowest
+    # rounded down); a cluster's file system is usually faster: measure it there with the same script.
     save_bytes_per_s: float = 1.0e8
     # the longest rollout or update phase of one RL step (the ranks finish the phase they are in before
     # they agree to stop); a run logs both as time/rollout_s and time/train_s
