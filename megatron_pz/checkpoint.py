@@ -207,11 +207,13 @@ def _hf_config_dict(hf_config) -> Optional[dict]:
 
 def save_checkpoint(root, step: int, model_chunks, optimizer=None, scheduler=None,
                     extra_models: Optional[dict[str, list]] = None, extra_state: Optional[dict] = None,
-                    hf_config=None, tokenizer_dir=None, optimizer_format: str = "dp_reshardable") -> Path:
+                    hf_config=None, tokenizer_dir=None, optimizer_format: str = "dp_reshardable",
+                    rng_state: Optional[dict] = None) -> Path:
     """Write ``root/iter_{step:07d}`` atomically and point ``latest`` at it. Collective over all ranks.
 
     ``extra_state`` is common state (the same on every rank: step counters, data position); its
-    ``per_rank`` entry, if any, is stored per rank along with each rank's RNG states.
+    ``per_rank`` entry, if any, is stored per rank along with each rank's RNG states (``rng_state``, as
+    :func:`capture_rng_state` returned it earlier, when the state to resume from is not the current one).
     ``optimizer_format`` is one of :data:`OPTIMIZER_FORMATS` (load reads it back from the metadata).
     """
     if optimizer_format not in OPTIMIZER_FORMATS:
@@ -238,9 +240,10 @@ def save_checkpoint(root, step: int, model_chunks, optimizer=None, scheduler=Non
     per_rank = extra_state.pop("per_rank", None)
     state = without_copies(_sharded_state(model_chunks, optimizer, extra_models, is_loading=False,
                                           optimizer_format=optimizer_format), is_loading=False)
-    state["pz_per_rank"] = _per_rank_object({"rng": capture_rng_state(), "per_rank": per_rank})
+    state["pz_per_rank"] = _per_rank_object({"rng": rng_state or capture_rng_state(), "per_rank": per_rank})
     state["pz_common"] = {"step": int(step), "extra_state": extra_state,
                           "scheduler": scheduler.state_dict() if scheduler is not None else None}
+    _writer_results_in_process()
     dist_checkpointing.save(state, str(tmp))
 
     if _rank() == 0:
@@ -266,6 +269,31 @@ def save_checkpoint(root, step: int, model_chunks, optimizer=None, scheduler=Non
         _publish(root, tmp, final, step)
     _barrier()
     return final
+
+
+def _writer_results_in_process() -> None:
+    """No helper process between the checkpoint writer and this rank.
+
+    megatron-core 0.16.1's torch_dist writer (``dist_checkpointing/strategies/filesystem_async.py``) forks
+    one writer process per file and collects their results in this process
+    (``write_preloaded_data_multiproc``), then hands them on through the module global ``_results_queue``,
+    which ``_get_write_results_queue`` creates on first use as ``mp.get_context("spawn").Manager().Queue()``:
+    a server process per rank. A stop signal sent to every process of the job ends that server (the
+    default action of SIGTERM and SIGUSR1), and the save under way dies with ``BrokenPipeError``. Our saves
+    are synchronous (``AsyncRequest.execute_sync``: the put and ``retrieve_write_results``'s get both run
+    in this process), so an in-process queue does the same job. The forked writers inherit this process's
+    signal handlers (:mod:`megatron_pz.runtime.preemption`), so they survive such a signal too.
+    """
+    import queue
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if not hasattr(filesystem_async, "_results_queue"):
+        raise CheckpointError("megatron.core.dist_checkpointing.strategies.filesystem_async has no _results_queue: "
+                              "this megatron-core is not the 0.16 line this code was written against "
+                              "(megatron_pz/checkpoint.py, _writer_results_in_process)")
+    if not isinstance(filesystem_async._results_queue, queue.Queue):
+        filesystem_async._results_queue = queue.Queue()
 
 
 def _publish(root: Path, tmp: Path, final: Path, step: int) -> None:

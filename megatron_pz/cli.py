@@ -40,10 +40,14 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     from megatron_pz.config import ConfigError
+    from megatron_pz.runtime.run_lock import RunDirLocked
 
     try:
         return int(args.func(args) or 0)
-    except ConfigError as exc:  # bad input: one clear line, no traceback
+    except (ConfigError, RunDirLocked) as exc:  # bad input, or refused before any work: one clear line
+        from megatron_pz.runtime.preemption import ignore_stop_signals
+
+        ignore_stop_signals()  # under torchrun every rank exits with this code, none killed on its way out
         print(f"megatron-pz {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

@@ -1,7 +1,9 @@
 """``megatron-pz plan CONFIG.yaml [key.sub=value ...] [--gpu-memory-gib 80] [--nodes N --gpus-per-node G]``.
 
 Prints the per-GPU memory plan of a run (see :mod:`megatron_pz.memory_plan`) without building anything,
-so a layout can be sized before a job waits in a queue. Exit code 1 when the plan does not fit.
+so a layout can be sized before a job waits in a queue, then the checkpoint's size, its write time and
+the early warning (``sbatch --signal``) that leaves time to write it
+(:mod:`megatron_pz.memory_plan.checkpoint_time`). Exit code 1 when the plan does not fit.
 """
 
 from __future__ import annotations
@@ -75,10 +77,34 @@ def plan_config(config: str, overrides: list[str], gpu_memory_gib: float = 80.0,
     return plan
 
 
+def checkpoint_lines(config: str, overrides: list[str], nodes=None, gpus_per_node: int = 8) -> list[str]:
+    """How big a checkpoint is, how long it takes to write, and the early warning SLURM must give."""
+    from megatron_pz.memory_plan import GIB
+    from megatron_pz.memory_plan.checkpoint_time import early_warning_lead, plan_checkpoint
+
+    cfg, _ = load_for_planning(config, overrides)
+    hf, _ = hf_config_for_planning(cfg)
+    world = nodes * gpus_per_node if nodes else (cfg.runtime.world_size or 1)
+    device = "cpu" if cfg.runtime.device == "cpu" else "cuda"
+    size = plan_checkpoint(cfg, hf, world, device, min(gpus_per_node, world))
+    write, lead = early_warning_lead(size, cfg.preemption)
+    p = cfg.preemption
+    def gib(n: float) -> str:
+        return f"{n / GIB:.1f} GiB" if n >= GIB / 10 else f"{n / 2**20:.1f} MiB"
+
+    return [f"checkpoint: {gib(size.total)} in all; a node writes at most {gib(size.per_node)} "
+            f"({min(gpus_per_node, world)} ranks), {write:.0f} s at preemption.save_bytes_per_s="
+            f"{p.save_bytes_per_s:.3g}",
+            f"SLURM early warning: #SBATCH --signal=USR1@{lead}  (preemption.phase_seconds={p.phase_seconds:g} + "
+            f"preemption.save_margin={p.save_margin:g} x {write:.0f} s, rounded up to 10 s)"]
+
+
 def run(args: argparse.Namespace) -> int:
     from megatron_pz.memory_plan import render
 
     plan = plan_config(args.config, args.overrides, args.gpu_memory_gib, args.nodes, args.gpus_per_node,
                        args.min_margin)
     print(render(plan, f"{args.config}: per-GPU memory plan (pipeline stage {plan.stage}), GiB"))
+    for line in checkpoint_lines(args.config, args.overrides, args.nodes, args.gpus_per_node):
+        print(line)
     return 0 if plan.fits else 1

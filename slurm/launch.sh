@@ -1,7 +1,15 @@
 #!/usr/bin/env bash
 # Shared launcher for the sbatch scripts in this folder (sourced by them, not submitted directly).
-# Runs one torchrun per node under srun; every rank runs `megatron-pz train`. Re-submitting the same
-# job (or SLURM requeue) resumes from $RUN_DIR/checkpoints automatically (train.resume: true).
+# Runs one torchrun agent per node under srun (megatron_pz.runtime.launcher: torchrun that forwards
+# SIGTERM/SIGUSR1 to the ranks instead of killing them); every rank runs `megatron-pz train`.
+# Re-submitting the same job (or a requeue) resumes from $RUN_DIR/checkpoints (train.resume: true).
+#
+# Stop signals: the sbatch scripts ask SLURM for SIGUSR1 `--signal` seconds before the time limit (the
+# lead `megatron-pz plan` prints); a time limit, scancel or a preemption send SIGTERM. Either reaches
+# every process of the step; the ranks finish the phase they are in, write one checkpoint together and
+# exit 75. This script waits for them through any such signal, then ends the job with
+# `python -m megatron_pz.runtime.requeue`: 75 for a stop with its checkpoint written (requeued on
+# SIGUSR1), 0 when every step ran, the failure's code otherwise (not requeued).
 #
 # Inputs (environment): CONFIG (YAML), MODEL_DIR (Hugging Face model folder), RUN_DIR (output),
 # optional DATA_DIR (preprocessed passages), VENV (python env to activate), EXTRA_OVERRIDES.
@@ -33,16 +41,28 @@ export OMP_NUM_THREADS="${OMP_NUM_THREADS:-8}"
 
 # One-time import of the HF weights into a Megatron distributed checkpoint (resharded on load, so
 # one CPU process at TP=PP=EP=1 suffices for any training layout).
+# Under the run directory's lock, like training (one writer per run directory).
 INIT_CKPT="$RUN_DIR/init"
 if [[ ! -f "$INIT_CKPT/latest_checkpointed_iteration.txt" ]]; then
-  srun --nodes=1 --ntasks=1 megatron-pz convert hf-to-megatron --hf "$MODEL_DIR" --out "$INIT_CKPT" --tp 1 --pp 1 --ep 1 \
-    --device cpu
+  srun --nodes=1 --ntasks=1 python -m megatron_pz.runtime.run_lock "$RUN_DIR" -- \
+    megatron-pz convert hf-to-megatron --hf "$MODEL_DIR" --out "$INIT_CKPT" --tp 1 --pp 1 --ep 1 --device cpu
 fi
 
+# An untrapped SIGTERM would end this script, and with it the job, while the ranks write.
+trap 'echo "launch.sh: stop signal; waiting for the ranks to write their checkpoint"' TERM USR1
+LOG="$RUN_DIR/logs/train-$SLURM_JOB_ID.log"
 srun --kill-on-bad-exit=1 --ntasks-per-node=1 bash -c "
-  torchrun --nnodes=$SLURM_NNODES --nproc_per_node=$GPUS_PER_NODE --node_rank=\$SLURM_NODEID \
-    --rdzv_backend=c10d --rdzv_endpoint=$MASTER_ADDR:$MASTER_PORT --rdzv_id=$SLURM_JOB_ID \
+  exec python -m megatron_pz.runtime.launcher --nnodes=$SLURM_NNODES --nproc_per_node=$GPUS_PER_NODE \
+    --node_rank=\$SLURM_NODEID --rdzv_backend=c10d --rdzv_endpoint=$MASTER_ADDR:$MASTER_PORT \
+    --rdzv_id=$SLURM_JOB_ID \
     -m megatron_pz.cli train '$CONFIG' \
       train.run_dir='$RUN_DIR' train.init_checkpoint='$INIT_CKPT' runtime.world_size=$WORLD_SIZE \
       ${EXTRA_OVERRIDES:-}
-" 2>&1 | tee -a "$RUN_DIR/logs/train-$SLURM_JOB_ID.log"
+" > >(trap '' TERM USR1; exec tee -a "$LOG") 2>&1 &
+SRUN_PID=$!
+while kill -0 "$SRUN_PID" 2>/dev/null; do
+  wait "$SRUN_PID" || true  # returns early (> 128) when a trapped signal arrives
+done
+rc=0
+wait "$SRUN_PID" || rc=$?  # srun's exit status, as bash kept it
+python -m megatron_pz.runtime.requeue "$RUN_DIR" "$rc"

@@ -17,6 +17,12 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Exit code 0 when every step ran; ``EXIT_STOPPED`` (75) when a stop signal ended the run after its
+    checkpoint was written (see :mod:`megatron_pz.runtime.preemption`)."""
+    from megatron_pz.runtime.preemption import EXIT_STOPPED, ignore_stop_signals, install_stop_signals
+
+    if not args.check:
+        install_stop_signals()  # first: until then SIGUSR1 would end the process
     from megatron_pz.train.config import load_run_config
 
     cfg = load_run_config(args.config, args.overrides)
@@ -28,6 +34,12 @@ def run(args: argparse.Namespace) -> int:
     result = train(cfg)
     import torch.distributed as dist
 
+    from megatron_pz.runtime import destroy
+
+    if result.get("stopped"):
+        ignore_stop_signals()
+        destroy()
+        return EXIT_STOPPED
     if dist.get_rank() == 0:
         b, a = result.get("before") or {}, result.get("after") or {}
         print("held-out mask accuracy (span candidates): before RL {} -> after RL {}; (any valid word): {} -> {}; "
@@ -35,8 +47,6 @@ def run(args: argparse.Namespace) -> int:
             _fmt(b.get("eval/mask_accuracy")), _fmt(a.get("eval/mask_accuracy")),
             _fmt(b.get("eval/word_mask_accuracy")), _fmt(a.get("eval/word_mask_accuracy")),
             _fmt(b.get("eval/generator_valid_mask_rate")), _fmt(a.get("eval/generator_valid_mask_rate"))))
-    from megatron_pz.runtime import destroy
-
     destroy()
     return 0
 

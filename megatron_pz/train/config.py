@@ -9,6 +9,7 @@ from megatron_pz.config import Config, ConfigError, load_config, validate_static
 from megatron_pz.data.config import DataConfig
 from megatron_pz.objectives.config import ObjectiveConfig
 from megatron_pz.rollout.config import RolloutConfig
+from megatron_pz.runtime.preemption import PreemptionConfig
 
 
 @dataclass
@@ -85,6 +86,7 @@ class RunConfig(Config):
     grpo: GrpoConfig = field(default_factory=GrpoConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     warm_start: WarmStartConfig = field(default_factory=WarmStartConfig)
+    preemption: PreemptionConfig = field(default_factory=PreemptionConfig)
 
 
 def load_run_config(path=None, overrides=None) -> RunConfig:
@@ -98,6 +100,7 @@ def validate_run(cfg: RunConfig) -> None:
     validate_static(cfg)
     cfg.objective.validate()
     cfg.rollout.validate()
+    cfg.preemption.validate()
     t = cfg.train
     for name in ("steps", "passages_per_step", "max_tokens_per_micro_batch", "max_prompt_tokens",
                  "save_interval", "log_interval"):

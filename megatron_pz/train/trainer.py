@@ -8,7 +8,6 @@ Read top to bottom, :func:`train` is the algorithm's schedule; parallelism lives
 from __future__ import annotations
 
 import os
-import signal
 import time
 from pathlib import Path
 from typing import Optional
@@ -248,6 +247,10 @@ class Run:
         check_at_startup(cfg, self.hf_config, world, device_type,
                          rank=int(os.environ.get("RANK", "0")))  # refuses an unfit plan before any model is built
         self.info = initialize(cfg.parallel, cfg.runtime)
+        from megatron_pz.runtime.run_lock import acquire_on_rank0
+
+        self.run_dir = Path(cfg.train.run_dir)
+        self.lock = acquire_on_rank0(self.run_dir)  # one writer per run dir, before anything is written
         self.data_path = _data_on_rank0_first(cfg)
         opts = dict(heldout_fraction=cfg.data.heldout_fraction, max_span_words=cfg.data.max_span_words,
                     max_span_tokens=cfg.data.max_span_tokens)
@@ -258,12 +261,12 @@ class Run:
         check_vocab(self.hf_config, self.tokenizer)
         self.dp_rank = ps.get_data_parallel_rank()
         self.dp_size = ps.get_data_parallel_world_size()
-        self.run_dir = Path(cfg.train.run_dir)
         self.ckpt_root = self.run_dir / "checkpoints"
         self.warm_root = self.run_dir / "warm_start"
         from megatron_pz.train.metrics import MetricsLogger
 
         self.logger = MetricsLogger(self.run_dir, tensorboard=cfg.train.tensorboard)
+        self.engine = None  # the rollout engine, once the RL loop builds it (closed by close())
 
     def max_sequence_length(self) -> int:
         longest_response = max(max(o.generator_max_tokens, o.predictor_max_tokens, o.ntr_max_tokens,
@@ -277,13 +280,21 @@ class Run:
                      total_steps=total_steps, max_sequence_length=self.max_sequence_length(),
                      routing_replay=routing_replay)
 
-    def save(self, root, step, actor, teacher=None, extra_state=None, with_optimizer=True):
+    def save(self, root, step, actor, teacher=None, extra_state=None, with_optimizer=True, rng_state=None):
         from megatron_pz.checkpoint import save_checkpoint
 
         return save_checkpoint(root, step, actor.chunks, optimizer=actor.optimizer if with_optimizer else None,
                                scheduler=actor.scheduler if with_optimizer else None,
                                extra_models={"ema": teacher} if teacher else None, extra_state=extra_state,
-                               hf_config=self.hf_config, tokenizer_dir=self.dataset.tokenizer_dir)
+                               hf_config=self.hf_config, tokenizer_dir=self.dataset.tokenizer_dir,
+                               rng_state=rng_state)
+
+    def close(self) -> None:
+        """End of a run, stopped or not: the engine's own resources (vLLM), the logger, the run lock."""
+        close_engine(self.engine)
+        self.logger.close()
+        if self.lock is not None:
+            self.lock.release()
 
 
 def close_engine(engine) -> None:
@@ -291,12 +302,6 @@ def close_engine(engine) -> None:
     close = getattr(engine, "close", None)
     if close is not None:
         close()
-
-
-def _any_rank(flag: bool) -> bool:
-    value = torch.tensor([int(flag)])
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return bool(value.item())
 
 
 def _prune(root: Path, keep_last: int) -> None:
@@ -309,8 +314,9 @@ def _prune(root: Path, keep_last: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def warm_start(run: Run) -> Optional[Path]:
-    """Run (or reuse) the warm start; returns the checkpoint RL starts from."""
+def warm_start(run: Run, stop=None) -> Optional[Path]:
+    """Run (or reuse) the warm start; returns the checkpoint RL starts from. A stop agreed between two
+    of its steps abandons it (``Stopped``): it is short, and the next job runs it again."""
     from megatron_pz.checkpoint import latest_checkpoint
     from megatron_pz.config import OptimizerConfig
     from megatron_pz.train.warm_start import run_warm_start
@@ -324,7 +330,7 @@ def warm_start(run: Run) -> Optional[Path]:
                           use_distributed_optimizer=run.cfg.optimizer.use_distributed_optimizer)
     actor = run.build_actor(opt, total_steps=ws.steps)
     summary = run_warm_start(actor, run.dataset, run.tokenizer, run.cfg, run.logger, run.dp_rank, run.dp_size,
-                             run.pad_id)
+                             run.pad_id, stop=stop)
     run.logger.log(ws.steps, summary, phase="warm_start")
     path = run.save(run.warm_root, ws.steps, actor, with_optimizer=False, extra_state={"summary": summary})
     del actor
@@ -345,8 +351,31 @@ def usable_passages(run: Run) -> list[int]:
 
 
 def train(cfg: RunConfig) -> dict:
-    """Warm start (if configured), then the RL loop; resumes from ``run_dir/checkpoints``."""
-    from megatron_pz.checkpoint import latest_checkpoint, load_checkpoint
+    """Warm start (if configured), then the RL loop; resumes from ``run_dir/checkpoints``.
+
+    A stop signal (:mod:`megatron_pz.runtime.preemption`) is agreed across ranks after the rollout of a
+    step (the step is abandoned: its update has not started, so the state it started from is saved) and
+    after its update (the step is finished and saved); the result then has ``stopped`` set.
+    """
+    from megatron_pz.runtime.preemption import Stopped, install_stop_signals, write_stop_record
+
+    stop = install_stop_signals()  # before any work: SIGUSR1's default action ends a process
+    run = Run(cfg)
+    try:
+        return _train(run, stop)
+    except Stopped as stopped:
+        if dist.get_rank() == 0:
+            write_stop_record(run.run_dir, stopped.signal, stopped.step, stopped.checkpoint, stopped.abandoned,
+                              stopped.save_seconds)
+            print(f"stopped on {stopped.describe()}; resubmit to continue", flush=True)
+        dist.barrier()  # the record is written before any rank exits
+        return {"before": None, "after": None, "step": stopped.step, "stopped": stopped.signal.name}
+    finally:
+        run.close()
+
+
+def _train(run: Run, stop) -> dict:
+    from megatron_pz.checkpoint import capture_rng_state, iter_dir_name, latest_checkpoint, load_checkpoint
     from megatron_pz.objectives.composite import build_training_objective
     from megatron_pz.rl.ema import EmaTeacher
     from megatron_pz.rollout.budget import rollout_context_length
@@ -357,14 +386,18 @@ def train(cfg: RunConfig) -> dict:
     from megatron_pz.train.metrics import mean_over_ranks
     from megatron_pz.train.sampler import PassageSampler
     from megatron_pz.train.scorer import MegatronScorer
+    from megatron_pz.runtime.preemption import Stopped, clear_stop_record, stop_if_agreed
 
-    run = Run(cfg)
+    cfg = run.cfg
+    if dist.get_rank() == 0:
+        clear_stop_record(run.run_dir)
+    stop_if_agreed(stop, "before the run started")
     t = cfg.train
     resume_from = latest_checkpoint(run.ckpt_root) if t.resume else None
     start_weights = None
     if resume_from is None:
         if cfg.warm_start.enabled:
-            start_weights = warm_start(run)
+            start_weights = warm_start(run, stop)
         elif t.init_checkpoint:
             start_weights = Path(t.init_checkpoint)
 
@@ -380,11 +413,11 @@ def train(cfg: RunConfig) -> dict:
     ema = EmaTeacher(teacher, tau=cfg.objective.ema_tau) if teacher else None
     sampler = PassageSampler(run.dataset, t.passages_per_step, run.dp_rank, run.dp_size, cfg.runtime.seed,
                              usable=usable_passages(run))
-    step = 0
+    step = saved_step = 0
     if resume_from is not None:
         state = load_checkpoint(resume_from, actor.chunks, actor.optimizer, actor.scheduler,
                                 extra_models={"ema": teacher} if teacher else None)
-        step = int(state["step"])
+        step = saved_step = int(state["step"])
         sampler.load_state_dict(state["sampler"])
         if ema is not None:
             ema.initialized = bool(state.get("ema_initialized", True))
@@ -395,8 +428,9 @@ def train(cfg: RunConfig) -> dict:
     if ema is not None and not ema.initialized:
         ema.initialize_from(actor.chunks)
 
-    engine = build_rollout_engine(cfg.rollout, actor.chunks, run.tokenizer, run.hf_config,
-                                  max_model_len=rollout_context_length(cfg), capture_routes=run.capture_routes)
+    engine = run.engine = build_rollout_engine(cfg.rollout, actor.chunks, run.tokenizer, run.hf_config,
+                                               max_model_len=rollout_context_length(cfg),
+                                               capture_routes=run.capture_routes)
     phases = RolloutPhases(engine, actor, refresh=cfg.rollout.refresh_weights)  # wake, sync, generate, sleep
     objective = build_training_objective(cfg.objective, run.tokenizer)
     scorer = MegatronScorer(actor, teacher, run.pad_id, t.max_tokens_per_micro_batch)
@@ -413,18 +447,32 @@ def train(cfg: RunConfig) -> dict:
         run.logger.log_eval_samples(at_step, samples)
         return metrics
 
-    stop_requested = []
-    for sig in (signal.SIGTERM, signal.SIGUSR1):
-        signal.signal(sig, lambda *_: stop_requested.append(True))
+    def save(at_step, sampler_state, rng_state=None) -> float:
+        t_save = time.perf_counter()
+        extra = {"sampler": sampler_state, "ema_initialized": bool(ema and ema.initialized)}
+        run.save(run.ckpt_root, at_step, actor, teacher, extra_state=extra, rng_state=rng_state)
+        _prune(run.ckpt_root, t.keep_last)
+        return time.perf_counter() - t_save
 
-    before = run_eval(step) if resume_from is None else None
+    before = None
+    if resume_from is None:  # no RL state to save before the first step
+        stop_if_agreed(stop, "before the evaluation before RL")
+        before = run_eval(step)
+    stop_if_agreed(stop, "before the first RL step")
     last_metrics: dict = {}
     while step < t.steps:
         t0 = time.perf_counter()
+        start_state = sampler.state_dict(), capture_rng_state()  # what a step abandoned below resumes from
         passages = sampler.next_batch()
         with phases.generating() as rollout_engine:
             experiences, metrics = objective.collect(passages, rollout_engine, scorer, step)
         t1 = time.perf_counter()
+        sig = stop.agreed()
+        if sig:  # abandon this step: nothing has changed but the data position and the RNG streams
+            # saved already when a checkpoint of this step is on disk (at step 0: RL starts over next time)
+            seconds = save(step, *start_state) if step != saved_step else 0.0
+            raise Stopped(sig, step, str(run.ckpt_root / iter_dir_name(step)) if step else None, True, seconds,
+                          where=f"in the rollout of step {step + 1} (abandoned)")
         # the engine is asleep; one or more optimizer steps (grpo.mini_batches x grpo.epochs)
         summed, result, batches = grpo_update(actor, experiences, cfg.grpo, loss_fn, t.max_tokens_per_micro_batch,
                                               run.pad_id, dp_group)
@@ -450,20 +498,14 @@ def train(cfg: RunConfig) -> dict:
         if step % t.log_interval == 0 or step == t.steps:
             run.logger.log(step, metrics)
             run.logger.log_samples(step, experiences, run.tokenizer, t.log_samples)
-        stopping = _any_rank(bool(stop_requested))
-        if step % t.save_interval == 0 or step == t.steps or stopping:
-            extra = {"sampler": sampler.state_dict(), "ema_initialized": bool(ema and ema.initialized)}
-            run.save(run.ckpt_root, step, actor, teacher, extra_state=extra)
-            _prune(run.ckpt_root, t.keep_last)
-        if stopping:
-            if dist.get_rank() == 0:
-                print(f"stop signal: checkpoint written at step {step}; resubmit to continue", flush=True)
-            run.logger.close()
-            close_engine(engine)
-            return {"before": before, "after": None, "last": last_metrics, "step": step, "stopped": True}
+        sig = stop.agreed()
+        if step % t.save_interval == 0 or step == t.steps or sig:
+            seconds = save(step, sampler.state_dict())
+            saved_step = step
+        if sig:  # the step is finished and saved
+            raise Stopped(sig, step, str(run.ckpt_root / iter_dir_name(step)), False, seconds,
+                          where=f"in step {step}")
         if t.eval_interval and step % t.eval_interval == 0 and step != t.steps:
             run_eval(step)
     after = run_eval(step)
-    run.logger.close()
-    close_engine(engine)
     return {"before": before, "after": after, "last": last_metrics, "step": step}

@@ -79,13 +79,20 @@ def warm_start_rows(dataset, step: int, cfg, tokenizer, seed: int, dp_rank: int,
     return mine
 
 
-def run_warm_start(actor, dataset, tokenizer, cfg, logger, dp_rank: int, dp_size: int, pad_id: int) -> dict:
-    """Train ``actor`` (freshly initialised, with the warm-start LR) for ``warm_start.steps``."""
+def run_warm_start(actor, dataset, tokenizer, cfg, logger, dp_rank: int, dp_size: int, pad_id: int,
+                   stop=None) -> dict:
+    """Train ``actor`` (freshly initialised, with the warm-start LR) for ``warm_start.steps``. With
+    ``stop`` (:class:`~megatron_pz.runtime.preemption.StopSignals`), a stop agreed before a step raises
+    ``Stopped``."""
+    from megatron_pz.runtime.preemption import stop_if_agreed
+
     first = last = None
     tokens = 0
     padding = []
     start = time.perf_counter()
     for step in range(cfg.warm_start.steps):
+        if stop is not None:
+            stop_if_agreed(stop, f"in warm-start step {step + 1} (abandoned; the next job runs the warm start again)")
         rows = warm_start_rows(dataset, step, cfg, tokenizer, cfg.runtime.seed, dp_rank, dp_size)
         batches = actor.micro_batches(rows, cfg.train.max_tokens_per_micro_batch, pad_id)
         padding.append(padding_fraction(batches))

@@ -1,7 +1,8 @@
 """`megatron-pz ...` under torchrun (the console script itself, as a cluster launch runs it).
 
-The main guard matters: Megatron's checkpoint writer starts a 'spawn' helper process, which
-re-imports this file.
+The main guard, as the console script has it: a process started with the 'spawn' method re-imports
+this file (megatron-core's checkpoint writer would start one per rank; megatron_pz.checkpoint keeps it
+from doing so, see _writer_results_in_process).
 """
 
 import sys
