@@ -39,6 +39,7 @@ import logging
 import os
 import random
 import re
+import signal
 import uuid
 from pathlib import Path
 from typing import Any, Iterator, Optional
@@ -56,6 +57,7 @@ PATCHABLE = (
     (torch.Tensor, ("pin_memory", "record_stream")),
 )
 _MISSING = object()
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)  # vLLM's engine-core process installs its own
 
 
 def _torch_attributes() -> dict[tuple[int, str], Any]:
@@ -121,10 +123,14 @@ class VllmIsolation:
         """Import and build vLLM inside this block; afterwards the process is as it was before."""
         self._real_set_num_threads = torch.set_num_threads
         frozen = gc.get_freeze_count()
+        handlers = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}  # the trainer's stop handling
         with self._swapped():
             yield
         if frozen == 0 and gc.get_freeze_count() > 0:
             gc.unfreeze()
+        for sig, handler in handlers.items():
+            if signal.getsignal(sig) is not handler:
+                signal.signal(sig, handler)
         log.info("vLLM's process-wide changes are contained (swapped in only while it runs): torch attributes %s; "
                  "threads %d (vLLM) vs %d (trainer); environment %s; RNG streams restored", self.swapped_attributes,
                  self._their_threads, torch.get_num_threads(), self.swapped_env)
