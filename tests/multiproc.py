@@ -30,6 +30,27 @@ class DistributedTestFailure(AssertionError):
 def run_torchrun(script: str | Path, *args: str, nproc: int = 2, timeout: float = 300,
                  env: dict | None = None) -> str:
     """Run ``script`` (a path, or a file name under tests/workers) on ``nproc`` ranks; return output."""
+    proc = start_torchrun(script, *args, nproc=nproc, env=env)
+    script = Path(script)
+    try:
+        output, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill_tree(proc.pid)
+        output, _ = proc.communicate()
+        raise DistributedTestFailure(
+            f"{script.name} on {nproc} ranks did not finish within {timeout}s (killed). Output:\n"
+            + _tail(output)
+        )
+    if proc.returncode != 0:
+        raise DistributedTestFailure(
+            f"{script.name} on {nproc} ranks exited with {proc.returncode}. Output:\n" + _tail(output)
+        )
+    return output
+
+
+def start_torchrun(script: str | Path, *args: str, nproc: int = 2, env: dict | None = None) -> subprocess.Popen:
+    """Start ``script`` under torchrun without waiting (output piped, text); the workers are the direct
+    children of the returned process. Whoever starts it must end it (see :func:`kill_tree`)."""
     script = Path(script)
     if not script.is_absolute():
         script = WORKERS / script
@@ -47,25 +68,11 @@ def run_torchrun(script: str | Path, *args: str, nproc: int = 2, timeout: float 
         "CUDA_VISIBLE_DEVICES": "",
     })
     full_env.update(env or {})
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=full_env,
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=full_env,
                             cwd=REPO_ROOT, start_new_session=True, text=True)
-    try:
-        output, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        _kill_tree(proc.pid)
-        output, _ = proc.communicate()
-        raise DistributedTestFailure(
-            f"{script.name} on {nproc} ranks did not finish within {timeout}s (killed). Output:\n"
-            + _tail(output)
-        )
-    if proc.returncode != 0:
-        raise DistributedTestFailure(
-            f"{script.name} on {nproc} ranks exited with {proc.returncode}. Output:\n" + _tail(output)
-        )
-    return output
 
 
-def _kill_tree(pid: int) -> None:
+def kill_tree(pid: int) -> None:
     """torchrun starts ranks in their own sessions: kill every descendant, not just the group."""
     import psutil
 
