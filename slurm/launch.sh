@@ -38,7 +38,7 @@ export OMP_NUM_THREADS="${OMP_NUM_THREADS:-8}"
 # start-up (runtime.memory_plan). With c10d rendezvous torchrun numbers ranks node by node in rendezvous
 # order, so a rollout.ranks that is a multiple of GPUS_PER_NODE gives the rollout role whole nodes.
 plan_status=0
-megatron-pz plan "$CONFIG" --nodes "$SLURM_NNODES" --gpus-per-node "$GPUS_PER_NODE" ${EXTRA_OVERRIDES:-} \
+megatron-pz plan "$CONFIG" ${EXTRA_OVERRIDES:-} --nodes "$SLURM_NNODES" --gpus-per-node "$GPUS_PER_NODE" \
   > "$RUN_DIR/logs/plan-$SLURM_JOB_ID.txt" 2>&1 || plan_status=$?
 cat "$RUN_DIR/logs/plan-$SLURM_JOB_ID.txt"
 if [[ $plan_status -ge 2 ]]; then

@@ -114,6 +114,25 @@ def test_work_split_units():
         WorkSplit(passages=6, workers=4, dp=2)
 
 
+def test_plan_knows_the_split(capsys):
+    """`megatron-pz plan` on the 30B-A3B split: which GPUs train and which generate, one budget per role (vLLM
+    only on the rollout ranks, one bucket on each side), and a split that does not add up is refused."""
+    from megatron_pz.cli import main
+
+    path = str(REPO_ROOT / "examples" / "pretrainzero_qwen3_30b_a3b_async.yaml")
+    assert main(["plan", path, "--nodes", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "split: 16 training ranks (ranks 0-15, nodes 0-1), 16 rollout ranks (ranks 16-31, nodes 2-3)" in out
+    training, rollout = out.split("rollout ranks (16 GPUs)")
+    assert "weight push" in training and "vLLM" not in training.split("split:")[1].split("FITS")[0]
+    assert "vLLM weights (TP 2)" in rollout and "bridge: one weight bucket (received, then loaded)" in rollout
+    assert "FITS: training ranks" in out and "FITS: rollout ranks" in out
+    assert main(["plan", path, "train.passages_per_step=24", "--nodes", "4"]) == 2
+    assert "must be divisible by lcm(rollout.ranks=16, data-parallel size 4) = 16" in capsys.readouterr().err
+    assert main(["plan", path, "--nodes", "2"]) == 2
+    assert "rollout.ranks=16 leaves no training rank in a job of 16 ranks" in capsys.readouterr().err
+
+
 def test_split_step_equals_collect():
     """A mixture of PretrainZero (all on the rollout side) and RLP (thoughts there, scoring here): generate,
     a pickle round trip (the bridge), then score gives exactly what one colocated collect gives."""

@@ -80,6 +80,7 @@ def serve(cfg, roles: Roles) -> dict:
 def _serve(cfg, roles: Roles) -> dict:
     from megatron_pz.data.dataset import train_and_heldout
     from megatron_pz.data.tokenizer import load_tokenizer
+    from megatron_pz.memory_plan import check_at_startup
     from megatron_pz.objectives.composite import build_training_objective
     from megatron_pz.rollout.factory import build_own_weights_engine
     from megatron_pz.train.evaluate import build_eval_items, generate_eval
@@ -90,6 +91,7 @@ def _serve(cfg, roles: Roles) -> dict:
     if not isinstance(hello, Hello):
         raise RuntimeError(f"rollout rank {me.index}: expected Hello first, got {type(hello).__name__}")
     hf_config = resolve_hf_config(cfg)
+    check_at_startup(cfg, hf_config, roles.world, me.device.type, rank=roles.rank, rollout_rank=True)
     tokenizer = load_tokenizer(hello.tokenizer_dir)
     dataset, heldout = train_and_heldout(hello.data_path, cfg.data)
     work = WorkSplit(cfg.train.passages_per_step, roles.rollout_ranks, hello.dp_size)
