@@ -194,6 +194,10 @@ def start_roles(rollout_cfg, runtime_cfg) -> Roles:
     os.environ.update(PZ_ROLE=role, PZ_JOB_RANK=str(job_rank), PZ_JOB_WORLD_SIZE=str(job_world),
                       RANK=str(rank), WORLD_SIZE=str(world))
     device = resolve_device(runtime_cfg.device)
+    if device.type == "cuda":  # NCCL groups (the world's, the bridge's) take the current device
+        import torch
+
+        torch.cuda.set_device(device)
     dist.init_process_group(world_backend(device, runtime_cfg.backend), store=dist.PrefixStore(f"pz/world/{role}/", store),
                             rank=rank, world_size=world, timeout=timeout)
     me = Peer(f"{role}{rank}", f"{role} rank {rank}")

@@ -276,12 +276,10 @@ def _train(cfg, roles) -> dict:
     from megatron.core import parallel_state as ps
 
     from megatron_pz.objectives.composite import build_training_objective
-    from megatron_pz.train.batching import padding_fraction
-    from megatron_pz.train.metrics import mean_over_ranks
     from megatron_pz.train.sampler import PassageSampler
     from megatron_pz.train.scorer import MegatronScorer
     from megatron_pz.train.trainer import (Policy, Run, _any_rank, _prune, grpo_update, make_grpo_loss_fn,
-                                           token_means, usable_passages)
+                                           step_metrics, usable_passages)
 
     run = Run(cfg)
     t = cfg.train
@@ -323,16 +321,11 @@ def _train(cfg, roles) -> dict:
         if ema is not None:
             ema.update(actor.chunks)
         t2 = time.perf_counter()
-        rollout_tokens = float(sum(len(e.response_ids) for e in experiences))
-        metrics.update(padding_fraction=padding_fraction(batches), rollout_tokens=rollout_tokens,
-                       **{"rollout/staleness": float(step - batch.version), "rollout/weight_version": float(batch.version),
-                          "time/train_s": t2 - t1, "time/step_s": t2 - t0, "time/push_s": 0.0,
-                          "time/wait_rollout_s": 0.0, **schedule.timing, **batch.stats})
+        metrics.update({"rollout/staleness": float(step - batch.version), "rollout/weight_version": float(batch.version),
+                        "time/train_s": t2 - t1, "time/step_s": t2 - t0, "time/push_s": 0.0, "time/wait_rollout_s": 0.0,
+                        **schedule.timing, **batch.stats})
         step += 1
-        metrics = mean_over_ranks(metrics)
-        metrics.update(token_means(summed), lr=result.lr, grad_norm=result.grad_norm)
-        metrics["tokens_per_s"] = (metrics["rollout_tokens"] * run.dp_size + summed.get("num_tokens", 0.0)) \
-            / max(t2 - t0, 1e-9)
+        metrics = step_metrics(metrics, experiences, batches, summed, result, t2 - t0, run.dp_size)
         last_metrics = metrics
         if step % t.log_interval == 0 or step == t.steps:
             run.logger.log(step, metrics)

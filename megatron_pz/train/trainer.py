@@ -144,6 +144,19 @@ def grpo_update(actor, experiences, grpo_cfg, loss_fn, max_tokens: int, pad_id: 
     return summed, result, all_batches
 
 
+def step_metrics(metrics: dict, experiences, batches, summed: dict, result, seconds: float, dp_size: int) -> dict:
+    """A step's metrics: the objective's and the loop's (averaged over ranks), the update's, and throughput
+    (rollout tokens of every replica + trained tokens, over the step's ``seconds``)."""
+    from megatron_pz.train.metrics import mean_over_ranks
+
+    metrics.update(padding_fraction=padding_fraction(batches),
+                   rollout_tokens=float(sum(len(e.response_ids) for e in experiences)))
+    metrics = mean_over_ranks(metrics)
+    metrics.update(token_means(summed), lr=result.lr, grad_norm=result.grad_norm)
+    metrics["tokens_per_s"] = (metrics["rollout_tokens"] * dp_size + summed.get("num_tokens", 0.0)) / max(seconds, 1e-9)
+    return metrics
+
+
 def token_means(summed: dict[str, float]) -> dict[str, float]:
     n = max(1.0, summed.get("num_tokens", 0.0))
     out = {k[:-4]: v / n for k, v in summed.items() if k.endswith("_sum")}
@@ -371,7 +384,6 @@ def train(cfg: RunConfig) -> dict:
     from megatron_pz.rollout.factory import build_rollout_engine
     from megatron_pz.rollout.phase import RolloutPhases
     from megatron_pz.train.evaluate import build_eval_items, evaluate
-    from megatron_pz.train.metrics import mean_over_ranks
     from megatron_pz.train.sampler import PassageSampler
     from megatron_pz.train.scorer import MegatronScorer
 
@@ -424,14 +436,8 @@ def train(cfg: RunConfig) -> dict:
             ema.update(actor.chunks)
         t2 = time.perf_counter()
         step += 1
-        rollout_tokens = float(sum(len(e.response_ids) for e in experiences))
-        metrics.update(padding_fraction=padding_fraction(batches), rollout_tokens=rollout_tokens,
-                       **{"rollout/weight_syncs": float(phases.syncs)},
-                       **{"time/rollout_s": t1 - t0, "time/train_s": t2 - t1})
-        metrics = mean_over_ranks(metrics)
-        metrics.update(token_means(summed), lr=result.lr, grad_norm=result.grad_norm)
-        metrics["tokens_per_s"] = (metrics["rollout_tokens"] * run.dp_size + summed.get("num_tokens", 0.0)) \
-            / max(t2 - t0, 1e-9)
+        metrics.update({"rollout/weight_syncs": float(phases.syncs), "time/rollout_s": t1 - t0, "time/train_s": t2 - t1})
+        metrics = step_metrics(metrics, experiences, batches, summed, result, t2 - t0, run.dp_size)
         last_metrics = metrics
         if step % t.log_interval == 0 or step == t.steps:
             run.logger.log(step, metrics)
