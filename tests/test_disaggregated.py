@@ -176,6 +176,18 @@ def test_weights_arrive_bit_exact_from_every_stage(tmp_path):
         assert received["dtypes"] == [dtype] and trainers[0]["dtypes"] == [dtype]
 
 
+@pytest.mark.slow
+def test_a_transfer_that_never_completes_fails_naming_the_peer():
+    """rollout.bridge_timeout_s=2: a receive whose sender stays alive but never sends fails after the timeout
+    (plus the heartbeat timeout spent looking for a dead peer), naming the rollout rank, instead of hanging."""
+    out = run_torchrun("bridge_timeout.py", nproc=2, timeout=120)
+    line = next(line for line in out.splitlines() if "BRIDGE_TIMEOUT_OK" in line)
+    seconds = float(line.split("BRIDGE_TIMEOUT_OK ")[1].split()[0])
+    assert 2 <= seconds < 15, line
+    assert "a bridge transfer with rollout rank 0 (job rank 1) failed while all of them still beat" in line
+    assert "Timed out waiting 2000ms" in line  # gloo's own timeout: rollout.bridge_timeout_s reached the group
+
+
 # ====================================================================== the trainer, end to end
 
 
@@ -272,11 +284,33 @@ def test_sigterm_drains_saves_and_resumes_bit_exact(off_policy, tmp_path, cache)
 
 
 @pytest.mark.slow
+def test_resume_under_another_layout_or_placement_trains_the_same_passages(off_policy, tmp_path, cache):
+    """The staleness-1 run's checkpoint after step 2 holds batch 3 in flight (sampled from v_1). Resumed with
+    2 training ranks (DP 2: its drafts do not fit) the same passages are generated again from v_2; resumed
+    colocated they are drawn again by the sampler. Either way update 3 trains on the passages of the
+    uninterrupted run's update 3 (same RLP prompts: the position is drawn from (seed, step, passage))."""
+    import shutil
+
+    reference = sorted(map(str, (row["prompt"] for row in updates(off_policy)[2])))
+    for name, overrides, nproc in (("dp2", OFF_POLICY, 3),
+                                   ("colocated", [*RLP, "train.steps=4", "train.save_interval=1"], 1)):
+        run_dir = tmp_path / name
+        (run_dir / "checkpoints").mkdir(parents=True)
+        shutil.copytree(off_policy / "checkpoints" / "iter_0000002", run_dir / "checkpoints" / "iter_0000002")
+        (run_dir / "checkpoints" / "latest_checkpointed_iteration.txt").write_text("2")
+        out = train(run_dir, cache, *overrides, nproc=nproc)
+        assert "resumed from" in out and ("generates its passages again" in out if nproc > 1 else
+                                          "is generated again here" in out), out[-3000:]
+        first = [row for rank in range(nproc - 1 or 1) for row in updates(run_dir, rank)[0]]
+        assert sorted(map(str, (row["prompt"] for row in first))) == reference, name
+
+
+@pytest.mark.slow
 def test_killed_rollout_rank_fails_the_job_naming_it(tmp_path, cache):
     """SIGKILL of the rollout rank mid-run: the trainer stops within the heartbeat timeout (5 s here) with an
     error naming the rank, well before torchrun's 30 s grace period would end it; the job fails."""
     run_dir = tmp_path / "run"
-    proc = start_torchrun("train_recorded.py", "--kill-rollout-at-step", "2",
+    proc = start_torchrun("train_recorded.py", "--kill-rollout-at-step", "1",
                           *train_args(run_dir, cache, *OFF_POLICY), nproc=2)
     try:
         output, _ = proc.communicate(timeout=300)
