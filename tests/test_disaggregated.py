@@ -204,6 +204,9 @@ def test_staleness0_equals_colocated_sample_for_sample(tmp_path, cache):
     train(tmp_path / "colocated", cache, *args)
     train(tmp_path / "split", cache, *args, *SPLIT, nproc=2)
     assert updates(tmp_path / "split") == updates(tmp_path / "colocated")
+    rollout_rank = json.loads((tmp_path / "split" / "rollout_rank0.json").read_text())
+    assert rollout_rank == {"megatron_groups": False, "megatron_models": 0,
+                            "result": {"role": "rollout", "stopped": "training finished"}}
     assert sum(len(u) for u in updates(tmp_path / "split")) > 0
     records_a, a = rl_records(tmp_path / "colocated")
     records_b, b = rl_records(tmp_path / "split")

@@ -3,7 +3,8 @@
 Wraps, without changing what it does, ``grpo_update`` (both placements call the trainer module's): every
 training rank appends each update's experiences (prompt, response, reward, advantage, rollout log-probs,
 temperature) to ``<train.run_dir>/experiences_rank<R>.jsonl``, flushed per update so a killed run keeps
-what it did. ``--kill-rollout-at-step K``: the rollout rank SIGKILLs itself when asked to generate RL step K
+what it did. A rollout rank writes ``<train.run_dir>/rollout_rank<R>.json`` when it is done: whether it ever
+had Megatron's parallel groups or a Megatron model. ``--kill-rollout-at-step K``: the rollout rank SIGKILLs itself when asked to generate RL step K
 (0-based), after writing the time to ``<train.run_dir>/killed_at``.
 """
 
@@ -36,6 +37,26 @@ def record_updates(run_dir: Path) -> None:
     trainer.grpo_update = grpo_update
 
 
+def observe_rollout_rank(run_dir: Path) -> None:
+    import megatron_pz.rollout.server as server
+
+    original = server.serve
+
+    def serve(cfg, roles):
+        import gc
+
+        from megatron.core import parallel_state as ps
+        from megatron.core.models.gpt import GPTModel
+
+        result = original(cfg, roles)
+        seen = {"megatron_groups": ps.model_parallel_is_initialized(),
+                "megatron_models": sum(isinstance(o, GPTModel) for o in gc.get_objects()), "result": result}
+        (run_dir / f"rollout_rank{roles.rank}.json").write_text(json.dumps(seen))
+        return result
+
+    server.serve = serve
+
+
 def kill_rollout_at(step: int, run_dir: Path) -> None:
     import megatron_pz.objectives.split as split
 
@@ -57,6 +78,7 @@ def main(argv):
     run_dir = run_dir_of(argv)
     run_dir.mkdir(parents=True, exist_ok=True)
     record_updates(run_dir)
+    observe_rollout_rank(run_dir)
     if kill is not None:
         kill_rollout_at(kill, run_dir)
     from megatron_pz.cli import main as cli_main
