@@ -63,17 +63,22 @@ def hf_config_for_planning(cfg):
 def plan_config(config: str, overrides: list[str], gpu_memory_gib: float = 80.0, nodes=None,
                 gpus_per_node: int = 8, min_margin=None):
     from megatron_pz.config import validate_parallel_sizes
-    from megatron_pz.memory_plan import GIB, plan_run
+    from megatron_pz.memory_plan import GIB, plan_run, plan_split
 
     cfg, unset = load_for_planning(config, overrides)
     hf, source = hf_config_for_planning(cfg)
     world = nodes * gpus_per_node if nodes else (cfg.runtime.world_size or 1)
-    validate_parallel_sizes(cfg.parallel, hf, world)
     device = "cpu" if cfg.runtime.device == "cpu" else "cuda"
     margin = cfg.runtime.memory_plan_margin if min_margin is None else min_margin
-    plan = plan_run(cfg, hf, world, gpu_memory_gib * GIB, device, margin)
-    plan.notes.insert(0, source + (f" (unset: {', '.join(unset)})" if unset else ""))
-    plan.gpus_per_node = gpus_per_node
+    if cfg.rollout.disaggregated:  # one plan per role; the trainers are the job's first ranks
+        plan = plan_split(cfg, hf, world, gpu_memory_gib * GIB, device, margin, gpus_per_node)
+        validate_parallel_sizes(cfg.parallel, hf, plan.trainers)
+        training = plan.training
+    else:
+        validate_parallel_sizes(cfg.parallel, hf, world)
+        plan = training = plan_run(cfg, hf, world, gpu_memory_gib * GIB, device, margin)
+    training.notes.insert(0, source + (f" (unset: {', '.join(unset)})" if unset else ""))
+    training.gpus_per_node = gpus_per_node
     return plan
 
 
@@ -85,6 +90,8 @@ def checkpoint_lines(config: str, overrides: list[str], nodes=None, gpus_per_nod
     cfg, _ = load_for_planning(config, overrides)
     hf, _ = hf_config_for_planning(cfg)
     world = nodes * gpus_per_node if nodes else (cfg.runtime.world_size or 1)
+    if cfg.rollout.disaggregated:  # the rollout ranks hold no training state: only the trainers write
+        world -= cfg.rollout.ranks
     device = "cpu" if cfg.runtime.device == "cpu" else "cuda"
     size = plan_checkpoint(cfg, hf, world, device, min(gpus_per_node, world))
     write, lead = early_warning_lead(size, cfg.preemption)
@@ -104,7 +111,8 @@ def run(args: argparse.Namespace) -> int:
 
     plan = plan_config(args.config, args.overrides, args.gpu_memory_gib, args.nodes, args.gpus_per_node,
                        args.min_margin)
-    print(render(plan, f"{args.config}: per-GPU memory plan (pipeline stage {plan.stage}), GiB"))
+    where = "" if hasattr(plan, "training") else f" (pipeline stage {plan.stage})"  # a split names it per role
+    print(render(plan, f"{args.config}: per-GPU memory plan{where}, GiB"))
     for line in checkpoint_lines(args.config, args.overrides, args.nodes, args.gpus_per_node):
         print(line)
     return 0 if plan.fits else 1

@@ -39,6 +39,21 @@ export PYTORCH_CUDA_ALLOC_CONF="${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:T
 export VLLM_ALLOW_INSECURE_SERIALIZATION=1   # weight-sync RPC payloads between the actor and vLLM workers
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-8}"
 
+# Before the GPUs are taken: the per-GPU budget of every phase, and for rollout.placement=disaggregated the
+# split (the job's last rollout.ranks ranks generate, the others train) with one budget per role. A split
+# that does not add up (no trainer left, parallel sizes that do not divide the training ranks, passages
+# that do not divide into units) stops here (exit 2); an unfit budget is refused by `train` itself at
+# start-up (runtime.memory_plan). With c10d rendezvous torchrun numbers ranks node by node in rendezvous
+# order, so a rollout.ranks that is a multiple of GPUS_PER_NODE gives the rollout role whole nodes.
+plan_status=0
+megatron-pz plan "$CONFIG" ${EXTRA_OVERRIDES:-} --nodes "$SLURM_NNODES" --gpus-per-node "$GPUS_PER_NODE" \
+  > "$RUN_DIR/logs/plan-$SLURM_JOB_ID.txt" 2>&1 || plan_status=$?
+cat "$RUN_DIR/logs/plan-$SLURM_JOB_ID.txt"
+if [[ $plan_status -ge 2 ]]; then
+  echo "launch: $CONFIG does not fit $SLURM_NNODES x $GPUS_PER_NODE GPUs (see above)" >&2
+  exit 2
+fi
+
 # One-time import of the HF weights into a Megatron distributed checkpoint (resharded on load, so
 # one CPU process at TP=PP=EP=1 suffices for any training layout).
 # Under the run directory's lock, like training (one writer per run directory).

@@ -27,14 +27,16 @@ class DistributedTestFailure(AssertionError):
     pass
 
 
-def start_torchrun(script: str | Path, *args: str, nproc: int = 2, env: dict | None = None) -> subprocess.Popen:
+def start_torchrun(script: str | Path, *args: str, nproc: int = 2, env: dict | None = None,
+                   launcher: bool = False) -> subprocess.Popen:
     """Start ``script`` (a path, or a file name under tests/workers) on ``nproc`` ranks in a session of its
-    own, output (stdout and stderr together) on a pipe; :func:`kill_tree` ends it."""
+    own, output (stdout and stderr together) on a pipe; :func:`kill_tree` ends it. ``launcher``: through
+    ``megatron_pz.runtime.launcher`` (torchrun that forwards stop signals and passes the ranks' exit 75 on)."""
     script = Path(script)
     if not script.is_absolute():
         script = WORKERS / script
     cmd = [
-        sys.executable, "-m", "torch.distributed.run",
+        sys.executable, "-m", "megatron_pz.runtime.launcher" if launcher else "torch.distributed.run",
         f"--nproc_per_node={nproc}", "--nnodes=1",
         "--master_addr=127.0.0.1", f"--master_port={free_port()}",
         "--max_restarts=0", str(script), *map(str, args),

@@ -226,7 +226,7 @@ write_stop_record('{run_dir}', signal.SIGUSR1, 5, 'checkpoints/iter_0000005', Fa
            "SLURM_NNODES": "1", "SLURM_JOB_ID": "77", "SLURM_RESTART_COUNT": "0", "SLURM_SUBMIT_DIR": str(ROOT)}
     proc = subprocess.Popen(["bash", str(ROOT / "slurm" / "launch.sh")], env=env, cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.time() + 30
+    deadline = time.time() + 180  # launch.sh prints the memory plan first (a minute on a loaded machine)
     while not (calls.exists() and "srun" in calls.read_text()) and time.time() < deadline:
         time.sleep(0.05)  # the step runs (the trap is set before it starts)
     proc.send_signal(signal.SIGTERM)

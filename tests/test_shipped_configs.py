@@ -30,6 +30,8 @@ def test_config_parses_and_layout_divides(path):
     cfg = load_run_config(path)
     hf = load_hf_config(dict(cfg.model.architecture))
     world = cfg.runtime.world_size or 1
+    if cfg.rollout.disaggregated:  # the job's last rollout.ranks ranks generate; the rest train
+        world -= cfg.rollout.ranks
     validate_parallel_sizes(cfg.parallel, hf, world)
     dp = world // (cfg.parallel.tp * cfg.parallel.pp * cfg.parallel.cp)
     assert cfg.train.passages_per_step % dp == 0, "the passage batch must split evenly over DP ranks"

@@ -188,3 +188,10 @@ class PassageDataset:
             page=rec["page"],
             part=rec["part"],
         )
+
+
+def train_and_heldout(path: str | Path, data_cfg) -> tuple["PassageDataset", "PassageDataset"]:
+    """The training and held-out passages of a run (``data_cfg``: its DataConfig), as every rank opens them."""
+    opts = dict(heldout_fraction=data_cfg.heldout_fraction, max_span_words=data_cfg.max_span_words,
+                max_span_tokens=data_cfg.max_span_tokens)
+    return PassageDataset(path, split="train", **opts), PassageDataset(path, split="heldout", **opts)

@@ -24,6 +24,10 @@ saying which tensors it counts and where that was read or measured. Three groups
   own TP, the KV cache and its workspace inside that share); asleep, level 1 keeps its weights in
   pinned host memory and level 2 drops them; the Megatron engine's static KV cache.
 
+A disaggregated run (``rollout.placement: disaggregated``) gets one plan per role (:func:`plan_split`): the
+training ranks without engine terms (a "weight push" phase holds one packed bucket instead), the rollout
+ranks with their engine awake for the whole run plus one received bucket.
+
 Modules: :mod:`.model_state` (parameters, buffers, optimizer), :mod:`.activations` (saved tensors and the
 logits path), :mod:`.routes` (routing replay), :mod:`.plan` (the phases, the verdict, the table, ``train``'s start-up check).
 
@@ -37,11 +41,13 @@ from megatron_pz.memory_plan.activations import (Term, layer_activation_elements
 from megatron_pz.memory_plan.model_state import (Buffer, Layout, ParamSpec, Shapes, StateBytes, chunk_params,
                                                  ddp_buffer, layout_of, model_state_bytes, owned_elements,
                                                  rank_model_state, worst_model_state)
-from megatron_pz.memory_plan.plan import (DEFAULT_MIN_MARGIN, GIB, MemoryPlan, Phase, check_at_startup,
-                                          device_memory, max_sequence_length, plan_run, render)
+from megatron_pz.memory_plan.plan import (DEFAULT_MIN_MARGIN, GIB, MemoryPlan, Phase, SplitPlan, check_at_startup,
+                                          device_memory, max_sequence_length, plan_rollout_ranks, plan_run,
+                                          plan_split, render)
 
 __all__ = [
-    "Buffer", "DEFAULT_MIN_MARGIN", "GIB", "Layout", "MemoryPlan", "ParamSpec", "Phase", "Shapes", "StateBytes",
+    "Buffer", "DEFAULT_MIN_MARGIN", "GIB", "Layout", "MemoryPlan", "ParamSpec", "Phase", "Shapes", "SplitPlan",
+    "StateBytes", "plan_rollout_ranks", "plan_split",
     "Term", "check_at_startup", "chunk_params", "ddp_buffer", "device_memory", "layer_activation_elements",
     "layout_of", "logits_terms", "max_sequence_length", "model_state_bytes", "owned_elements", "plan_run",
     "rank_model_state", "render", "scoring_terms", "training_activation_terms", "worst_model_state",

@@ -43,6 +43,7 @@ class MemoryPlan:
     notes: list[str] = field(default_factory=list)
     gpus_per_node: int = 8  # for the host-memory line
     problems: list[str] = field(default_factory=list)  # infeasible settings (e.g. vLLM weights > its share)
+    role: str = ""  # disaggregated runs: "training ranks" | "rollout ranks" (one plan each)
 
     @property
     def peak_phase(self) -> Phase:
@@ -65,7 +66,8 @@ class MemoryPlan:
 
     def verdict(self) -> str:
         g = self.device_bytes / GIB
-        head = (f"peak {self.peak / GIB:.1f} GiB ({self.peak_phase.name}, pipeline stage {self.stage}) of "
+        where = "" if self.role == "rollout ranks" else f", pipeline stage {self.stage}"
+        head = (f"{self.role + ': ' if self.role else ''}peak {self.peak / GIB:.1f} GiB ({self.peak_phase.name}{where}) of "
                 f"{g:.1f} GiB: margin {self.margin / GIB:.1f} GiB ({100 * self.margin / self.device_bytes:.0f} %, "
                 f"required >= {100 * self.min_margin:.0f} %)")
         if self.fits:
@@ -120,8 +122,11 @@ def plan_run(cfg, hf, world: int, device_bytes: float, device: str = "cuda",
             teacher = sum(sum(q.numel for q in chunk_params(s, lay, stage, spec, cfg.model.moe_grouped_gemm, v))
                           for v in range(lay.vp or 1)) * p
             resident.append(Term("RLP EMA teacher weights", teacher, "parallel.tp/pp/ep"))
-        rollout_terms, asleep_terms, host, problems = rollout_engine_terms(cfg, s, lay, stage, device_bytes, p, seq,
-                                                                           hf, on_cpu=device != "cuda")
+        if r.disaggregated:  # the engine lives on the rollout ranks; a training rank packs one bucket at a time
+            rollout_terms, asleep_terms, host, problems = [bridge_bucket_term(r, "packed for the push")], [], [], []
+        else:
+            rollout_terms, asleep_terms, host, problems = rollout_engine_terms(cfg, s, lay, stage, device_bytes, p,
+                                                                               seq, hf, on_cpu=device != "cuda")
         train_terms = list(resident) + asleep_terms
         if cfg.model.fp8:
             train_terms.append(Term("FP8 weight copies (row + column-wise, 1 byte each)", 2 * st.fp8_gemm_weights,
@@ -139,17 +144,18 @@ def plan_run(cfg, hf, world: int, device_bytes: float, device: str = "cuda",
             train_terms += replay_train
             score_terms += replay_score
             host = host + replay_host
-        phases = [Phase("rollout", list(resident) + rollout_terms), Phase("scoring", score_terms),
-                  Phase("training", train_terms)]
+        phases = [Phase("weight push" if r.disaggregated else "rollout", list(resident) + rollout_terms),
+                  Phase("scoring", score_terms), Phase("training", train_terms)]
         candidate = MemoryPlan(device_bytes=device_bytes, min_margin=min_margin, world=world, layout=lay,
-                               stage=stage, phases=phases, host_terms=host, problems=problems)
+                               stage=stage, phases=phases, host_terms=host, problems=problems,
+                               role="training ranks" if r.disaggregated else "")
         stage_totals.append(f"stage {stage}: " + ", ".join(f"{ph.name} {ph.total / GIB:.1f}" for ph in phases))
         if best is None or candidate.peak > best.peak:
             best = candidate
     if lay.pp > 1:
         best.notes.append("GiB per pipeline stage (the table shows the stage with the highest peak): "
                           + "; ".join(stage_totals))
-    if r.engine == "vllm":
+    if r.engine == "vllm" and not r.disaggregated:
         best.notes.append(f"scoring and training assume the vLLM engine sleeps (level {r.sleep_level}) after each "
                           "generation (VLLMRolloutEngine.sleep/wake); awake, it keeps its whole share")
     best.notes.append(f"world {world}: TP {lay.tp} x PP {lay.pp} x CP {lay.cp} x DP {lay.dp}; EP {lay.ep}, "
@@ -224,11 +230,92 @@ def rollout_engine_terms(cfg, s: Shapes, lay: Layout, stage: int, device_bytes: 
         [], host, problems
 
 
+def bridge_bucket_term(r, what: str) -> Term:
+    """One weight bucket outside the engine (disaggregated): packed on a stage head, or received on a rollout
+    rank before the engine loads it (:mod:`megatron_pz.rollout.bridge`)."""
+    return Term(f"bridge: one weight bucket ({what})", r.bucket_mb * 2**20, "rollout.bucket_mb")
+
+
+def plan_rollout_ranks(cfg, hf, device_bytes: float, device: str = "cuda",
+                       min_margin: float = DEFAULT_MIN_MARGIN) -> MemoryPlan:
+    """A rollout rank of a disaggregated run: its engine, awake for the whole run (no actor shares the
+    device, so no sleep), plus the bucket being received. The engine's terms are the colocated plan's
+    (:func:`rollout_engine_terms`; the ``hf`` copy is in the actor's dtype, which the trainers send)."""
+    s = Shapes.from_hf(hf)
+    lay = layout_of(cfg.parallel, cfg.parallel.tp * cfg.parallel.pp * cfg.parallel.cp)
+    awake, _, _, problems = rollout_engine_terms(cfg, s, lay, 0, device_bytes, _dtype_bytes(cfg.model, device),
+                                                 max_sequence_length(cfg))
+    terms = [t for t in awake if not t.name.startswith("weight-sync bucket")]
+    terms.append(bridge_bucket_term(cfg.rollout, "received, then loaded"))
+    plan = MemoryPlan(device_bytes=device_bytes, min_margin=min_margin, world=cfg.rollout.ranks, layout=lay, stage=0,
+                      phases=[Phase("rollout", terms)], host_terms=[], problems=problems, role="rollout ranks")
+    plan.notes.append(f"{cfg.rollout.ranks} rollout ranks, engine {cfg.rollout.engine}"
+                      + (f" (TP {cfg.rollout.tensor_parallel_size})" if cfg.rollout.engine == "vllm" else "")
+                      + ": awake for the whole run, no Megatron model")
+    return plan
+
+
+@dataclass
+class SplitPlan:
+    """A disaggregated run: the training ranks' plan and the rollout ranks', judged together."""
+
+    training: MemoryPlan
+    rollout: MemoryPlan
+    trainers: int
+    rollout_ranks: int
+    gpus_per_node: int = 8
+
+    @property
+    def fits(self) -> bool:
+        return self.training.fits and self.rollout.fits
+
+    @property
+    def margin(self) -> float:
+        return min(self.training.margin, self.rollout.margin)
+
+    def verdict(self) -> str:
+        return self.training.verdict() + "\n" + self.rollout.verdict()
+
+    def split_line(self) -> str:
+        """Which GPUs of the job train and which generate (rollout ranks are the job's last ranks)."""
+        g = self.gpus_per_node
+
+        def span(first: int, count: int) -> str:
+            last = first + count - 1
+            nodes = f"node {first // g}" if first // g == last // g else f"nodes {first // g}-{last // g}"
+            return f"ranks {first}-{last}, {nodes}"
+
+        whole = "" if self.trainers % g == 0 else " (a node is shared by both roles)"
+        return (f"split: {self.trainers} training ranks ({span(0, self.trainers)}), {self.rollout_ranks} rollout ranks "
+                f"({span(self.trainers, self.rollout_ranks)}){whole}")
+
+
+def plan_split(cfg, hf, job_world: int, device_bytes: float, device: str = "cuda",
+               min_margin: float = DEFAULT_MIN_MARGIN, gpus_per_node: int = 8) -> SplitPlan:
+    """Both roles of a disaggregated job of ``job_world`` GPUs (``rollout.ranks`` of them generate)."""
+    from megatron_pz.runtime.roles import split_of
+
+    from megatron_pz.rollout.protocol import WorkSplit
+
+    trainers, rollout_ranks = split_of(cfg.rollout, job_world)
+    training = plan_run(cfg, hf, trainers, device_bytes, device, min_margin)
+    WorkSplit(cfg.train.passages_per_step, rollout_ranks, training.layout.dp)  # refuses passages that do not divide
+    return SplitPlan(training, plan_rollout_ranks(cfg, hf, device_bytes, device, min_margin), trainers, rollout_ranks,
+                     gpus_per_node)
+
+
 # ====================================================================== rendering and the start-up check
 
 
-def render(plan: MemoryPlan, title: str = "") -> str:
-    """The plan as a table (GiB per phase, one row per term) plus host memory and the verdict."""
+def render(plan, title: str = "") -> str:
+    """The plan as a table (GiB per phase, one row per term) plus host memory and the verdict; a
+    :class:`SplitPlan` as the split and one table per role."""
+    if isinstance(plan, SplitPlan):
+        title = title or "per-GPU memory plan, GiB"
+        return "\n".join([plan.split_line(),
+                          render(plan.training, f"{title}: training ranks ({plan.trainers} GPUs; pipeline stage "
+                                                f"{plan.training.stage})"),
+                          render(plan.rollout, f"{title}: rollout ranks ({plan.rollout_ranks} GPUs)")])
     import io
 
     from rich.console import Console
@@ -287,16 +374,19 @@ def device_memory(device: str) -> float:
 
 
 def check_at_startup(cfg, hf, world: int, device: str, device_bytes: Optional[float] = None,
-                     rank: int = 0) -> Optional[MemoryPlan]:
+                     rank: int = 0, rollout_rank: bool = False) -> Optional[MemoryPlan]:
     """``train``'s start-up check, before any model is built: print the plan (rank 0) and refuse an
-    unfit one with its largest terms and their knobs (``runtime.memory_plan``: enforce | warn | off)."""
+    unfit one with its largest terms and their knobs (``runtime.memory_plan``: enforce | warn | off).
+    ``rollout_rank``: the plan of a disaggregated run's rollout rank (``world`` is then ignored)."""
     from megatron_pz.config import ConfigError
 
     mode = cfg.runtime.memory_plan
     if mode == "off":
         return None
     device_bytes = device_memory(device) if device_bytes is None else device_bytes
-    plan = plan_run(cfg, hf, world, device_bytes, device, cfg.runtime.memory_plan_margin)
+    margin = cfg.runtime.memory_plan_margin
+    plan = (plan_rollout_ranks(cfg, hf, device_bytes, device, margin) if rollout_rank
+            else plan_run(cfg, hf, world, device_bytes, device, margin))
     if rank == 0:
         print(render(plan, f"memory plan on {device} ({device_bytes / GIB:.0f} GiB per rank), GiB"), flush=True)
     if not plan.fits and mode == "enforce":

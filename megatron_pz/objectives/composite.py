@@ -10,11 +10,15 @@
   SmolLM3 recipe (Random RLPT for 100 steps, then PretrainZero). The phase is a function of the step
   alone, so a run resumed mid-phase from a checkpoint continues in the same phase.
 
+Each also forwards the two halves of a step (``generate`` on a rollout rank, ``score`` on the trainers;
+:mod:`megatron_pz.objectives.split`) to its parts, for rollouts on their own ranks.
+
 :func:`build_training_objective` builds the right one from ``ObjectiveConfig``.
 """
 
 from __future__ import annotations
 
+from megatron_pz.objectives import split
 from megatron_pz.objectives.config import ObjectiveConfig
 from megatron_pz.rl.types import Experience
 
@@ -41,7 +45,15 @@ class TaggedObjective:
         self.objective, self.label, self.loss_agg, self.weight, self.prefix = objective, label, loss_agg, weight, prefix
 
     def collect(self, passages: list, engine, scorer, step: int) -> tuple[list[Experience], dict[str, float]]:
-        experiences, metrics = self.objective.collect(passages, engine, scorer, step) if passages else ([], {})
+        return self._tagged(*(self.objective.collect(passages, engine, scorer, step) if passages else ([], {})))
+
+    def generate(self, passages: list, engine, step: int):
+        return split.generate(self.objective, passages, engine, step) if passages else split.Collected()
+
+    def score(self, draft, scorer, step: int) -> tuple[list[Experience], dict[str, float]]:
+        return self._tagged(*split.score(self.objective, draft, scorer, step))
+
+    def _tagged(self, experiences, metrics):
         for e in experiences:
             e.component, e.loss_agg, e.mix_weight = self.label, self.loss_agg, self.weight
         return experiences, {f"{self.prefix}{k}": v for k, v in metrics.items()}
@@ -57,11 +69,29 @@ class MixtureObjective:
         self.parts = [TaggedObjective(build_objective(c, tokenizer), label, c.resolved_loss_agg(), w, f"{label}/")
                       for c, label, w in zip(configs, self.labels, self.weights)]
 
-    def collect(self, passages: list, engine, scorer, step: int) -> tuple[list[Experience], dict[str, float]]:
-        experiences, metrics, start = [], {}, 0
-        for part, n in zip(self.parts, split_counts(len(passages), self.weights)):
-            exps, m = part.collect(passages[start:start + n], engine, scorer, step)
+    def _shares(self, passages: list) -> list[list]:
+        counts, start, shares = split_counts(len(passages), self.weights), 0, []
+        for n in counts:
+            shares.append(passages[start:start + n])
             start += n
+        return shares
+
+    def collect(self, passages: list, engine, scorer, step: int) -> tuple[list[Experience], dict[str, float]]:
+        shares = self._shares(passages)
+        return self._merged([part.collect(s, engine, scorer, step) for part, s in zip(self.parts, shares)],
+                            [len(s) for s in shares])
+
+    def generate(self, passages: list, engine, step: int):
+        shares = self._shares(passages)
+        return [len(s) for s in shares], [part.generate(s, engine, step) for part, s in zip(self.parts, shares)]
+
+    def score(self, draft, scorer, step: int) -> tuple[list[Experience], dict[str, float]]:
+        counts, drafts = draft
+        return self._merged([part.score(d, scorer, step) for part, d in zip(self.parts, drafts)], counts)
+
+    def _merged(self, results, counts):
+        experiences, metrics = [], {}
+        for part, (exps, m), n in zip(self.parts, results, counts):
             experiences += exps
             metrics.update(m)
             metrics[f"{part.label}/passages"] = float(n)
@@ -98,6 +128,15 @@ class ScheduledObjective:
     def collect(self, passages: list, engine, scorer, step: int) -> tuple[list[Experience], dict[str, float]]:
         index = self.phase_at(step)
         experiences, metrics = self.phases[index][2].collect(passages, engine, scorer, step)
+        metrics["objective/phase"] = float(index)
+        return experiences, metrics
+
+    def generate(self, passages: list, engine, step: int):
+        return split.generate(self.phases[self.phase_at(step)][2], passages, engine, step)
+
+    def score(self, draft, scorer, step: int) -> tuple[list[Experience], dict[str, float]]:
+        index = self.phase_at(step)
+        experiences, metrics = split.score(self.phases[index][2], draft, scorer, step)
         metrics["objective/phase"] = float(index)
         return experiences, metrics
 

@@ -12,12 +12,20 @@ experiences carry the thought as the response, and ``Experience.advantage`` is s
 The EMA teacher (:class:`megatron_pz.rl.ema.EmaTeacher`) is the trainer's: initialised to theta
 on the first batch and updated after every optimizer step; the scorer reads it via model="ema".
 
+With rollouts on their own ranks (``rollout.placement: disaggregated``) the step is cut in two:
+:meth:`RLPObjective.generate` samples the thoughts on a rollout rank, :meth:`RLPObjective.score` takes the
+policy and EMA log-probs on the training ranks. At ``rollout.max_staleness: 1`` the thoughts of step k come
+from the weights v_{k-1} while the reward scores them under v_k and the teacher of step k (ours; the papers
+are on-policy): the thought tokens' importance ratio against their rollout log-probs (TIS) corrects the lag.
+
 Paper-silent choices: a thought that hits the token limit without ``</think>`` is closed with
 ``</think>`` for scoring (the appended tokens are not trained on); t is drawn from
 (seed, step, document index).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 from megatron_pz.objectives.base import encode, mean, passage_rng, role_metrics, sample, to_experiences, token_list
 from megatron_pz.objectives.config import ObjectiveConfig
@@ -45,6 +53,17 @@ def scoring_sequence(prompt_ids: list[int], thought: list[int], thought_closed: 
     return list(prompt_ids) + closed + [target_id]
 
 
+@dataclass
+class RLPThoughts:
+    """What the rollout half hands to the scoring half: per chosen document (index, x_<t, x_t, t), its
+    prompt ``x_<t <think>``, the G sampled thoughts, and how many documents were too short."""
+
+    chosen: list[tuple[int, list[int], int, int]]
+    prompts: list[list[int]]
+    outputs: list[list]
+    skipped: int
+
+
 class RLPObjective:
     def __init__(self, cfg: ObjectiveConfig, tokenizer):
         self.cfg = cfg
@@ -53,6 +72,10 @@ class RLPObjective:
         self.close_ids = encode(tokenizer, RLP_THINK_CLOSE)
 
     def collect(self, passages: list, engine, scorer, step: int) -> tuple[list[Experience], dict[str, float]]:
+        return self.score(self.generate(passages, engine, step), scorer, step)
+
+    def generate(self, passages: list, engine, step: int) -> "RLPThoughts":
+        """The rollout half: a position t per document and G thoughts after ``x_<t <think>``."""
         cfg = self.cfg
         chosen, skipped = [], 0
         for p in passages:
@@ -61,10 +84,16 @@ class RLPObjective:
                 skipped += 1
                 continue
             t = passage_rng(cfg, step, p.index).randrange(cfg.rlp_min_context_tokens, len(ids))
-            chosen.append((p, ids[:t], ids[t], t))
+            chosen.append((p.index, ids[:t], ids[t], t))
         prompts = [context + self.open_ids for _, context, _, _ in chosen]
         outputs = sample(engine, prompts, cfg.rlp_group, cfg.rlp_thought_max_tokens, cfg.rlp_temperature,
                          cfg.top_p, [RLP_THINK_CLOSE], seed=cfg.seed + step)
+        return RLPThoughts(chosen, prompts, outputs, skipped)
+
+    def score(self, thoughts: "RLPThoughts", scorer, step: int) -> tuple[list[Experience], dict[str, float]]:
+        """The scoring half: information-gain rewards under the current policy and the EMA teacher."""
+        cfg = self.cfg
+        chosen, prompts, outputs = thoughts.chosen, thoughts.prompts, thoughts.outputs
         # two scorer calls for the whole batch: G thoughts per position, and one no-think sequence
         sequences = [scoring_sequence(prompt, c.token_ids, c.text.rstrip().endswith(RLP_THINK_CLOSE),
                                       self.close_ids, target)
@@ -79,13 +108,13 @@ class RLPObjective:
             [context + [target] for _, context, target, _ in chosen], model="ema")] if chosen else []
 
         experiences, closed = [], []
-        for k, ((p, context, target, t), prompt, completions) in enumerate(zip(chosen, prompts, outputs)):
+        for k, ((index, context, target, t), prompt, completions) in enumerate(zip(chosen, prompts, outputs)):
             pol = policy_lps[k * cfg.rlp_group:(k + 1) * cfg.rlp_group]
             rewards = [lp - ema_lps[k] for lp in pol]
             closed += [c.text.rstrip().endswith(RLP_THINK_CLOSE) for c in completions]
             infos = [{"position": t, "target": target, "policy_logprob": lp, "ema_logprob": ema_lps[k],
-                      "passage_index": p.index} for lp in pol]
-            exps = to_experiences(prompt, completions, rewards, f"rlp/{step}/{k}/{p.index}", "rlp", infos,
+                      "passage_index": index} for lp in pol]
+            exps = to_experiences(prompt, completions, rewards, f"rlp/{step}/{k}/{index}", "rlp", infos,
                                   cfg.rlp_temperature)
             for e, a in zip(exps, rlp_advantages(rewards)):
                 e.advantage = a
@@ -96,7 +125,7 @@ class RLPObjective:
             "rlp/ema_logprob_mean": mean(ema_lps),
             "rlp/positive_gain_fraction": mean(e.reward > 0 for e in experiences),
             "rlp/thought_closed_rate": mean(closed),
-            "rlp/skipped_too_short": float(skipped),
+            "rlp/skipped_too_short": float(thoughts.skipped),
             **role_metrics(experiences, "rlp"),
         }
         return experiences, metrics

@@ -52,6 +52,12 @@ class RolloutEngine(Protocol):
         """Load the actor's current weights (no-op for an engine that shares the actor's modules)."""
         ...
 
+    def load_weight_buckets(self, buckets) -> None:
+        """Engines that own their weights: load them from :class:`~megatron_pz.rollout.weight_sync.Bucket`
+        s of any source (``update_weights`` feeds the actor's export; a rollout rank of a disaggregated
+        run feeds what the bridge received from the training ranks)."""
+        ...
+
     def sleep(self) -> None:
         """Release memory between rollout and training (colocated engines)."""
         ...

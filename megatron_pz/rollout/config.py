@@ -10,6 +10,8 @@ from megatron_pz.config import ConfigError
 ENGINES = ("megatron", "hf", "vllm")
 VLLM_DTYPES = ("auto", "float32", "bfloat16", "float16")
 ROUTING_REPLAY = ("auto", "off", "r3")
+PLACEMENTS = ("colocated", "disaggregated")
+OWN_WEIGHT_ENGINES = ("hf", "vllm")  # engines that can run on rollout ranks (they hold their own weights)
 
 
 @dataclass
@@ -48,6 +50,20 @@ class RolloutConfig:
     # auto = r3 for MoE models whose engine can capture them, off otherwise (resolve_routing_replay).
     # (Typed Any: YAML reads a bare `off` as false, which validate() turns back into "off".)
     routing_replay: Any = "auto"
+    # Where rollouts run (ours, past the papers; see README "Rollouts on their own ranks").
+    # colocated: on the training ranks, between updates (the engine sleeps while the actor trains).
+    # disaggregated: on the job's last `ranks` ranks, which hold only an engine (hf | vllm) and receive
+    # the weights over a bridge group after each update; the training ranks never generate.
+    placement: str = "colocated"
+    ranks: int = 0  # rollout ranks (disaggregated only): the last `ranks` ranks of the torchrun job
+    # disaggregated only. 0: the batch of step k is generated from the weights trained on (on-policy, the
+    # papers' setting). 1: generation of batch k+1 (from v_k) overlaps the update on batch k, so each
+    # batch is trained one version later than it was sampled (TIS against the rollout log-probs corrects it).
+    max_staleness: int = 0
+    # disaggregated only: a rank whose heartbeat stalls this long fails the job, naming it; every
+    # transfer over the bridge (weights, batches) must finish within bridge_timeout_s.
+    heartbeat_timeout_s: float = 60.0
+    bridge_timeout_s: float = 600.0
 
     def validate(self) -> None:
         if self.engine not in ENGINES:
@@ -78,6 +94,40 @@ class RolloutConfig:
         if not isinstance(self.routing_replay, str) or self.routing_replay not in ROUTING_REPLAY:
             raise ConfigError(f"rollout.routing_replay must be one of {'|'.join(ROUTING_REPLAY)}, "
                               f"got {self.routing_replay!r}")
+        self._validate_placement()
+
+    @property
+    def disaggregated(self) -> bool:
+        return self.placement == "disaggregated"
+
+    def _validate_placement(self) -> None:
+        if self.placement not in PLACEMENTS:
+            raise ConfigError(f"rollout.placement must be one of {'|'.join(PLACEMENTS)}, got {self.placement!r}")
+        if self.max_staleness not in (0, 1):
+            raise ConfigError(f"rollout.max_staleness must be 0 or 1, got {self.max_staleness}")
+        if not self.disaggregated:
+            if self.ranks:
+                raise ConfigError(f"rollout.ranks={self.ranks} needs rollout.placement=disaggregated (colocated "
+                                  "rollouts run on the training ranks)")
+            if self.max_staleness:
+                raise ConfigError("rollout.max_staleness=1 needs rollout.placement=disaggregated (colocated "
+                                  "rollouts and updates share the ranks, so nothing overlaps)")
+            return
+        if self.engine not in OWN_WEIGHT_ENGINES:
+            raise ConfigError(f"rollout.placement=disaggregated needs an engine that holds its own weights "
+                              f"({'|'.join(OWN_WEIGHT_ENGINES)}); rollout.engine={self.engine} decodes on the "
+                              "actor's modules, which rollout ranks do not have")
+        if self.ranks < 1:
+            raise ConfigError(f"rollout.ranks must be >= 1 with rollout.placement=disaggregated, got {self.ranks}")
+        if self.engine == "vllm" and self.ranks % self.tensor_parallel_size:
+            raise ConfigError(f"rollout.ranks={self.ranks} must be a multiple of rollout.tensor_parallel_size="
+                              f"{self.tensor_parallel_size} (each vLLM engine spans that many rollout ranks)")
+        if not self.refresh_weights:
+            raise ConfigError("rollout.refresh_weights=false is a colocated diagnostic; rollout ranks always "
+                              "receive the weights after every update")
+        for key in ("heartbeat_timeout_s", "bridge_timeout_s"):
+            if not getattr(self, key) > 0:
+                raise ConfigError(f"rollout.{key} must be > 0, got {getattr(self, key)}")
 
 
 def check_engine_for_model(cfg: RolloutConfig, hf_config) -> None:

@@ -37,14 +37,26 @@ def build_rollout_engine(cfg: RolloutConfig, model_chunks, tokenizer, hf_config,
         return MegatronRolloutEngine(model_chunks, tokenizer, hf_config,
                                      max_batch_size=cfg.max_batch_size, seed=cfg.seed,
                                      route_shape=RouteShape.from_hf(hf_config) if capture_routes else None)
+    dtype, device = _param_dtype_and_device(model_chunks)
+    return build_own_weights_engine(cfg, tokenizer, hf_config, dtype, device, max_model_len, capture_routes)
+
+
+def build_own_weights_engine(cfg: RolloutConfig, tokenizer, hf_config, dtype, device,
+                             max_model_len: Optional[int] = None, capture_routes: bool = False):
+    """An engine with its own copy of the weights (``hf`` in ``dtype`` on ``device``, or vLLM), which the
+    caller fills through ``load_weight_buckets`` / ``update_weights``. What a rollout rank of a
+    disaggregated run builds (it has no actor to take the dtype from)."""
+    from megatron_pz.config import ConfigError
+    from megatron_pz.rollout.config import OWN_WEIGHT_ENGINES
+
+    if cfg.engine not in OWN_WEIGHT_ENGINES:
+        raise ConfigError(f"rollout.engine={cfg.engine} does not hold its own weights ({'|'.join(OWN_WEIGHT_ENGINES)} do)")
     if cfg.engine == "hf":
         from megatron_pz.rollout.hf_engine import HFRolloutEngine
 
-        dtype, device = _param_dtype_and_device(model_chunks)
         return HFRolloutEngine(tokenizer, hf_config, max_batch_size=cfg.max_batch_size, seed=cfg.seed,
                                bucket_mb=cfg.bucket_mb, dtype=dtype, device=device)
     from megatron_pz.rollout.vllm_engine import VLLMRolloutEngine
 
-    dtype, _ = _param_dtype_and_device(model_chunks)
     return VLLMRolloutEngine(cfg, tokenizer, hf_config, max_model_len=cfg.max_model_len or max_model_len,
                              actor_dtype=dtype, capture_routes=capture_routes)

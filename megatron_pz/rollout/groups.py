@@ -48,12 +48,15 @@ def model_parallel_generation_group() -> GenerationGroup:
     """The ranks with this rank's data-parallel rank (TP x CP x PP of the actor).
 
     Built once per layout from Megatron's data-parallel rank (ranks that share it hold the same data);
-    collective over the whole world the first time it is called.
+    collective over the whole world the first time it is called. A rank without Megatron's groups (a
+    rollout rank of a disaggregated run) is a group of its own.
     """
     if not dist.is_initialized():
         return GenerationGroup()
     from megatron.core import parallel_state as ps
 
+    if not ps.model_parallel_is_initialized():  # a rollout rank (no actor): it generates for itself
+        return GenerationGroup(None, (dist.get_rank(),))
     world = dist.get_world_size()
     key = (world, id(ps.get_tensor_model_parallel_group()), id(ps.get_pipeline_model_parallel_group()),
            ps.get_data_parallel_rank())

@@ -40,7 +40,7 @@ from megatron_pz.rollout.megatron_engine import (
     validate_request,
 )
 from megatron_pz.rollout.sampling import SamplingSpec, sample_tokens
-from megatron_pz.rollout.weight_sync import HFModelTarget, sync_weights
+from megatron_pz.rollout.weight_sync import HFModelTarget, iter_model_buckets, load_buckets
 
 row_seed = MegatronRolloutEngine._row_seed  # one stream per (seed, prompt, sample index), shared by both
 
@@ -200,10 +200,13 @@ class HFRolloutEngine:
     def update_weights(self, model_chunks) -> None:
         """Pull the actor's current weights into this engine's model (collective over the model-parallel
         group: every rank exports its shards; the leader loads them)."""
+        self.load_weight_buckets(iter_model_buckets(model_chunks, self.hf_config, self.bucket_bytes))
+
+    def load_weight_buckets(self, buckets) -> None:
+        """Load weight buckets (:class:`~megatron_pz.rollout.weight_sync.Bucket`) from any source: the
+        actor's export (colocated) or the bridge from the training ranks (a rollout rank)."""
         target = self._target
-        self.last_sync = sync_weights(model_chunks, self.hf_config,
-                                      (lambda weights: target.load_weights(weights)) if target else (lambda _: None),
-                                      self.bucket_bytes)
+        self.last_sync = load_buckets(buckets, target.load_weights if target else (lambda _: None))
         if target is not None and target.missing():
             raise RuntimeError(f"weight sync left HF parameters unwritten: {target.missing()[:5]}")
         self.syncs += 1

@@ -341,11 +341,16 @@ class VLLMRolloutEngine:
 
     def update_weights(self, model_chunks) -> None:
         """Reload the actor's weights in place (all ranks of the actor's model-parallel group take part)."""
+        self.load_weight_buckets(iter_model_buckets(model_chunks, self.hf_config, self.cfg.bucket_mb * 1024 * 1024))
+
+    def load_weight_buckets(self, buckets) -> None:
+        """Reload from weight buckets of any source: the actor's export (colocated) or the bridge from the
+        training ranks (a rollout rank, :mod:`megatron_pz.rollout.bridge`)."""
         stats = SyncStats()
         start = time.perf_counter()
 
         def weights():
-            for bucket in iter_model_buckets(model_chunks, self.hf_config, self.cfg.bucket_mb * 1024 * 1024):
+            for bucket in buckets:
                 tensors = bucket.tensors()
                 stats.num_tensors += len(tensors)
                 stats.num_bytes += bucket.nbytes

@@ -41,6 +41,15 @@ class Bucket:
     def header(self) -> tuple:
         return (self.names, self.shapes, [str(d) for d in self.dtypes], self.offsets, self.nbytes)
 
+    @classmethod
+    def from_header(cls, header: tuple, buffer: torch.Tensor) -> "Bucket":
+        """The bucket another rank described with :meth:`header`, around the ``buffer`` it sent."""
+        names, shapes, dtypes, offsets, nbytes = header
+        if buffer.numel() != nbytes:
+            raise ValueError(f"bucket buffer has {buffer.numel()} bytes, its header says {nbytes}")
+        return cls(list(names), [tuple(s) for s in shapes], [getattr(torch, d.split(".")[-1]) for d in dtypes],
+                   list(offsets), buffer)
+
     def tensors(self) -> list[tuple[str, torch.Tensor]]:
         out = []
         for name, shape, dtype, offset in zip(self.names, self.shapes, self.dtypes, self.offsets):
@@ -104,7 +113,8 @@ def pack_buckets(named_tensors: Iterable[tuple[str, torch.Tensor]], bucket_bytes
         yield _pack(pending)
 
 
-def _stage_tensors(model_chunks, hf_config) -> Iterator[tuple[str, torch.Tensor]]:
+def stage_tensors(model_chunks, hf_config) -> Iterator[tuple[str, torch.Tensor]]:
+    """Full HF-named tensors of this pipeline stage (collective over its TP and EP groups)."""
     from megatron_pz.convert.weights import megatron_to_hf_tensors
 
     return megatron_to_hf_tensors(model_chunks, hf_config)
@@ -126,14 +136,14 @@ def iter_model_buckets(model_chunks, hf_config, bucket_bytes: int,
     and PP groups: every rank of the model-parallel group must consume the iterator fully."""
     pp_group, pp_rank, pp_size, pp_ranks = _pipeline_info()
     if pp_group is None:
-        yield from pack_buckets(_stage_tensors(model_chunks, hf_config), bucket_bytes)
+        yield from pack_buckets(stage_tensors(model_chunks, hf_config), bucket_bytes)
         return
     if device is None:
         device = next(p.device for c in model_chunks for p in c.parameters())
     for stage in range(pp_size):
         src = pp_ranks[stage]
         if stage == pp_rank:
-            for bucket in pack_buckets(_stage_tensors(model_chunks, hf_config), bucket_bytes):
+            for bucket in pack_buckets(stage_tensors(model_chunks, hf_config), bucket_bytes):
                 dist.broadcast_object_list([bucket.header()], src=src, group=pp_group)
                 dist.broadcast(bucket.buffer, src=src, group=pp_group)
                 yield bucket
@@ -144,19 +154,17 @@ def iter_model_buckets(model_chunks, hf_config, bucket_bytes: int,
                 dist.broadcast_object_list(box, src=src, group=pp_group)
                 if box[0] is None:
                     break
-                names, shapes, dtypes, offsets, nbytes = box[0]
-                buffer = torch.empty(nbytes, dtype=torch.uint8, device=device)
+                buffer = torch.empty(box[0][-1], dtype=torch.uint8, device=device)
                 dist.broadcast(buffer, src=src, group=pp_group)
-                yield Bucket(names, [tuple(s) for s in shapes], [getattr(torch, d.split(".")[-1]) for d in dtypes],
-                             offsets, buffer)
+                yield Bucket.from_header(box[0], buffer)
 
 
-def sync_weights(model_chunks, hf_config, load_weights: Callable[[list[tuple[str, torch.Tensor]]], object],
-                 bucket_bytes: int) -> SyncStats:
-    """Deliver every HF tensor of the actor to ``load_weights``, one bucket per call."""
+def load_buckets(buckets: Iterable[Bucket], load_weights: Callable[[list[tuple[str, torch.Tensor]]], object]
+                 ) -> SyncStats:
+    """Hand each bucket's tensors to ``load_weights`` (one call per bucket), counting what passed."""
     stats = SyncStats()
     start = time.perf_counter()
-    for bucket in iter_model_buckets(model_chunks, hf_config, bucket_bytes):
+    for bucket in buckets:
         tensors = bucket.tensors()
         load_weights(tensors)
         stats.num_tensors += len(tensors)
@@ -165,6 +173,12 @@ def sync_weights(model_chunks, hf_config, load_weights: Callable[[list[tuple[str
         stats.bucket_sizes.append(len(tensors))
     stats.seconds = time.perf_counter() - start
     return stats
+
+
+def sync_weights(model_chunks, hf_config, load_weights: Callable[[list[tuple[str, torch.Tensor]]], object],
+                 bucket_bytes: int) -> SyncStats:
+    """Deliver every HF tensor of the actor to ``load_weights``, one bucket per call."""
+    return load_buckets(iter_model_buckets(model_chunks, hf_config, bucket_bytes), load_weights)
 
 
 class HFModelTarget:

@@ -40,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
         ignore_stop_signals()
         destroy()
         return EXIT_STOPPED
-    if dist.get_rank() == 0:
+    if dist.get_rank() == 0 and result.get("role") != "rollout":  # a rollout rank's world has a rank 0 too
         b, a = result.get("before") or {}, result.get("after") or {}
         print("held-out mask accuracy (span candidates): before RL {} -> after RL {}; (any valid word): {} -> {}; "
               "generator valid-mask rate: {} -> {}".format(

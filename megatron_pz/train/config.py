@@ -101,6 +101,10 @@ def validate_run(cfg: RunConfig) -> None:
     cfg.objective.validate()
     cfg.rollout.validate()
     cfg.preemption.validate()
+    if cfg.rollout.disaggregated:
+        from megatron_pz.objectives.split import check_disaggregated
+
+        check_disaggregated(cfg.objective)
     t = cfg.train
     for name in ("steps", "passages_per_step", "max_tokens_per_micro_batch", "max_prompt_tokens",
                  "save_interval", "log_interval"):

@@ -56,24 +56,31 @@ def evaluate(rollout, tokenizer, heldout, items: dict[str, list], cfg, dp_rank: 
     words included unless ``content_words_only``: what the generator may legally pick).
     """
     with _rollout_phase(rollout) as engine:
-        totals, samples, valid, passages = _generate_eval(engine, tokenizer, heldout, items, cfg, dp_rank, dp_size)
-    totals = torch.tensor(totals + [valid, float(len(passages))], dtype=torch.float64)
+        totals, samples = generate_eval(engine, tokenizer, heldout, items, cfg, dp_rank, dp_size)
+    totals = torch.tensor(totals, dtype=torch.float64)
     if dist.is_initialized():
         from megatron.core import parallel_state as ps
 
         totals /= ps.get_tensor_model_parallel_world_size() * ps.get_pipeline_model_parallel_world_size() \
             * ps.get_context_parallel_world_size()
         dist.all_reduce(totals)
+    return eval_metrics(totals.tolist()), samples
+
+
+def eval_metrics(totals: list[float]) -> dict[str, float]:
+    """eval/* metrics from the counts of :func:`generate_eval` summed over every slice of the items."""
     # a rate over no items is not 0: it is left out (the CLI prints n/a), the counts are kept
-    metrics = {"eval/num_spans": totals[1].item(), "eval/num_words": totals[3].item()}
+    metrics = {"eval/num_spans": totals[1], "eval/num_words": totals[3]}
     for name, (hits, count) in {"eval/mask_accuracy": totals[0:2], "eval/word_mask_accuracy": totals[2:4],
                                 "eval/generator_valid_mask_rate": totals[4:6]}.items():
         if count > 0:
-            metrics[name] = (hits / count).item()
-    return metrics, samples
+            metrics[name] = hits / count
+    return metrics
 
 
-def _generate_eval(engine, tokenizer, heldout, items, cfg, dp_rank: int, dp_size: int):
+def generate_eval(engine, tokenizer, heldout, items, cfg, dp_rank: int, dp_size: int) -> tuple[list[float], list[dict]]:
+    """Greedy answers of slice ``dp_rank`` of ``dp_size`` of the eval items: (counts, samples); the counts
+    are [span hits, spans, word hits, words, valid masks, generator passages]."""
     t, o = cfg.train, cfg.objective
     generate_answer = _greedy(engine, tokenizer, t.eval_max_new_tokens, o.predictor_stop)
     totals, samples = [], []
@@ -95,4 +102,4 @@ def _generate_eval(engine, tokenizer, heldout, items, cfg, dp_rank: int, dp_size
         valid = float(sum(v == "ok" for v in verdicts))
         samples += [{"eval": "generator", "passage": p.index, "response": x, "verdict": v}
                     for p, x, v in zip(passages, texts, verdicts)]
-    return totals, samples, valid, passages
+    return totals + [valid, float(len(passages))], samples

@@ -27,11 +27,16 @@ class PassageSampler:
     def _order(self, epoch: int) -> np.ndarray:
         return np.random.default_rng([self.seed, epoch]).permutation(self.indices)
 
-    def next_batch(self) -> list:
+    def next_global_indices(self) -> list[int]:
+        """The next global batch's dataset indices, every data-parallel share in order (advances the position)."""
         per_epoch = len(self.indices) - len(self.indices) % self.global_batch
         epoch, offset = divmod(self.consumed, per_epoch)
         batch = self._order(epoch)[offset:offset + self.global_batch]
         self.consumed += self.global_batch
+        return [int(i) for i in batch]
+
+    def next_batch(self) -> list:
+        batch = self.next_global_indices()
         share = self.global_batch // self.dp_size
         mine = batch[self.dp_rank * share:(self.dp_rank + 1) * share]
         return [self.dataset[int(i)] for i in mine]

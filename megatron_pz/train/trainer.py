@@ -176,6 +176,24 @@ def grpo_update(actor, experiences, grpo_cfg, loss_fn, max_tokens: int, pad_id: 
     return summed, result, all_batches
 
 
+def step_metrics(metrics: dict, experiences, batches, summed: dict, result, seconds: float, dp_size: int,
+                 actor=None) -> dict:
+    """A step's metrics: the objective's and the loop's (averaged over ranks), the update's, MoE routing
+    agreement (beside ``rollout/logp_diff_mean``, the train-vs-rollout log-prob gap), and throughput
+    (rollout tokens of every replica + trained tokens, over the step's ``seconds``)."""
+    from megatron_pz.train.metrics import mean_over_ranks
+
+    metrics.update(padding_fraction=padding_fraction(batches),
+                   rollout_tokens=float(sum(len(e.response_ids) for e in experiences)))
+    metrics = mean_over_ranks(metrics)
+    metrics.update(token_means(summed), lr=result.lr, grad_norm=result.grad_norm)
+    agreement = actor.routing.take_agreement() if actor is not None and actor.routing is not None else None
+    if agreement is not None:
+        metrics["rollout/routing_agreement"] = agreement
+    metrics["tokens_per_s"] = (metrics["rollout_tokens"] * dp_size + summed.get("num_tokens", 0.0)) / max(seconds, 1e-9)
+    return metrics
+
+
 def token_means(summed: dict[str, float]) -> dict[str, float]:
     n = max(1.0, summed.get("num_tokens", 0.0))
     out = {k[:-4]: v / n for k, v in summed.items() if k.endswith("_sum")}
@@ -223,16 +241,18 @@ class Run:
     def __init__(self, cfg: RunConfig):
         from megatron.core import parallel_state as ps
 
-        from megatron_pz.data.dataset import PassageDataset
+        from megatron_pz.data.dataset import train_and_heldout
         from megatron_pz.data.tokenizer import load_tokenizer
         from megatron_pz.runtime import initialize
 
         self.cfg = cfg
         # Everything that can be checked without work is checked before any work starts.
         self.hf_config = resolve_hf_config(cfg)
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        if cfg.runtime.world_size and cfg.runtime.world_size != world:
-            raise ConfigError(f"runtime.world_size={cfg.runtime.world_size} but {world} ranks were launched")
+        from megatron_pz.runtime.roles import job_world_size
+
+        world = int(os.environ.get("WORLD_SIZE", "1"))  # the training ranks (the job's first ranks, disaggregated)
+        if cfg.runtime.world_size and cfg.runtime.world_size != job_world_size():
+            raise ConfigError(f"runtime.world_size={cfg.runtime.world_size} but {job_world_size()} ranks were launched")
         validate_parallel_sizes(cfg.parallel, self.hf_config, world)
         from megatron_pz.memory_plan import check_at_startup
         from megatron_pz.rollout.config import check_engine_for_model, engine_captures_routes, resolve_routing_replay
@@ -252,10 +272,7 @@ class Run:
         self.run_dir = Path(cfg.train.run_dir)
         self.lock = acquire_on_rank0(self.run_dir)  # one writer per run dir, before anything is written
         self.data_path = _data_on_rank0_first(cfg)
-        opts = dict(heldout_fraction=cfg.data.heldout_fraction, max_span_words=cfg.data.max_span_words,
-                    max_span_tokens=cfg.data.max_span_tokens)
-        self.dataset = PassageDataset(self.data_path, split="train", **opts)
-        self.heldout = PassageDataset(self.data_path, split="heldout", **opts)
+        self.dataset, self.heldout = train_and_heldout(self.data_path, cfg.data)
         self.tokenizer = load_tokenizer(self.dataset.tokenizer_dir)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
         check_vocab(self.hf_config, self.tokenizer)
@@ -350,6 +367,62 @@ def usable_passages(run: Run) -> list[int]:
     return usable
 
 
+class Policy:
+    """The actor (+ RLP's EMA teacher) a run trains, and the checkpoint state it resumed from (None: fresh)."""
+
+    def __init__(self, run: Run, stop):
+        from megatron_pz.checkpoint import latest_checkpoint, load_checkpoint
+        from megatron_pz.rl.ema import EmaTeacher
+        from megatron_pz.train.actor import build_model_chunks
+
+        cfg, t = run.cfg, run.cfg.train
+        self.resumed_from = latest_checkpoint(run.ckpt_root) if t.resume else None
+        start_weights = None
+        if self.resumed_from is None:
+            if cfg.warm_start.enabled:
+                start_weights = warm_start(run, stop)
+            elif t.init_checkpoint:
+                start_weights = Path(t.init_checkpoint)
+        # one scheduler step per optimizer step: grpo.epochs x grpo.mini_batches per RL step
+        self.actor = run.build_actor(cfg.optimizer, total_steps=t.steps * cfg.grpo.mini_batches * cfg.grpo.epochs,
+                                     routing_replay=run.routing_replay)
+        self.teacher = None
+        if cfg.objective.uses_rlp():  # the EMA teacher only when some phase / component is RLP
+            self.teacher = build_model_chunks(run.hf_config, cfg.model, cfg.parallel, run.info.device,
+                                              run.max_sequence_length())
+            for chunk in self.teacher:
+                chunk.requires_grad_(False)
+        self.ema = EmaTeacher(self.teacher, tau=cfg.objective.ema_tau) if self.teacher else None
+        self.state: Optional[dict] = None
+        if self.resumed_from is not None:
+            self.state = load_checkpoint(self.resumed_from, self.actor.chunks, self.actor.optimizer,
+                                         self.actor.scheduler,
+                                         extra_models={"ema": self.teacher} if self.teacher else None)
+            if self.ema is not None:
+                self.ema.initialized = bool(self.state.get("ema_initialized", True))
+            if dist.get_rank() == 0:
+                print(f"resumed from {self.resumed_from} at step {self.state['step']}", flush=True)
+        elif start_weights is not None:
+            load_checkpoint(start_weights, self.actor.chunks, restore_rng=False)
+        if self.ema is not None and not self.ema.initialized:
+            self.ema.initialize_from(self.actor.chunks)
+
+    @property
+    def step(self) -> int:
+        return int(self.state["step"]) if self.state else 0
+
+
+def rewind_for_batch_in_flight(sampler, state: dict) -> None:
+    """A disaggregated run's checkpoint may hold a batch in flight (passages drawn, not trained yet). Resumed
+    colocated, those passages are drawn again and generated on-policy rather than skipped."""
+    pending = state.get("rollout_batch")
+    if pending:
+        sampler.consumed -= len(pending["passages"])
+        if dist.get_rank() == 0:
+            print(f"resume: the checkpoint's batch in flight (step {pending['step'] + 1}) is generated again here, "
+                  "from the current weights", flush=True)
+
+
 def train(cfg: RunConfig) -> dict:
     """Warm start (if configured), then the RL loop; resumes from ``run_dir/checkpoints``.
 
@@ -357,12 +430,24 @@ def train(cfg: RunConfig) -> dict:
     step (the step is abandoned: its update has not started, so the state it started from is saved) and
     after its update (the step is finished and saved); the result then has ``stopped`` set.
     """
-    from megatron_pz.runtime.preemption import Stopped, install_stop_signals, write_stop_record
+    from megatron_pz.runtime.preemption import install_stop_signals
 
     stop = install_stop_signals()  # before any work: SIGUSR1's default action ends a process
+    if cfg.rollout.disaggregated:  # rollouts on their own ranks: megatron_pz/train/async_loop.py
+        from megatron_pz.train.async_loop import train_disaggregated
+
+        return train_disaggregated(cfg, stop)
     run = Run(cfg)
+    return until_stopped(run, lambda: _train(run, stop))
+
+
+def until_stopped(run: Run, loop) -> dict:
+    """``loop()``'s result, or after a :class:`~megatron_pz.runtime.preemption.Stopped` the stop record (rank 0)
+    and a result that says so; the run is closed either way (engine, logger, lock)."""
+    from megatron_pz.runtime.preemption import Stopped, write_stop_record
+
     try:
-        return _train(run, stop)
+        return loop()
     except Stopped as stopped:
         if dist.get_rank() == 0:
             write_stop_record(run.run_dir, stopped.signal, stopped.step, stopped.checkpoint, stopped.abandoned,
@@ -375,15 +460,12 @@ def train(cfg: RunConfig) -> dict:
 
 
 def _train(run: Run, stop) -> dict:
-    from megatron_pz.checkpoint import capture_rng_state, iter_dir_name, latest_checkpoint, load_checkpoint
+    from megatron_pz.checkpoint import capture_rng_state, iter_dir_name
     from megatron_pz.objectives.composite import build_training_objective
-    from megatron_pz.rl.ema import EmaTeacher
     from megatron_pz.rollout.budget import rollout_context_length
     from megatron_pz.rollout.factory import build_rollout_engine
     from megatron_pz.rollout.phase import RolloutPhases
-    from megatron_pz.train.actor import build_model_chunks
     from megatron_pz.train.evaluate import build_eval_items, evaluate
-    from megatron_pz.train.metrics import mean_over_ranks
     from megatron_pz.train.sampler import PassageSampler
     from megatron_pz.train.scorer import MegatronScorer
     from megatron_pz.runtime.preemption import Stopped, clear_stop_record, stop_if_agreed
@@ -393,40 +475,14 @@ def _train(run: Run, stop) -> dict:
         clear_stop_record(run.run_dir)
     stop_if_agreed(stop, "before the run started")
     t = cfg.train
-    resume_from = latest_checkpoint(run.ckpt_root) if t.resume else None
-    start_weights = None
-    if resume_from is None:
-        if cfg.warm_start.enabled:
-            start_weights = warm_start(run, stop)
-        elif t.init_checkpoint:
-            start_weights = Path(t.init_checkpoint)
-
-    # one scheduler step per optimizer step: grpo.epochs x grpo.mini_batches per RL step
-    actor = run.build_actor(cfg.optimizer, total_steps=t.steps * cfg.grpo.mini_batches * cfg.grpo.epochs,
-                            routing_replay=run.routing_replay)
-    teacher = None
-    if cfg.objective.uses_rlp():  # the EMA teacher only when some phase / component is RLP
-        teacher = build_model_chunks(run.hf_config, cfg.model, cfg.parallel, run.info.device,
-                                     run.max_sequence_length())
-        for chunk in teacher:
-            chunk.requires_grad_(False)
-    ema = EmaTeacher(teacher, tau=cfg.objective.ema_tau) if teacher else None
+    policy = Policy(run, stop)
+    actor, teacher, ema, step, resume_from = policy.actor, policy.teacher, policy.ema, policy.step, policy.resumed_from
+    saved_step = step
     sampler = PassageSampler(run.dataset, t.passages_per_step, run.dp_rank, run.dp_size, cfg.runtime.seed,
                              usable=usable_passages(run))
-    step = saved_step = 0
-    if resume_from is not None:
-        state = load_checkpoint(resume_from, actor.chunks, actor.optimizer, actor.scheduler,
-                                extra_models={"ema": teacher} if teacher else None)
-        step = saved_step = int(state["step"])
-        sampler.load_state_dict(state["sampler"])
-        if ema is not None:
-            ema.initialized = bool(state.get("ema_initialized", True))
-        if dist.get_rank() == 0:
-            print(f"resumed from {resume_from} at step {step}", flush=True)
-    elif start_weights is not None:
-        load_checkpoint(start_weights, actor.chunks, restore_rng=False)
-    if ema is not None and not ema.initialized:
-        ema.initialize_from(actor.chunks)
+    if policy.state is not None:
+        sampler.load_state_dict(policy.state["sampler"])
+        rewind_for_batch_in_flight(sampler, policy.state)
 
     engine = run.engine = build_rollout_engine(cfg.rollout, actor.chunks, run.tokenizer, run.hf_config,
                                                max_model_len=rollout_context_length(cfg),
@@ -482,18 +538,8 @@ def _train(run: Run, stop) -> dict:
             ema.update(actor.chunks)
         t2 = time.perf_counter()
         step += 1
-        rollout_tokens = float(sum(len(e.response_ids) for e in experiences))
-        metrics.update(padding_fraction=padding_fraction(batches), rollout_tokens=rollout_tokens,
-                       **{"rollout/weight_syncs": float(phases.syncs)},
-                       **{"time/rollout_s": t1 - t0, "time/train_s": t2 - t1})
-        metrics = mean_over_ranks(metrics)
-        metrics.update(token_means(summed), lr=result.lr, grad_norm=result.grad_norm)
-        if actor.routing is not None:  # beside rollout/logp_diff_mean, the train-vs-rollout log-prob gap
-            agreement = actor.routing.take_agreement()
-            if agreement is not None:
-                metrics["rollout/routing_agreement"] = agreement
-        metrics["tokens_per_s"] = (metrics["rollout_tokens"] * run.dp_size + summed.get("num_tokens", 0.0)) \
-            / max(t2 - t0, 1e-9)
+        metrics.update({"rollout/weight_syncs": float(phases.syncs), "time/rollout_s": t1 - t0, "time/train_s": t2 - t1})
+        metrics = step_metrics(metrics, experiences, batches, summed, result, t2 - t0, run.dp_size, actor)
         last_metrics = metrics
         if step % t.log_interval == 0 or step == t.steps:
             run.logger.log(step, metrics)
