@@ -216,7 +216,7 @@ def test_launch_sh_waits_through_signals_and_requeues_on_the_early_warning(tmp_p
     stand_in(bin_dir, "srun", f"""
         echo "srun $*" >> {calls}
         trap '' TERM USR1
-        sleep 2
+        for _ in $(seq 600); do [[ -f {tmp_path / "signalled"} ]] && break; sleep 0.1; done  # the "ranks" run on
         {sys.executable} -c "import signal; from megatron_pz.runtime.preemption import write_stop_record; \\
 write_stop_record('{run_dir}', signal.SIGUSR1, 5, 'checkpoints/iter_0000005', False, 1.0)"
         exit 75
@@ -232,6 +232,8 @@ write_stop_record('{run_dir}', signal.SIGUSR1, 5, 'checkpoints/iter_0000005', Fa
     proc.send_signal(signal.SIGTERM)
     time.sleep(0.2)
     proc.send_signal(signal.SIGUSR1)
+    time.sleep(0.2)
+    (tmp_path / "signalled").touch()  # only now do the "ranks" finish (a loaded machine cannot reorder it)
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == EXIT_STOPPED, out
     assert "launch.sh: stop signal; waiting for the ranks" in out
