@@ -45,9 +45,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except (ConfigError, RunDirLocked) as exc:  # bad input, or refused before any work: one clear line
-        from megatron_pz.runtime.preemption import ignore_stop_signals
+        if args.command == "train":  # the stop handlers are train's; other commands (plan) never set them
+            from megatron_pz.runtime.preemption import ignore_stop_signals
 
-        ignore_stop_signals()  # under torchrun every rank exits with this code, none killed on its way out
+            ignore_stop_signals()  # under torchrun every rank exits with this code, none killed on its way out
         print(f"megatron-pz {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

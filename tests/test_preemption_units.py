@@ -224,8 +224,11 @@ write_stop_record('{run_dir}', signal.SIGUSR1, 5, 'checkpoints/iter_0000005', Fa
     env = {**ENV, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "CONFIG": "examples/tiny_cpu.yaml",
            "MODEL_DIR": str(tmp_path / "model"), "RUN_DIR": str(run_dir), "SLURM_JOB_NODELIST": "node1",
            "SLURM_NNODES": "1", "SLURM_JOB_ID": "77", "SLURM_RESTART_COUNT": "0", "SLURM_SUBMIT_DIR": str(ROOT)}
+    # a shell cannot trap signals it was started ignoring: start it with the default dispositions whatever
+    # this test process inherited or set
     proc = subprocess.Popen(["bash", str(ROOT / "slurm" / "launch.sh")], env=env, cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=lambda: [signal.signal(s, signal.SIG_DFL) for s in (signal.SIGTERM, signal.SIGUSR1)])
     deadline = time.time() + 180  # launch.sh prints the memory plan first (a minute on a loaded machine)
     while not (calls.exists() and "srun" in calls.read_text()) and time.time() < deadline:
         time.sleep(0.05)  # the step runs (the trap is set before it starts)

@@ -49,8 +49,8 @@ def observe_rollout_rank(run_dir: Path) -> None:
         from megatron.core.models.gpt import GPTModel
 
         result = original(cfg, roles)
-        seen = {"megatron_groups": ps.model_parallel_is_initialized(),
-                "megatron_models": sum(isinstance(o, GPTModel) for o in gc.get_objects()), "result": result}
+        seen = {"megatron_groups": ps.model_parallel_is_initialized(),  # type(): vLLM leaves weak proxies in gc
+                "megatron_models": sum(issubclass(type(o), GPTModel) for o in gc.get_objects()), "result": result}
         (run_dir / f"rollout_rank{roles.rank}.json").write_text(json.dumps(seen))
         return result
 
