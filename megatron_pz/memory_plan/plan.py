@@ -244,7 +244,7 @@ def plan_rollout_ranks(cfg, hf, device_bytes: float, device: str = "cuda",
     s = Shapes.from_hf(hf)
     lay = layout_of(cfg.parallel, cfg.parallel.tp * cfg.parallel.pp * cfg.parallel.cp)
     awake, _, _, problems = rollout_engine_terms(cfg, s, lay, 0, device_bytes, _dtype_bytes(cfg.model, device),
-                                                 max_sequence_length(cfg))
+                                                 max_sequence_length(cfg), hf, on_cpu=device != "cuda")
     terms = [t for t in awake if not t.name.startswith("weight-sync bucket")]
     terms.append(bridge_bucket_term(cfg.rollout, "received, then loaded"))
     plan = MemoryPlan(device_bytes=device_bytes, min_margin=min_margin, world=cfg.rollout.ranks, layout=lay, stage=0,
