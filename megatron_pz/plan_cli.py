@@ -112,7 +112,8 @@ def run(args: argparse.Namespace) -> int:
     plan = plan_config(args.config, args.overrides, args.gpu_memory_gib, args.nodes, args.gpus_per_node,
                        args.min_margin)
     where = "" if hasattr(plan, "training") else f" (pipeline stage {plan.stage})"  # a split names it per role
-    print(render(plan, f"{args.config}: per-GPU memory plan{where}, GiB"))
+    print(f"memory plan of {args.config}")  # a line of its own: a long path would wrap the tables' titles
+    print(render(plan, f"per-GPU memory plan{where}, GiB"))
     for line in checkpoint_lines(args.config, args.overrides, args.nodes, args.gpus_per_node):
         print(line)
     return 0 if plan.fits else 1

@@ -114,14 +114,21 @@ def test_work_split_units():
         WorkSplit(passages=6, workers=4, dp=2)
 
 
-def test_plan_knows_the_split(capsys):
+def test_plan_knows_the_split(capsys, tmp_path):
     """`megatron-pz plan` on the 30B-A3B split: which GPUs train and which generate, one budget per role (vLLM
-    only on the rollout ranks, one bucket on each side), and a split that does not add up is refused."""
+    only on the rollout ranks, one bucket on each side), and a split that does not add up is refused. The config
+    sits under paths of many lengths (a CI checkout's path once wrapped a table's title mid-phrase)."""
+    import shutil
+
     from megatron_pz.cli import main
 
-    path = str(REPO_ROOT / "examples" / "pretrainzero_qwen3_30b_a3b_async.yaml")
-    assert main(["plan", path, "--nodes", "4"]) == 0
-    out = capsys.readouterr().out
+    for pad in range(0, 100, 7):
+        where = tmp_path / f"checkout{'-' * pad}" / "examples"
+        where.mkdir(parents=True)
+        path = str(shutil.copy(REPO_ROOT / "examples" / "pretrainzero_qwen3_30b_a3b_async.yaml", where))
+        assert main(["plan", path, "--nodes", "4"]) == 0
+        out = capsys.readouterr().out
+        assert out.startswith(f"memory plan of {path}\n") and out.count("rollout ranks (16 GPUs)") == 1, (pad, out)
     assert "split: 16 training ranks (ranks 0-15, nodes 0-1), 16 rollout ranks (ranks 16-31, nodes 2-3)" in out
     training, rollout = out.split("rollout ranks (16 GPUs)")
     assert "weight push" in training and "vLLM" not in training.split("split:")[1].split("FITS")[0]
