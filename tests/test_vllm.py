@@ -44,12 +44,13 @@ def test_trainer_keeps_vllm_fresh_at_a_high_learning_rate(real_vllm, tmp_path, c
     stays below 1e-3 on every step; a stale engine (refresh off) shows within a step. KV cache sized in
     bytes from the run (defect 3), eager (defect 6's compile half), no sleep mode on CPU (defect 1)."""
     on = train_checked(tmp_path / "on", cache, *RLP_HIGH_LR)[0]
-    train(tmp_path / "off", cache, *RLP_HIGH_LR, "rollout.refresh_weights=false", "rollout.sleep_level=1")
+    train(tmp_path / "off", cache, *RLP_HIGH_LR, "rollout.refresh_weights=false", "rollout.sleep_level=1",
+          "train.steps=2", "train.save_interval=2")  # one update is enough to go stale
     _, rl_on = rl_records(tmp_path / "on")
     _, rl_off = rl_records(tmp_path / "off")
     for step in (1, 2, 3):
         assert rl_on[step]["rollout/logp_diff_mean"] < 1e-3 and rl_on[step]["grad_norm"] > 1e-4, rl_on[step]
-    assert max(rl_off[s]["rollout/logp_diff_mean"] for s in (2, 3)) > 1e-3
+    assert rl_off[1]["rollout/logp_diff_mean"] < 1e-3 < rl_off[2]["rollout/logp_diff_mean"]
     vllm = on["vllm"]
     assert not vllm["sleep_mode"] and vllm["enforce_eager"] and vllm["dtype"] == "float32"
     # max_model_len = the run's prompt budget + longest response, KV for rollout.max_batch_size of them
@@ -59,30 +60,21 @@ def test_trainer_keeps_vllm_fresh_at_a_high_learning_rate(real_vllm, tmp_path, c
     assert all(r["tied"] for r in on["vllm_refresh"])  # the tiny default's head is tied: re-derived each time
 
 
-def test_pretrainzero_on_vllm_with_eval(real_vllm, tmp_path, cache):
-    """The paper's objective end to end on vLLM rollouts: generator and predictor stages, held-out eval
-    before and after RL."""
-    out = train(tmp_path / "pz", cache, "train.steps=2", "train.save_interval=2", "warm_start.steps=3",
-                "rollout.engine=vllm")
-    records, rl = rl_records(tmp_path / "pz")
-    assert sorted(rl) == [1, 2] and all(r["generator/num_samples"] == 8 for r in rl.values())
-    assert all(r["rollout/logp_diff_mean"] < 1e-3 for r in rl.values())
-    evals = [r for r in records if r["phase"] == "eval"]
-    assert [e["step"] for e in evals] == [0, 2] and evals[0]["eval/num_words"] > 0
-    assert "held-out mask accuracy (span candidates): before RL" in out
+PRETRAINZERO = ["train.steps=2", "train.save_interval=2", "warm_start.steps=3"]  # the paper's objective, eval
 
 
-@pytest.mark.parametrize("layout,engine_ranks", [("parallel.tp=2", [0, 1]), ("parallel.tp=1", None)],
-                         ids=["actor_tp2_one_vllm_tp2", "actor_dp2_two_vllm_tp1"])
-def test_trainer_on_two_ranks(real_vllm, tmp_path, cache, layout, engine_ranks):
+@pytest.mark.parametrize("layout,engine_ranks,objective", [("parallel.tp=2", [0, 1], COMMON),
+                                                           ("parallel.tp=1", None, PRETRAINZERO)],
+                         ids=["actor_tp2_one_vllm_tp2_rlp", "actor_dp2_two_vllm_tp1_pretrainzero"])
+def test_trainer_on_two_ranks(real_vllm, tmp_path, cache, layout, engine_ranks, objective):
     """Actor TP=2 with one vLLM TP=2 engine over both ranks (model-parallel peers train on identical
-    experiences, generated once), and actor DP=2 with two independent TP=1 engines (different data per
-    rank). The TP=2 engine's shared-memory segments carry the run's own prefix (defect 5)."""
+    experiences, generated once), RLP; actor DP=2 with two independent TP=1 engines (different data per
+    rank), PretrainZero end to end with held-out eval before and after RL. The
+    TP=2 engine's shared-memory segments carry the run's own prefix (defect 5)."""
     tp = 2 if engine_ranks else 1
-    checks = train_checked(tmp_path / "run", cache, *COMMON, "warm_start.enabled=false", "train.steps=2",
-                           "train.save_interval=2", "rollout.engine=vllm", f"rollout.tensor_parallel_size={tp}",
-                           layout, nproc=2)
-    _, rl = rl_records(tmp_path / "run")
+    checks = train_checked(tmp_path / "run", cache, *objective, "train.steps=2", "train.save_interval=2", "rollout.engine=vllm",
+                           f"rollout.tensor_parallel_size={tp}", layout, nproc=2)
+    records, rl = rl_records(tmp_path / "run")
     assert sorted(checks) == [0, 1]
     for rank, c in checks.items():
         assert c["vllm"]["engine_ranks"] == (engine_ranks or [rank])
@@ -94,8 +86,17 @@ def test_trainer_on_two_ranks(real_vllm, tmp_path, cache, layout, engine_ranks):
         assert checks[0]["experiences"] == checks[1]["experiences"]
     else:
         assert checks[0]["experiences"] != checks[1]["experiences"]
+    assert sorted(rl) == [1, 2]
     for step in (1, 2):
-        assert rl[step]["rollout/logp_diff_mean"] < 1e-3 and rl[step]["grad_norm"] > 1e-4
+        assert rl[step]["rollout/logp_diff_mean"] < 1e-3
+        # RLP's dense reward always moves the policy; a 3-step warm start rarely gets a span right (no signal)
+        assert rl[step]["grad_norm"] > 1e-4 or objective is PRETRAINZERO
+    if objective is PRETRAINZERO:
+        # rank 0's share: 2 of the step's 4 passages x generator_group 2 (a 3-step warm start seldom writes a
+        # parseable mask, so the predictor stage may have nothing to answer; its flow is tested on hf/megatron)
+        assert all(r["generator/num_samples"] == 4 for r in rl.values()), rl
+        evals = [r for r in records if r["phase"] == "eval"]
+        assert [e["step"] for e in evals] == [0, 2] and evals[0]["eval/num_words"] > 0, evals
 
 
 def test_rank_without_prompts_and_a_run_after_a_killed_one(real_vllm, tmp_path):

@@ -36,7 +36,6 @@ import numpy as np
 
 from .clean import CleanResult, clean_page
 from .passages import PassageBudget, cut_passages
-from .sentences import SentenceSplitter, load_punkt, save_punkt, train_punkt
 from .sources import InputError, RawPage, expand_inputs, iter_pages, sha256_of
 from .spans import NUM_WORD_FIELDS, IdfTable, count_candidates, document_frequencies
 from .tokenizer import copy_tokenizer, load_tokenizer
@@ -89,6 +88,8 @@ def _ensure_state() -> None:
     """Load what every shard needs once per process (tokenizer, Punkt, IDF)."""
     if "tokenizer" in _STATE:
         return
+    from .sentences import SentenceSplitter, load_punkt  # nltk: imported only where sentences are split
+
     out = _STATE["out"]
     tokenizer = load_tokenizer(out / "tokenizer")
     _STATE.update(
@@ -290,6 +291,10 @@ def _fit(out: Path, cfg: PreprocessConfig, pages, pool, progress: bool) -> list[
     if not head:
         raise InputError("inputs hold no pages")
     from tqdm import tqdm
+
+    # nltk (1.3 s of imports) is loaded here, not at module level: a run whose dataset is already built
+    # checks the manifest and never splits a sentence
+    from .sentences import load_punkt, save_punkt, train_punkt
 
     if pool is None:
         results = map(_clean_indexed, head)
