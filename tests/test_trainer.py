@@ -184,15 +184,17 @@ def engine_checks(run_dir):
 
 
 def train_checked(run_dir, cache, *overrides, nproc=1):
+    """(rank -> engine checks, the run's output), like :func:`train` with the engine observed."""
     args = ["train", CONFIG, *TINY, f"data.default_cache_dir={cache}", f"train.run_dir={run_dir}", *overrides]
     if nproc == 1:
         result = subprocess.run([sys.executable, str(REPO_ROOT / "tests" / "workers" / "train_engine_checks.py"), *args],
                                 capture_output=True, text=True, timeout=900, cwd=REPO_ROOT,
                                 env={**__import__("os").environ, "PYTHONPATH": str(REPO_ROOT)})
         assert result.returncode == 0, (result.stdout + result.stderr)[-6000:]
+        output = result.stdout
     else:
-        run_torchrun("train_engine_checks.py", *args, nproc=nproc, timeout=900)
-    return engine_checks(run_dir)
+        output = run_torchrun("train_engine_checks.py", *args, nproc=nproc, timeout=900)
+    return engine_checks(run_dir), output
 
 
 def test_hf_engine_is_refreshed_after_every_update(tmp_path, cache):
@@ -200,8 +202,8 @@ def test_hf_engine_is_refreshed_after_every_update(tmp_path, cache):
     bit for bit and the rollout-vs-train log-prob drift stays ~0 while the policy moves; with the refresh
     switched off (the diagnostic knob) the copy goes stale and the drift grows."""
     args = [*COMMON, "rollout.engine=hf"]
-    on = train_checked(tmp_path / "on", cache, *args)[0]
-    off = train_checked(tmp_path / "off", cache, *args, "rollout.refresh_weights=false")[0]
+    on = train_checked(tmp_path / "on", cache, *args)[0][0]  # rank 0's engine checks
+    off = train_checked(tmp_path / "off", cache, *args, "rollout.refresh_weights=false")[0][0]
     _, rl_on = rl_records(tmp_path / "on")
     _, rl_off = rl_records(tmp_path / "off")
     # eval before, 3 rollouts, eval after: one sync before the first phase, then one per update

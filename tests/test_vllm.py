@@ -43,7 +43,8 @@ def test_trainer_keeps_vllm_fresh_at_a_high_learning_rate(real_vllm, tmp_path, c
     """RLP at lr 1e-2 moves the policy far every step: with the refresh the rollout-vs-train log-prob gap
     stays below 1e-3 on every step; a stale engine (refresh off) shows within a step. KV cache sized in
     bytes from the run (defect 3), eager (defect 6's compile half), no sleep mode on CPU (defect 1)."""
-    on = train_checked(tmp_path / "on", cache, *RLP_HIGH_LR)[0]
+    checks, _ = train_checked(tmp_path / "on", cache, *RLP_HIGH_LR)
+    on = checks[0]
     train(tmp_path / "off", cache, *RLP_HIGH_LR, "rollout.refresh_weights=false", "rollout.sleep_level=1",
           "train.steps=2", "train.save_interval=2")  # one update is enough to go stale
     _, rl_on = rl_records(tmp_path / "on")
@@ -69,11 +70,11 @@ PRETRAINZERO = ["train.steps=2", "train.save_interval=2", "warm_start.steps=3"] 
 def test_trainer_on_two_ranks(real_vllm, tmp_path, cache, layout, engine_ranks, objective):
     """Actor TP=2 with one vLLM TP=2 engine over both ranks (model-parallel peers train on identical
     experiences, generated once), RLP; actor DP=2 with two independent TP=1 engines (different data per
-    rank), PretrainZero end to end with held-out eval before and after RL. The
-    TP=2 engine's shared-memory segments carry the run's own prefix (defect 5)."""
+    rank), PretrainZero end to end with held-out eval before and after RL. The TP=2 engine's shared-memory
+    segments carry the run's own prefix (defect 5)."""
     tp = 2 if engine_ranks else 1
-    checks = train_checked(tmp_path / "run", cache, *objective, "train.steps=2", "train.save_interval=2", "rollout.engine=vllm",
-                           f"rollout.tensor_parallel_size={tp}", layout, nproc=2)
+    checks, out = train_checked(tmp_path / "run", cache, *objective, "train.steps=2", "train.save_interval=2",
+                                "rollout.engine=vllm", f"rollout.tensor_parallel_size={tp}", layout, nproc=2)
     records, rl = rl_records(tmp_path / "run")
     assert sorted(checks) == [0, 1]
     for rank, c in checks.items():
@@ -97,6 +98,7 @@ def test_trainer_on_two_ranks(real_vllm, tmp_path, cache, layout, engine_ranks, 
         assert all(r["generator/num_samples"] == 4 for r in rl.values()), rl
         evals = [r for r in records if r["phase"] == "eval"]
         assert [e["step"] for e in evals] == [0, 2] and evals[0]["eval/num_words"] > 0, evals
+        assert "held-out mask accuracy (span candidates): before RL" in out
 
 
 def test_rank_without_prompts_and_a_run_after_a_killed_one(real_vllm, tmp_path):
