@@ -48,3 +48,11 @@ def test_unfinished_dirs_are_refused(tmp_path):
         resolve_checkpoint_dir(tmp)
     with pytest.raises(CheckpointError, match="neither a checkpoint root"):
         resolve_checkpoint_dir(tmp_path / "nothing")
+
+
+@pytest.mark.slow
+def test_bf16_actor_keeps_loaded_weights_through_its_first_step(tmp_path):
+    """A bf16 run from an imported checkpoint trained the random init: the optimizer's fp32 main params were
+    never refreshed from the loaded weights, and the first step wrote them back (issue 27, SmolLM2)."""
+    out = run_torchrun("bf16_init_weights.py", str(tmp_path), nproc=1, timeout=300)
+    assert "BF16_INIT_OK" in out, out[-3000:]
