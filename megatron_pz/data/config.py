@@ -10,6 +10,10 @@ from typing import Optional
 class DataConfig:
     path: Optional[str] = None  # preprocess output folder; None: build the embedded gensim default
     heldout_fraction: float = 0.02  # articles (by title hash) kept out of training
+    # articles (the next share by title hash) kept out of training too, to choose settings on without
+    # looking at the held-out ones; eval_split picks which of the two a run evaluates on
+    validation_fraction: float = 0.0
+    eval_split: str = "heldout"  # heldout | validation
     max_passage_tokens: int = 1024  # passages longer than this are skipped by the sampler
     max_span_words: Optional[int] = None  # None: what the folder was built with
     # span candidates of at most this many tokens (None: any), e.g. 1 to give a small model only words

@@ -18,7 +18,7 @@ import numpy as np
 from .preprocess import FORMAT_VERSION
 from .spans import NUM_WORD_FIELDS, candidate_arrays
 
-SPLITS = ("all", "train", "heldout")
+SPLITS = ("all", "train", "heldout", "validation")
 
 
 class DatasetFormatError(ValueError):
@@ -48,7 +48,9 @@ class Passage:
 
 
 class PassageDataset:
-    """Passages of one preprocessed folder; ``split`` holds out whole articles by a hash of the title."""
+    """Passages of one preprocessed folder; ``split`` holds out whole articles by a hash of the title in
+    [0, 1): ``heldout`` below ``heldout_fraction``, ``validation`` the next ``validation_fraction`` (for
+    choosing settings without looking at the held-out articles), ``train`` the rest."""
 
     def __init__(
         self,
@@ -57,6 +59,7 @@ class PassageDataset:
         heldout_fraction: float = 0.02,
         max_span_words: Optional[int] = None,
         max_span_tokens: Optional[int] = None,
+        validation_fraction: float = 0.0,
     ):
         from megatron.core.datasets.indexed_dataset import IndexedDataset
 
@@ -64,6 +67,8 @@ class PassageDataset:
             raise ValueError(f"split={split!r}, expected one of {SPLITS}")
         if not 0.0 <= heldout_fraction < 1.0:
             raise ValueError(f"heldout_fraction={heldout_fraction}, expected 0 <= f < 1")
+        if not 0.0 <= validation_fraction < 1.0 - heldout_fraction:
+            raise ValueError(f"validation_fraction={validation_fraction}, expected 0 <= f < 1 - heldout_fraction")
         self.path = Path(path)
         manifest_path = self.path / "manifest.json"
         if not manifest_path.is_file():
@@ -101,8 +106,10 @@ class PassageDataset:
             self._indices = np.arange(total)
         elif split == "heldout":
             self._indices = np.flatnonzero(keys < heldout_fraction)
+        elif split == "validation":
+            self._indices = np.flatnonzero((keys >= heldout_fraction) & (keys < heldout_fraction + validation_fraction))
         else:
-            self._indices = np.flatnonzero(keys >= heldout_fraction)
+            self._indices = np.flatnonzero(keys >= heldout_fraction + validation_fraction)
         self._maps: dict[int, mmap.mmap] = {}
 
     @property
@@ -191,7 +198,9 @@ class PassageDataset:
 
 
 def train_and_heldout(path: str | Path, data_cfg) -> tuple["PassageDataset", "PassageDataset"]:
-    """The training and held-out passages of a run (``data_cfg``: its DataConfig), as every rank opens them."""
+    """The training passages of a run (``data_cfg``: its DataConfig) and the ones it evaluates on
+    (``data.eval_split``: the held-out articles, or the validation articles when choosing settings), as
+    every rank opens them."""
     opts = dict(heldout_fraction=data_cfg.heldout_fraction, max_span_words=data_cfg.max_span_words,
-                max_span_tokens=data_cfg.max_span_tokens)
-    return PassageDataset(path, split="train", **opts), PassageDataset(path, split="heldout", **opts)
+                max_span_tokens=data_cfg.max_span_tokens, validation_fraction=data_cfg.validation_fraction)
+    return PassageDataset(path, split="train", **opts), PassageDataset(path, split=data_cfg.eval_split, **opts)

@@ -28,7 +28,14 @@ def register(subparsers) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--output", required=True, help="results JSON path")
+    p.add_argument("--run-config", default=None,
+                   help="a run's YAML: evaluate the folder on that run's held-out items and figures (train.eval_passages, "
+                        "the eval: section) through plain transformers; --output then gets one JSON record per item")
+    p.add_argument("overrides", nargs="*", help="key.sub=value overrides of --run-config")
+    p.add_argument("--compare", default=None,
+                   help="with --run-config: records of an earlier evaluation (a JSONL from --output, or a run's "
+                        "eval_samples.jsonl[@step]); prints the before/after table with paired 95 %% intervals")
+    p.add_argument("--output", required=True, help="results JSON path (with --run-config: the item records, JSONL)")
     p.set_defaults(func=_run)
 
 
@@ -38,8 +45,12 @@ def _run(args) -> int:
     from megatron_pz.eval.mask_accuracy import run_mask_accuracy
 
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    if args.run_config:
+        return _run_heldout(args)
+    if args.compare or args.overrides:
+        raise ConfigError("eval: --compare and key=value overrides go with --run-config")
     if not tasks and not args.mask_accuracy:
-        raise ConfigError("eval: give --tasks and/or --mask-accuracy")
+        raise ConfigError("eval: give --tasks and/or --mask-accuracy (or --run-config)")
     if args.mask_accuracy and not args.data:
         raise ConfigError("eval --mask-accuracy needs --data (a preprocessed passages folder)")
     summary: dict = {"model": args.model}
@@ -56,4 +67,27 @@ def _run(args) -> int:
              for k, v in summary.items() if isinstance(v, dict)}
     print(json.dumps(brief, indent=2, default=str))
     print(f"wrote {Path(args.output)}")
+    return 0
+
+
+def _run_heldout(args) -> int:
+    from megatron_pz.eval.folder import evaluate_folder, format_comparison, read_records
+    from megatron_pz.train.config import load_run_config
+
+    cfg = load_run_config(args.run_config, args.overrides)
+    before = read_records(args.compare) if args.compare else None  # a bad path fails before the evaluation
+    metrics, records = evaluate_folder(args.model, cfg)
+    out = Path(args.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    tmp.replace(out)
+    for key in sorted(metrics):
+        if not key.endswith(("_low", "_high")):
+            low, high = metrics.get(f"{key}_low"), metrics.get(f"{key}_high")
+            interval = f" [{low:.4f}, {high:.4f}]" if low is not None else ""
+            print(f"{key}: {metrics[key]:.4f}{interval}")
+    if before is not None:
+        print(format_comparison(before, records))
+    print(f"wrote {out} ({len(records)} item records)")
     return 0

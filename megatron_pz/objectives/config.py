@@ -91,6 +91,12 @@ class ObjectiveConfig:
     # ---- prompts. paper: PretrainZero Figure 5 word for word; ours: the project's paraphrase
     # (see objectives/prompts.py), a named alternative for small models.
     prompt_style: str = "paper"
+    # ours: the papers prompt *base* models with plain text (PZ Figure 5; RLP has no prompt). true: an
+    # instruct checkpoint gets each prompt as the user turn of its tokenizer's chat template, the response
+    # being the assistant turn, ended by the template's end-of-turn token (SmolLM2-Instruct answers a bare
+    # prompt with <|im_end|> as its first token: an empty response). RLP's context is a document, not a
+    # request, and stays plain text either way.
+    chat_template: bool = False
 
     # ---- mask validity (PretrainZero §4.4): the span must occur in the passage fewer than 8 times.
     max_mask_occurrences: int = 8  # valid iff 1 <= occurrences < this
@@ -223,11 +229,14 @@ class ObjectiveConfig:
         return [self]
 
     def response_budget(self) -> int:
-        """Longest response this single objective samples or scores (in tokens): both PretrainZero roles
-        (Random RLPT's held-out eval runs the generator task too), RLP's thought plus the ``</think>`` and
-        target token its scoring appends, the next-token baselines' response."""
-        if self.name in ("pretrainzero", "random_rlpt"):
+        """Longest response this single objective samples or scores in training (in tokens): both
+        PretrainZero roles, Random RLPT's predictor, RLP's thought plus the ``</think>`` and target token
+        its scoring appends, the next-token baselines' response. (The held-out evaluation's own budgets:
+        :func:`megatron_pz.eval.heldout.eval_response_budget`.)"""
+        if self.name == "pretrainzero":
             return max(self.generator_max_tokens, self.predictor_max_tokens)
+        if self.name == "random_rlpt":
+            return self.predictor_max_tokens
         if self.name == "rlp":
             return self.rlp_thought_max_tokens + 2
         return self.ntr_max_tokens

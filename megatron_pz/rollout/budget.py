@@ -17,11 +17,18 @@ DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 def rollout_context_length(cfg) -> int:
     """Prompt + longest response this run generates (vLLM's ``max_model_len`` unless
-    ``rollout.max_model_len`` is set; without it vLLM sizes its KV cache for the model's full context)."""
-    o, t = cfg.objective, cfg.train
-    # every phase / component's responses, and the held-out eval's generator and predictor tasks
-    longest = max(o.longest_response(), o.generator_max_tokens, o.predictor_max_tokens, t.eval_max_new_tokens)
-    return t.max_prompt_tokens + longest + 8
+    ``rollout.max_model_len`` is set; without it vLLM sizes its KV cache for the model's full context).
+
+    The responses are every phase / component's (``ObjectiveConfig.longest_response``) and the held-out
+    evaluation's (:func:`megatron_pz.eval.heldout.eval_response_budget`). Not the PretrainZero budgets of
+    an objective that never runs them: an RLP run's evaluation used to size vLLM's KV cache for
+    ``generator_max_tokens`` (4096 by default) although its greedy tasks stop at ``train.eval_max_new_tokens``
+    (a SmolLM2 RLP run with 32-token thoughts asked for 64 x 4,616 tokens, 13 GiB, and was OOM-killed).
+    """
+    from megatron_pz.eval.heldout import eval_response_budget
+
+    longest = max(cfg.objective.longest_response(), eval_response_budget(cfg))
+    return cfg.train.max_prompt_tokens + longest + 8
 
 
 def vllm_max_model_len(cfg) -> int:

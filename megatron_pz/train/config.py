@@ -7,6 +7,7 @@ from typing import Optional
 
 from megatron_pz.config import Config, ConfigError, load_config, validate_static
 from megatron_pz.data.config import DataConfig
+from megatron_pz.eval.heldout import HeldoutEvalConfig
 from megatron_pz.objectives.config import ObjectiveConfig
 from megatron_pz.rollout.config import RolloutConfig
 from megatron_pz.runtime.preemption import PreemptionConfig
@@ -59,12 +60,15 @@ class TrainConfig:
 
 @dataclass
 class WarmStartConfig:
-    """Next-token pretraining + task-format teaching from scratch (the tiny CPU default).
+    """Next-token pretraining + task-format teaching, from scratch (the tiny CPU default) or from
+    ``train.init_checkpoint`` (a *format warm start* of a pretrained model: ``format_fraction: 1``,
+    ``answer_only_loss: true``, a few dozen steps at a fine-tuning learning rate).
 
     A model this small cannot follow instructions, so besides plain passages it learns both answer
     formats from the passages themselves: a random span candidate as the generator's ``\\mask{}``
     answer and the true span as the predictor's ``\\boxed{}`` answer (PretrainZero's Random-RLPT
-    cold start idea).
+    cold start idea). SmolLM2-135M-Instruct writes neither format from the paper's prompts (README "A
+    real model on a CPU"), which is why its example can start with one.
     """
 
     enabled: bool = False
@@ -87,6 +91,7 @@ class RunConfig(Config):
     train: TrainConfig = field(default_factory=TrainConfig)
     warm_start: WarmStartConfig = field(default_factory=WarmStartConfig)
     preemption: PreemptionConfig = field(default_factory=PreemptionConfig)
+    eval: HeldoutEvalConfig = field(default_factory=HeldoutEvalConfig)  # held-out figures beyond task accuracy
 
 
 def load_run_config(path=None, overrides=None) -> RunConfig:
@@ -101,10 +106,23 @@ def validate_run(cfg: RunConfig) -> None:
     cfg.objective.validate()
     cfg.rollout.validate()
     cfg.preemption.validate()
+    cfg.eval.validate()
+    if cfg.data.eval_split not in ("heldout", "validation"):
+        raise ConfigError(f"data.eval_split must be heldout | validation, got {cfg.data.eval_split!r}")
+    if cfg.data.eval_split == "validation" and cfg.data.validation_fraction <= 0.0:
+        raise ConfigError("data.eval_split=validation needs data.validation_fraction > 0 (the share of articles "
+                          "kept out of training to choose settings on)")
+    if not 0.0 <= cfg.data.validation_fraction < 1.0 - cfg.data.heldout_fraction:
+        raise ConfigError(f"data.validation_fraction must be in [0, 1 - data.heldout_fraction), "
+                          f"got {cfg.data.validation_fraction}")
     if cfg.rollout.disaggregated:
         from megatron_pz.objectives.split import check_disaggregated
 
         check_disaggregated(cfg.objective)
+        if cfg.eval.nll_passages or cfg.eval.info_gain_positions or cfg.eval.generator_reward_samples:
+            raise ConfigError("the eval section's figures (eval.nll_passages, eval.info_gain_positions, "
+                              "eval.generator_reward_samples) run with colocated rollouts only; evaluate the exported "
+                              "folder with `megatron-pz eval --run-config` instead")
     t = cfg.train
     for name in ("steps", "passages_per_step", "max_tokens_per_micro_batch", "max_prompt_tokens",
                  "save_interval", "log_interval"):
@@ -112,8 +130,6 @@ def validate_run(cfg: RunConfig) -> None:
             raise ConfigError(f"train.{name} must be >= 1, got {getattr(t, name)}")
     if cfg.model.hf_config is None and not cfg.model.architecture:
         raise ConfigError("set model.hf_config (an HF model folder) or model.architecture (an HF config dict)")
-    if cfg.warm_start.enabled and cfg.train.init_checkpoint:
-        raise ConfigError("warm_start.enabled and train.init_checkpoint exclude each other")
     g = cfg.grpo
     if g.kl_coef != 0.0:
         raise ConfigError(f"grpo.kl_coef={g.kl_coef}: no KL-to-reference term is implemented (PretrainZero "

@@ -13,15 +13,16 @@ import contextlib
 import torch
 import torch.distributed as dist
 
+from megatron_pz.eval.heldout import heldout_records, summary_metrics
 from megatron_pz.eval.mask_accuracy import build_mask_items, mask_prediction_accuracy
 from megatron_pz.objectives.base import encode
 from megatron_pz.objectives.pretrainzero import build_generator_prompt, parse_mask, validate_mask
 from megatron_pz.rollout.base import SamplingParams
 
 
-def _greedy(engine, tokenizer, max_new_tokens: int, stop: list):
+def _greedy(engine, tokenizer, max_new_tokens: int, stop: list, chat_template: bool = False):
     def generate(prompts: list[str]) -> list[str]:
-        ids = [encode(tokenizer, p) for p in prompts]
+        ids = [encode(tokenizer, p, chat_template) for p in prompts]
         params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0, stop=list(stop), n=1, seed=0)
         return [group[0].text for group in engine.generate(ids, params)]
 
@@ -44,7 +45,7 @@ def _rollout_phase(rollout):
     return contextlib.nullcontext(rollout)
 
 
-def evaluate(rollout, tokenizer, heldout, items: dict[str, list], cfg, dp_rank: int, dp_size: int
+def evaluate(rollout, tokenizer, heldout, items: dict[str, list], cfg, dp_rank: int, dp_size: int, scorer=None
              ) -> tuple[dict[str, float], list[dict]]:
     """``rollout``: the run's :class:`~megatron_pz.rollout.phase.RolloutPhases` (or a bare engine);
     ``cfg`` is the RunConfig, ``items`` from :func:`build_eval_items`; returns (eval/* metrics
@@ -57,6 +58,8 @@ def evaluate(rollout, tokenizer, heldout, items: dict[str, list], cfg, dp_rank: 
     """
     with _rollout_phase(rollout) as engine:
         totals, samples = generate_eval(engine, tokenizer, heldout, items, cfg, dp_rank, dp_size)
+        # the figures of the `eval:` section (NLL, RLP information gain, generator reward), per item
+        records = heldout_records(engine, scorer, tokenizer, heldout, cfg, samples, dp_rank, dp_size)
     totals = torch.tensor(totals, dtype=torch.float64)
     if dist.is_initialized():
         from megatron.core import parallel_state as ps
@@ -64,7 +67,11 @@ def evaluate(rollout, tokenizer, heldout, items: dict[str, list], cfg, dp_rank: 
         totals /= ps.get_tensor_model_parallel_world_size() * ps.get_pipeline_model_parallel_world_size() \
             * ps.get_context_parallel_world_size()
         dist.all_reduce(totals)
-    return eval_metrics(totals.tolist()), samples
+        if ps.get_data_parallel_world_size() > 1:  # every item's record, for the intervals
+            gathered: list = [None] * ps.get_data_parallel_world_size()
+            dist.all_gather_object(gathered, records, group=ps.get_data_parallel_group())
+            records = [r for part in gathered for r in part]
+    return {**eval_metrics(totals.tolist()), **summary_metrics(records)}, samples + records
 
 
 def eval_metrics(totals: list[float]) -> dict[str, float]:
@@ -82,7 +89,7 @@ def generate_eval(engine, tokenizer, heldout, items, cfg, dp_rank: int, dp_size:
     """Greedy answers of slice ``dp_rank`` of ``dp_size`` of the eval items: (counts, samples); the counts
     are [span hits, spans, word hits, words, valid masks, generator passages]."""
     t, o = cfg.train, cfg.objective
-    generate_answer = _greedy(engine, tokenizer, t.eval_max_new_tokens, o.predictor_stop)
+    generate_answer = _greedy(engine, tokenizer, t.eval_max_new_tokens, o.predictor_stop, o.chat_template)
     totals, samples = [], []
     for source in ("candidates", "words"):
         mine = items[source][dp_rank::dp_size]
@@ -96,7 +103,7 @@ def generate_eval(engine, tokenizer, heldout, items, cfg, dp_rank: int, dp_size:
     passages = [heldout[i] for i in range(min(t.eval_passages, len(heldout)))][dp_rank::dp_size]
     valid = 0.0
     if passages:
-        texts = _greedy(engine, tokenizer, t.eval_max_new_tokens, o.generator_stop)(
+        texts = _greedy(engine, tokenizer, t.eval_max_new_tokens, o.generator_stop, o.chat_template)(
             [build_generator_prompt(p.text, o.prompt_style) for p in passages])
         verdicts = [validate_mask(p.text, parse_mask(x, o.mask_pick), o)[1] for p, x in zip(passages, texts)]
         valid = float(sum(v == "ok" for v in verdicts))
