@@ -63,8 +63,21 @@ def build_objective(cfg: ObjectiveConfig, tokenizer) -> Objective:
 # ------------------------------------------------------------------ shared helpers
 
 
-def encode(tokenizer, text: str) -> list[int]:
-    """Prompt text -> token ids. No special tokens: base models are prompted with plain text."""
+def encode(tokenizer, text: str, chat_template: bool = False) -> list[int]:
+    """Prompt text -> token ids, no special tokens added by the tokenizer.
+
+    Plain text (default): base models are prompted with the papers' text as it is. ``chat_template``
+    (``objective.chat_template``, instruct checkpoints): the text becomes the user turn of the
+    tokenizer's chat template, followed by the opening of the assistant turn, so the response is the
+    assistant's and ends with the template's end-of-turn token (which the engines stop on: it is the
+    tokenizer's EOS for ChatML-style instruct models such as SmolLM2-Instruct).
+    """
+    if chat_template:
+        if not getattr(tokenizer, "chat_template", None):
+            raise ValueError("objective.chat_template is true but the tokenizer has no chat template "
+                             "(a base model's tokenizer: set objective.chat_template: false)")
+        text = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                             add_generation_prompt=True)
     return list(tokenizer.encode(text, add_special_tokens=False))
 
 

@@ -210,7 +210,7 @@ class NextTokenReasoningObjective:
             context, continuation, bounds = continuation_boundaries(
                 self.tokenizer, token_list(passages[i]), cuts[i], cfg.rpt_max_answer_tokens)
             targets.append((continuation, bounds))
-            prompts.append(encode(self.tokenizer, build(context)))
+            prompts.append(encode(self.tokenizer, build(context), cfg.chat_template))
         outputs = sample(engine, prompts, cfg.ntr_group, cfg.ntr_max_tokens, cfg.ntr_temperature,
                          cfg.top_p, cfg.ntr_stop, seed=cfg.seed + step)
         experiences, answered = [], []

@@ -143,7 +143,8 @@ class MaskTask:
 def run_predictions(tasks: list[MaskTask], cfg: ObjectiveConfig, tokenizer, engine, step: int
                     ) -> tuple[list[list[Experience]], dict[str, float]]:
     """G_pred predictor samples per task, rewarded and DAPO-filtered (advantages filled later)."""
-    prompts = [encode(tokenizer, build_predictor_prompt(t.masked_text, cfg.prompt_style)) for t in tasks]
+    prompts = [encode(tokenizer, build_predictor_prompt(t.masked_text, cfg.prompt_style), cfg.chat_template)
+               for t in tasks]
     outputs = sample(engine, prompts, cfg.predictor_group, cfg.predictor_max_tokens,
                      cfg.predictor_temperature, cfg.top_p, cfg.predictor_stop, seed=cfg.seed + 2 * step + 1)
     groups, dropped, boxed = [], 0, []
@@ -186,7 +187,8 @@ class PretrainZeroObjective:
 
     def collect(self, passages: list, engine, scorer, step: int) -> tuple[list[Experience], dict[str, float]]:
         cfg = self.cfg
-        gen_prompts = [encode(self.tokenizer, build_generator_prompt(p.text, cfg.prompt_style)) for p in passages]
+        gen_prompts = [encode(self.tokenizer, build_generator_prompt(p.text, cfg.prompt_style), cfg.chat_template)
+                       for p in passages]
         gen_outputs = sample(engine, gen_prompts, cfg.generator_group, cfg.generator_max_tokens,
                              cfg.generator_temperature, cfg.top_p, cfg.generator_stop, seed=cfg.seed + 2 * step)
 

@@ -28,6 +28,7 @@ ranks between two ``generate`` calls of a phase only some ranks make.
 from __future__ import annotations
 
 import contextlib
+import time
 from typing import Callable, Optional
 
 
@@ -42,6 +43,7 @@ class RolloutPhases:
         self.on_sync = on_sync  # called after each sync with the engine (weight checks in tests)
         self.stale = True  # the engine starts without the actor's weights
         self.syncs = 0
+        self.sync_seconds = 0.0  # time spent pushing weights into the engine, over the run
         self.in_phase = False
 
     @property
@@ -58,8 +60,10 @@ class RolloutPhases:
 
     def sync(self) -> None:
         """Push the actor's current (fully gathered) weights into the engine."""
+        start = time.perf_counter()
         self.actor.finish_param_sync()
         self.engine.update_weights(self.actor.chunks)
+        self.sync_seconds += time.perf_counter() - start
         self.syncs += 1
         self.stale = False
         if self.on_sync is not None:

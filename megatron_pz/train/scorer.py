@@ -8,6 +8,7 @@ given (R3, the actor's ``routing_replay``); the EMA teacher routes natively.
 
 from __future__ import annotations
 
+import time
 from typing import Optional, Sequence
 
 
@@ -23,8 +24,18 @@ class MegatronScorer:
         self.teacher_chunks = teacher_chunks
         self.pad_id = pad_id
         self.max_tokens = max_tokens_per_micro_batch
+        self.seconds = 0.0  # forward time and tokens scored over the run (the step-time breakdown)
+        self.tokens = 0
 
     def _values(self, sequences, value_fn, chunks, routes: Optional[Sequence] = None) -> list[list[float]]:
+        start = time.perf_counter()
+        try:
+            return self._forward_values(sequences, value_fn, chunks, routes)
+        finally:
+            self.seconds += time.perf_counter() - start
+            self.tokens += sum(len(s) for s in sequences)
+
+    def _forward_values(self, sequences, value_fn, chunks, routes) -> list[list[float]]:
         routes = self._checked_routes(sequences, routes)
         rows = [TokenSequence(list(s), [1.0] * len(s), index=i, routes=routes[i]) for i, s in enumerate(sequences)]
         batches = self.actor.micro_batches(rows, self.max_tokens, self.pad_id)

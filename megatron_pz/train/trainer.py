@@ -346,6 +346,8 @@ def warm_start(run: Run, stop=None) -> Optional[Path]:
                           weight_decay=0.01, adam_beta2=0.98, clip_grad=1.0,
                           use_distributed_optimizer=run.cfg.optimizer.use_distributed_optimizer)
     actor = run.build_actor(opt, total_steps=ws.steps)
+    if run.cfg.train.init_checkpoint:  # a format warm start of a pretrained model (else: from scratch)
+        actor.load_weights(run.cfg.train.init_checkpoint)
     summary = run_warm_start(actor, run.dataset, run.tokenizer, run.cfg, run.logger, run.dp_rank, run.dp_size,
                              run.pad_id, stop=stop)
     run.logger.log(ws.steps, summary, phase="warm_start")
@@ -403,7 +405,7 @@ class Policy:
             if dist.get_rank() == 0:
                 print(f"resumed from {self.resumed_from} at step {self.state['step']}", flush=True)
         elif start_weights is not None:
-            load_checkpoint(start_weights, self.actor.chunks, restore_rng=False)
+            self.actor.load_weights(start_weights)  # and the optimizer's main params from them
         if self.ema is not None and not self.ema.initialized:
             self.ema.initialize_from(self.actor.chunks)
 
@@ -468,6 +470,8 @@ def _train(run: Run, stop) -> dict:
     from megatron_pz.train.evaluate import build_eval_items, evaluate
     from megatron_pz.train.sampler import PassageSampler
     from megatron_pz.train.scorer import MegatronScorer
+    from megatron_pz.train.timing import StepClock
+    from megatron_pz.runtime.host_memory import host_memory_metrics
     from megatron_pz.runtime.preemption import Stopped, clear_stop_record, stop_if_agreed
 
     cfg = run.cfg
@@ -498,7 +502,8 @@ def _train(run: Run, stop) -> dict:
     eval_items = build_eval_items(run.heldout, cfg)
 
     def run_eval(at_step):
-        metrics, samples = evaluate(phases, run.tokenizer, run.heldout, eval_items, cfg, run.dp_rank, run.dp_size)
+        metrics, samples = evaluate(phases, run.tokenizer, run.heldout, eval_items, cfg, run.dp_rank, run.dp_size,
+                                    scorer)
         run.logger.log(at_step, metrics, phase="eval")
         run.logger.log_eval_samples(at_step, samples)
         return metrics
@@ -516,13 +521,16 @@ def _train(run: Run, stop) -> dict:
         before = run_eval(step)
     stop_if_agreed(stop, "before the first RL step")
     last_metrics: dict = {}
+    clock = StepClock(phases, scorer)  # generation / scoring / sync / update times of each step
     while step < t.steps:
         t0 = time.perf_counter()
+        clock.start()
         start_state = sampler.state_dict(), capture_rng_state()  # what a step abandoned below resumes from
         passages = sampler.next_batch()
         with phases.generating() as rollout_engine:
             experiences, metrics = objective.collect(passages, rollout_engine, scorer, step)
         t1 = time.perf_counter()
+        clock.rollout_done()
         sig = stop.agreed()
         if sig:  # abandon this step: nothing has changed but the data position and the RNG streams
             # saved already when a checkpoint of this step is on disk (at step 0: RL starts over next time)
@@ -538,7 +546,8 @@ def _train(run: Run, stop) -> dict:
             ema.update(actor.chunks)
         t2 = time.perf_counter()
         step += 1
-        metrics.update({"rollout/weight_syncs": float(phases.syncs), "time/rollout_s": t1 - t0, "time/train_s": t2 - t1})
+        metrics.update({"rollout/weight_syncs": float(phases.syncs), "time/rollout_s": t1 - t0, "time/train_s": t2 - t1,
+                        **host_memory_metrics(), **clock.finish(experiences, batches, run.dp_size)})
         metrics = step_metrics(metrics, experiences, batches, summed, result, t2 - t0, run.dp_size, actor)
         last_metrics = metrics
         if step % t.log_interval == 0 or step == t.steps:

@@ -45,11 +45,12 @@ def format_rows(passage, rng: random.Random, tokenizer, objective_cfg, space_in_
         return []
     eos = [tokenizer.eos_token_id]
     answer = f" {span}" if space_in_answer else span
+    chat = objective_cfg.chat_template  # the answer is the assistant turn; EOS is its end-of-turn token
     masked = mask_passage(passage.text, span, objective_cfg.replace_all, objective_cfg.whole_words_only)
-    generator = encode(tokenizer, build_generator_prompt(passage.text, objective_cfg.prompt_style))
-    predictor = encode(tokenizer, build_predictor_prompt(masked, objective_cfg.prompt_style))
+    generator = encode(tokenizer, build_generator_prompt(passage.text, objective_cfg.prompt_style), chat)
+    predictor = encode(tokenizer, build_predictor_prompt(masked, objective_cfg.prompt_style), chat)
     return [(generator + encode(tokenizer, f"\\mask{{{answer}}}") + eos, len(generator)),
-            (predictor + encode(tokenizer, f" \\boxed{{{answer}}}") + eos, len(predictor))]
+            (predictor + encode(tokenizer, f"{'' if chat else ' '}\\boxed{{{answer}}}") + eos, len(predictor))]
 
 
 def warm_start_rows(dataset, step: int, cfg, tokenizer, seed: int, dp_rank: int, dp_size: int) -> list[TokenSequence]:
