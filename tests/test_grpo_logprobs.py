@@ -30,3 +30,12 @@ def test_single_shard_equals_log_softmax_with_gradients():
 def test_tp2_shards_equal_full_vocabulary():
     out = run_torchrun("logprob_tp2.py", nproc=2, timeout=240)
     assert out.count("== full vocabulary OK") == 2
+
+
+@pytest.mark.slow
+def test_logits_window_gives_the_full_update():
+    """A GRPO step whose rows train on their responses only runs the output layer from the first trained
+    position (13 of 29 positions here) and still gives the full computation's loss, gradient norm and
+    updated weights (the actor's logits window, issue 27's CPU speed-up)."""
+    out = run_torchrun("logits_window.py", nproc=1, timeout=240)
+    assert "LOGITS_WINDOW_OK" in out, out[-3000:]

@@ -21,11 +21,13 @@ from megatron_pz.rollout.base import Completion, SamplingParams
 class TransformersBackend:
     owns_weights = False
 
-    def __init__(self, model_dir, dtype: str = "float32", device: str = "cpu", batch_size: int = 16):
+    def __init__(self, model_dir, dtype: str = "auto", device: str = "cpu", batch_size: int = 16):
+        """``dtype``: auto (the folder's own: what an exported run was trained in) | float32 | bfloat16."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-        self.model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=getattr(torch, dtype)).to(device)
+        self.model = AutoModelForCausalLM.from_pretrained(
+            str(model_dir), dtype="auto" if dtype == "auto" else getattr(torch, dtype)).to(device)
         self.model.eval().requires_grad_(False)
         self.device = torch.device(device)
         self.batch_size = int(batch_size)

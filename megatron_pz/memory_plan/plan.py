@@ -14,6 +14,12 @@ from megatron_pz.rollout.config import engine_captures_routes
 
 GIB = 2**30
 DEFAULT_MIN_MARGIN = 0.10  # shipped configs keep >= 10 % of the device free (see the package docstring)
+# On CPU the budget is the process's resident set, which also holds what a GPU plan leaves to the host:
+# the interpreter with torch, Megatron-Core, transformers and their libraries, the passages' index, the
+# tokenizer (measured: 0.65 GiB before any model is built, SmolLM2 and the tiny default alike), and
+# vLLM's CPU runtime beyond its weights and KV cache (0.06-0.5 GiB measured with SmolLM2-135M, fp32/bf16).
+CPU_HOST_PROCESS_BYTES = 0.65 * GIB
+CPU_VLLM_RUNTIME_BYTES = 0.5 * GIB
 
 
 # ====================================================================== the plan
@@ -118,6 +124,9 @@ def plan_run(cfg, hf, world: int, device_bytes: float, device: str = "cuda",
             Term("optimizer: Adam moments" + (" (1/DP shard)" if opt.use_distributed_optimizer else ""), st.moments,
                  "optimizer.use_distributed_optimizer, more DP ranks"),
         ]
+        if device != "cuda":
+            resident.append(Term("host process: Python, torch, Megatron-Core, transformers, data (measured)",
+                                 CPU_HOST_PROCESS_BYTES))
         if cfg.objective.name == "rlp":
             teacher = sum(sum(q.numel for q in chunk_params(s, lay, stage, spec, cfg.model.moe_grouped_gemm, v))
                           for v in range(lay.vp or 1)) * p
@@ -155,9 +164,11 @@ def plan_run(cfg, hf, world: int, device_bytes: float, device: str = "cuda",
     if lay.pp > 1:
         best.notes.append("GiB per pipeline stage (the table shows the stage with the highest peak): "
                           + "; ".join(stage_totals))
-    if r.engine == "vllm" and not r.disaggregated:
+    if r.engine == "vllm" and not r.disaggregated and device == "cuda":
         best.notes.append(f"scoring and training assume the vLLM engine sleeps (level {r.sleep_level}) after each "
                           "generation (VLLMRolloutEngine.sleep/wake); awake, it keeps its whole share")
+    elif r.engine == "vllm" and not r.disaggregated:
+        best.notes.append("vLLM's CPU platform has no sleep mode: its weights and KV cache count in every phase")
     best.notes.append(f"world {world}: TP {lay.tp} x PP {lay.pp} x CP {lay.cp} x DP {lay.dp}; EP {lay.ep}, "
                       f"ETP {lay.etp}, expert-DP {lay.expert_dp}; spec {spec}, params {p} bytes, "
                       f"micro-batch {tokens} tokens, sequences <= {seq}")
@@ -195,6 +206,8 @@ def rollout_engine_terms(cfg, s: Shapes, lay: Layout, stage: int, device_bytes: 
                      else f"{r.max_batch_size} sequences x {vllm_max_model_len(cfg)} tokens")
             awake = [Term(f"vLLM weights (TP {r.tensor_parallel_size})", weights, "rollout.tensor_parallel_size"),
                      Term(f"vLLM KV cache ({sized})", kv, "rollout.kv_cache_memory_bytes, rollout.max_batch_size")]
+            if on_cpu:
+                awake.append(Term("vLLM CPU runtime beyond weights and KV cache (measured)", CPU_VLLM_RUNTIME_BYTES))
             return awake, (list(awake) if on_cpu else []), host, problems
         share = r.gpu_memory_utilization * device_bytes
         bucket = r.bucket_mb * 2**20

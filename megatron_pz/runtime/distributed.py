@@ -89,8 +89,10 @@ def initialize(parallel=None, runtime=None) -> RuntimeInfo:
     device = resolve_device(runtime.device)
     if device.type == "cpu":
         from megatron_pz.runtime import cpu_compat
+        from megatron_pz.runtime.host_memory import return_freed_tensors_to_the_system
 
         cpu_compat.apply()
+        return_freed_tensors_to_the_system()  # freed activations leave the heap (runtime/host_memory.py)
     else:
         torch.cuda.set_device(device)
 

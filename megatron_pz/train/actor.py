@@ -14,6 +14,7 @@ the routers of the chunk that runs it (``routing_replay="r3"``) or only measures
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import warnings
 from dataclasses import dataclass
@@ -39,6 +40,26 @@ def build_model_chunks(hf_config, model_cfg: ModelConfig, parallel: ParallelConf
                     vp_stage=(v if parallel.virtual_pp else None))
         for v in range(stages)
     ]
+
+
+@contextlib.contextmanager
+def output_layer_from(model, start: int):
+    """Inside, ``model``'s output layer (on the last pipeline stage) sees hidden states ``[start:]`` of the
+    sequence only, so the model returns logits ``[b, s - start, V]`` (megatron-core 0.16.1 ``GPTModel.
+    _postprocess`` calls ``self.output_layer(hidden_states, ...)`` with hidden states ``[s, b, h]``)."""
+    layer = getattr(unwrap(model), "output_layer", None) if start else None
+    if layer is None:
+        yield
+        return
+
+    def window(module, args, kwargs):
+        return (args[0][start:], *args[1:]), kwargs
+
+    handle = layer.register_forward_pre_hook(window, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 def sequence_multiple_of(config) -> int:
@@ -80,6 +101,7 @@ class Actor:
         chunks = build_model_chunks(hf_config, model_cfg, parallel, device, max_sequence_length)
         self.transformer_config = unwrap(chunks[0]).config
         self.sequence_multiple = sequence_multiple_of(self.transformer_config)
+        self.use_logits_window = True  # see logits_window
         ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True,
             overlap_grad_reduce=opt_cfg.overlap_grad_reduce,
@@ -155,6 +177,18 @@ class Actor:
         load_checkpoint(path, self.chunks, restore_rng=False)
         self.optimizer.reload_model_params()
 
+    def logits_window(self, mb: MicroBatch) -> int:
+        """First position whose logits a training step needs: the one predicting the first trained token
+        (rounded down to :attr:`sequence_multiple`). An RL row trains on its response only (Random RLPT on
+        SmolLM2: ~10 of ~170 tokens), so the output layer, the loss's softmax over 49,152 tokens and the
+        entropy skip the prompt (update ~25 % faster there). 0 where the sequence is split across ranks
+        before the output layer (sequence or context parallel) and off with ``logits_window = False``."""
+        config = self.transformer_config
+        if not self.use_logits_window or config.sequence_parallel or config.context_parallel_size > 1:
+            return 0
+        start = max(0, mb.first_loss_column() - 1)
+        return start - start % self.sequence_multiple
+
     # ------------------------------------------------------------------ schedule
 
     def micro_batches(self, rows: Sequence[TokenSequence], max_tokens_per_micro_batch: int,
@@ -177,10 +211,12 @@ class Actor:
             mb = next(data_iterator).to(self.device)  # the one place batches meet the device
             if routing is not None:
                 routing.begin_forward(model, mb)  # this chunk's routers: the micro-batch's rollout routes
-            output = model(mb.input_ids, mb.position_ids, None)
+            start = 0 if forward_only else self.logits_window(mb)
+            with output_layer_from(model, start):
+                output = model(mb.input_ids, mb.position_ids, None)
             if routing is not None:
                 routing.end_forward(model, backward_follows=not forward_only)  # later calls: recomputes
-            return output, functools.partial(loss_fn, mb)
+            return output, functools.partial(loss_fn, mb.columns_from(start))
 
         num = len(micro_batches)
         iterators = [iter(list(micro_batches)) for _ in chunks]

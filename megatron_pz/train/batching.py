@@ -58,6 +58,20 @@ class MicroBatch:
                           {k: v.to(device) for k, v in self.per_token.items()}, self.lengths, self.indices,
                           self.routes)
 
+    def first_loss_column(self) -> int:
+        """The first column any row trains on (the width when none does)."""
+        cols = torch.nonzero(self.loss_mask.sum(0) > 0)
+        return int(cols[0]) if len(cols) else self.input_ids.shape[1]
+
+    def columns_from(self, start: int) -> "MicroBatch":
+        """The columns ``start:`` of every per-token tensor (rows and routes unchanged): what a loss sees
+        when the model's logits were computed for those positions only (``Actor`` logits window)."""
+        if start == 0:
+            return self
+        return MicroBatch(self.input_ids[:, start:], self.position_ids[:, start:], self.loss_mask[:, start:],
+                          {k: v[:, start:] for k, v in self.per_token.items()},
+                          [max(0, n - start) for n in self.lengths], self.indices, self.routes)
+
 
 # One forward/backward pass costs about as much as this many extra padded tokens, whatever its size
 # (measured for the tiny CPU model: Python/launch work of one pass through Megatron's schedule). It only
