@@ -30,6 +30,8 @@ import torch
 import torch.distributed as dist
 
 from megatron_pz.checkpoint_memory import without_copies
+from megatron_pz.data.tokenizer import copy_tokenizer_files
+from megatron_pz.model.provider import load_hf_config
 
 LATEST_FILE = "latest_checkpointed_iteration.txt"
 META_FILE = "pz_checkpoint.json"
@@ -220,8 +222,6 @@ def save_checkpoint(root, step: int, model_chunks, optimizer=None, scheduler=Non
         raise CheckpointError(f"optimizer_format={optimizer_format!r}; expected one of {OPTIMIZER_FORMATS}")
     from megatron.core import dist_checkpointing
 
-    from megatron_pz.convert.hf_io import copy_tokenizer_files
-
     if importlib.util.find_spec("psutil") is None:
         # megatron-core's torch_dist writer forks a process that needs psutil; without it the child
         # dies and the parent waits forever instead of failing.
@@ -352,8 +352,6 @@ def read_metadata(path) -> dict:
 
 def read_hf_config(path):
     """The Hugging Face config stored with a checkpoint (a ``PretrainedConfig``)."""
-    from megatron_pz.model.provider import load_hf_config
-
     ckpt = resolve_checkpoint_dir(path)
     if not (ckpt / HF_CONFIG_FILE).is_file():
         raise CheckpointError(f"{ckpt} has no {HF_CONFIG_FILE}: it was saved without hf_config")

@@ -8,6 +8,7 @@ default.
 from __future__ import annotations
 
 import dataclasses
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -19,6 +20,19 @@ import yaml
 
 class ConfigError(ValueError):
     """A config value is missing, unknown, mistyped or inconsistent; the message names the field."""
+
+
+# The default process group's backend on GPU: one group with a backend per device type, NCCL for the model's
+# tensors and gloo for host-side bookkeeping (megatron_pz/runtime/distributed.py says why).
+CUDA_WORLD_BACKEND = "cpu:gloo,cuda:nccl"
+
+# Tokens a GEMM's row count must be a multiple of under Transformer Engine FP8, per recipe (the keys are the
+# recipes ``model.fp8_recipe`` accepts): megatron-core 0.16.1 ``fp8_utils.get_fp8_align_size`` (16, 32 for
+# mxfp8: TE's FP8 GEMMs want 16-aligned dimensions, MXFP8 scales blocks of 32); blockwise scaling (TE's
+# ``Float8BlockScaling``, the DeepSeek-V3 recipe) scales 1x128 blocks, and the token dimension is a blocked
+# dimension of the weight-gradient GEMM, so 128. Not yet run by us on a GPU: read, not measured.
+# Micro-batch widths follow it (:func:`megatron_pz.train.batching.sequence_multiple`).
+FP8_TOKEN_ALIGN = {"delayed": 16, "tensorwise": 16, "mxfp8": 32, "blockwise": 128}
 
 
 @dataclass
@@ -202,8 +216,6 @@ def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]
 
 def _expand_env(node):
     """``${VAR}`` in string values expands from the environment (cluster scripts set paths that way)."""
-    import os
-
     if isinstance(node, dict):
         return {k: _expand_env(v) for k, v in node.items()}
     if isinstance(node, list):
@@ -247,8 +259,6 @@ def validate_static(cfg: Any) -> None:
         raise ConfigError(f"model.local_attention must be sdpa|megatron, got {m.local_attention!r}")
     if m.fp8 not in (None, "hybrid", "e4m3"):
         raise ConfigError(f"model.fp8 must be null|hybrid|e4m3, got {m.fp8!r}")
-    from megatron_pz.train.batching import FP8_TOKEN_ALIGN  # the recipes whose width rule is known
-
     if m.fp8_recipe not in FP8_TOKEN_ALIGN:
         raise ConfigError(f"model.fp8_recipe must be {'|'.join(FP8_TOKEN_ALIGN)}, got {m.fp8_recipe!r}")
     if m.fp8 and m.spec == "local":
@@ -257,8 +267,6 @@ def validate_static(cfg: Any) -> None:
         raise ConfigError(f"optimizer.lr_schedule must be constant|cosine|linear, got {cfg.optimizer.lr_schedule!r}")
     if cfg.runtime.device not in ("auto", "cpu", "cuda"):
         raise ConfigError(f"runtime.device must be auto|cpu|cuda, got {cfg.runtime.device!r}")
-    from megatron_pz.runtime.distributed import CUDA_WORLD_BACKEND
-
     if cfg.runtime.backend not in ("auto", "gloo", CUDA_WORLD_BACKEND):
         raise ConfigError(f"runtime.backend must be auto | gloo | {CUDA_WORLD_BACKEND} (a GPU world also needs a "
                           f"CPU backend for host-side metrics), got {cfg.runtime.backend!r}")

@@ -26,7 +26,7 @@ from megatron_pz.objectives.composite import build_training_objective
 from megatron_pz.objectives.config import ObjectiveComponent, ObjectiveConfig
 from megatron_pz.objectives.hf_scorer import HFScorer
 from megatron_pz.rollout.config import RolloutConfig
-from megatron_pz.rollout.protocol import WorkSplit
+from megatron_pz.disagg.protocol import WorkSplit
 
 RLP = ["objective.name=rlp", "objective.rlp_group=2", "objective.rlp_thought_max_tokens=4"]
 MIXTURE = ("objective.mixture=[{weight: 0.5}, {weight: 0.5, overrides: {name: rlp, rlp_group: 2, "

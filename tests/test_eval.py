@@ -79,7 +79,7 @@ def test_in_run_eval_rates_and_empty_item_sets():
     from types import SimpleNamespace
 
     from megatron_pz.train.config import RunConfig
-    from megatron_pz.train.evaluate import evaluate
+    from megatron_pz.eval.heldout import evaluate
     from test_objectives_support import tiny_tokenizer
 
     tok = tiny_tokenizer()

@@ -169,7 +169,7 @@ def script_configs(script: Path) -> list[str]:
 
 @pytest.mark.parametrize("script", sorted((ROOT / "slurm").glob("pretrainzero_*.sh")), ids=lambda p: p.stem)
 def test_slurm_scripts_ask_for_the_planned_early_warning(script, monkeypatch):
-    from megatron_pz.plan_cli import checkpoint_lines
+    from megatron_pz.memory_plan.cli import checkpoint_lines
 
     monkeypatch.delenv("MODEL_DIR", raising=False)
     text = script.read_text()

@@ -14,7 +14,7 @@ import torch
 from megatron_pz.config import ConfigError
 from megatron_pz.model.provider import load_hf_config
 from megatron_pz.rollout.config import RolloutConfig, resolve_routing_replay
-from megatron_pz.rollout.routes import NATIVE, RouteShape, check_routes, route_dtype, routes_from_vllm
+from megatron_pz.model.routes import NATIVE, RouteShape, check_routes, route_dtype, routes_from_vllm
 from multiproc import REPO_ROOT, run_torchrun
 
 MOE = dict(model_type="qwen3_moe", vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
@@ -131,7 +131,7 @@ def test_micro_batches_carry_routes_with_native_where_a_token_has_none():
 
 def test_experiences_carry_checked_routes_into_the_update():
     from megatron_pz.rl.types import Experience
-    from megatron_pz.train.trainer import experiences_to_sequences
+    from megatron_pz.train.update import experiences_to_sequences
 
     shape = RouteShape.from_hf(moe())
     ok = Experience([1, 2, 3], [4, 5], 1.0, "g", "generator", routes=good_routes(4, shape))

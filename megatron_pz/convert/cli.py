@@ -13,6 +13,9 @@ import socket
 import subprocess
 import sys
 
+from megatron_pz.convert.hf_to_megatron import import_hf_checkpoint, world_size_for
+from megatron_pz.convert.megatron_to_hf import export_hf_checkpoint
+
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser("convert", help="convert between Hugging Face and Megatron checkpoints")
@@ -45,8 +48,6 @@ def _free_port() -> int:
 
 
 def _run_import(args) -> int:
-    from megatron_pz.convert.hf_to_megatron import import_hf_checkpoint, world_size_for
-
     world = world_size_for(args.tp, args.pp, args.ep)
     if world > 1 and "RANK" not in os.environ:
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={world}", "--nnodes=1",
@@ -65,8 +66,6 @@ def _run_import(args) -> int:
 
 
 def _run_export(args) -> int:
-    from megatron_pz.convert.megatron_to_hf import export_hf_checkpoint
-
     path = export_hf_checkpoint(args.ckpt, args.out, max_shard_bytes=args.max_shard_size_mb * 1024**2,
                                 device=args.device, overwrite=args.overwrite)
     print(f"wrote {path}")

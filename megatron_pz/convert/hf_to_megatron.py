@@ -13,8 +13,12 @@ from typing import Optional
 
 import torch.distributed as dist
 
+from megatron_pz.checkpoint import save_checkpoint
 from megatron_pz.config import ConfigError, ModelConfig, ParallelConfig, RuntimeConfig, validate_parallel_sizes
 from megatron_pz.convert.hf_io import CheckpointFormatError, HFCheckpointReader, check_against_config
+from megatron_pz.convert.weights import WeightMismatchError, load_hf_tensors
+from megatron_pz.model.provider import build_model, load_hf_config
+from megatron_pz.runtime import initialize
 
 log = logging.getLogger(__name__)
 
@@ -41,10 +45,6 @@ def build_model_from_hf(hf_dir, parallel: ParallelConfig, dtype: str = "auto", d
 
     Collective. Returns ``(model, hf_config)``. Every tensor of the folder must be used by some rank.
     """
-    from megatron_pz.convert.weights import WeightMismatchError, load_hf_tensors
-    from megatron_pz.model.provider import build_model, load_hf_config
-    from megatron_pz.runtime import initialize
-
     hf_dir = Path(hf_dir)
     hf_config = load_hf_config(hf_dir)
     reader = HFCheckpointReader(hf_dir)
@@ -74,8 +74,6 @@ def import_hf_checkpoint(hf_dir, out_dir, tp: int = 1, pp: int = 1, ep: int = 1,
 
     Call on every rank of the world (or in a plain process for tp=pp=ep=1).
     """
-    from megatron_pz.checkpoint import save_checkpoint
-
     model, hf_config = build_model_from_hf(hf_dir, ParallelConfig(tp=tp, pp=pp, ep=ep), dtype, device)
     path = save_checkpoint(out_dir, 0, [model], hf_config=hf_config, tokenizer_dir=hf_dir)
     if dist.get_rank() == 0:

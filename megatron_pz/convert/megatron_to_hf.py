@@ -14,19 +14,19 @@ from pathlib import Path
 
 import torch
 
+from megatron_pz.checkpoint import (TOKENIZER_DIR, load_checkpoint, read_hf_config, read_metadata,
+                                    resolve_checkpoint_dir)
 from megatron_pz.config import ConfigError, ModelConfig, ParallelConfig, RuntimeConfig
+from megatron_pz.convert.hf_io import CheckpointFormatError, HFShardWriter
+from megatron_pz.convert.mapping import expected_hf_tensors
+from megatron_pz.data.tokenizer import copy_tokenizer_files
+from megatron_pz.convert.weights import megatron_to_hf_tensors
+from megatron_pz.model.provider import SUPPORTED_ARCHITECTURES, build_model
+from megatron_pz.runtime import initialize
 
 
 def export_hf_checkpoint(ckpt, out, max_shard_bytes: int = 2 * 1024**3, device: str = "auto",
                          overwrite: bool = False) -> Path:
-    from megatron_pz.checkpoint import TOKENIZER_DIR, load_checkpoint, read_hf_config, read_metadata, \
-        resolve_checkpoint_dir
-    from megatron_pz.convert.hf_io import CheckpointFormatError, HFShardWriter, copy_tokenizer_files
-    from megatron_pz.convert.mapping import expected_hf_tensors
-    from megatron_pz.convert.weights import megatron_to_hf_tensors
-    from megatron_pz.model.provider import SUPPORTED_ARCHITECTURES, build_model
-    from megatron_pz.runtime import initialize
-
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ConfigError("megatron-to-hf runs in a single process (it reshards to TP=PP=EP=1); "
                           "do not launch it under torchrun")

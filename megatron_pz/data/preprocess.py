@@ -294,7 +294,7 @@ def _fit(out: Path, cfg: PreprocessConfig, pages, pool, progress: bool) -> list[
 
     # nltk (1.3 s of imports) is loaded here, not at module level: a run whose dataset is already built
     # checks the manifest and never splits a sentence
-    from .sentences import load_punkt, save_punkt, train_punkt
+    from .sentences import load_punkt, save_punkt, train_punkt  # nltk: see above
 
     if pool is None:
         results = map(_clean_indexed, head)

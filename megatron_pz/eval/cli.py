@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from megatron_pz.eval.mask_accuracy import SPAN_SOURCES
+from megatron_pz.config import ConfigError
+from megatron_pz.eval.lm_eval_runner import run_lm_eval, write_json_atomic
+from megatron_pz.eval.mask_accuracy import SPAN_SOURCES, run_mask_accuracy
 
 
 def register(subparsers) -> None:
@@ -33,10 +35,6 @@ def register(subparsers) -> None:
 
 
 def _run(args) -> int:
-    from megatron_pz.config import ConfigError
-    from megatron_pz.eval.lm_eval_runner import run_lm_eval, write_json_atomic
-    from megatron_pz.eval.mask_accuracy import run_mask_accuracy
-
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     if not tasks and not args.mask_accuracy:
         raise ConfigError("eval: give --tasks and/or --mask-accuracy")

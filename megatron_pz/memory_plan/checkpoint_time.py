@@ -18,7 +18,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from megatron_pz.memory_plan.model_state import Layout, Shapes, _total_params, chunk_params, worst_model_state
+from megatron_pz.memory_plan.model_state import Layout, Shapes, chunk_params, layout_of, total_params, worst_model_state
+from megatron_pz.memory_plan.plan import params_dtype_bytes
 
 OPTIMIZER_BYTES_PER_ELEMENT = 12  # fp32 main param + exp_avg + exp_avg_sq
 
@@ -43,8 +44,8 @@ def checkpoint_size(s: Shapes, lay: Layout, spec: str, grouped_gemm: bool, param
     together in Megatron's default rank order) and never more than the whole checkpoint.
     """
     copies = 2 if with_teacher else 1
-    total_weights = _total_params(s) * param_bytes * copies
-    total = total_weights + _total_params(s) * OPTIMIZER_BYTES_PER_ELEMENT
+    total_weights = total_params(s) * param_bytes * copies
+    total = total_weights + total_params(s) * OPTIMIZER_BYTES_PER_ELEMENT
     per_rank = rank_weights = rank_optimizer = 0
     for stage in range(lay.pp):
         weights = sum(q.numel for v in range(lay.vp or 1)
@@ -61,12 +62,9 @@ def checkpoint_size(s: Shapes, lay: Layout, spec: str, grouped_gemm: bool, param
 def plan_checkpoint(cfg, hf, world: int, device: str = "cuda", ranks_per_node: int = 8) -> CheckpointSize:
     """:func:`checkpoint_size` of a run config on ``world`` ranks (shapes, dtype and spec as the memory plan
     derives them)."""
-    from megatron_pz.memory_plan.model_state import layout_of
-    from megatron_pz.memory_plan.plan import _dtype_bytes
-
     spec = cfg.model.spec if cfg.model.spec != "auto" else ("te" if device == "cuda" else "local")
     return checkpoint_size(Shapes.from_hf(hf), layout_of(cfg.parallel, world), spec, cfg.model.moe_grouped_gemm,
-                           _dtype_bytes(cfg.model, device), cfg.optimizer.use_distributed_optimizer,
+                           params_dtype_bytes(cfg.model, device), cfg.optimizer.use_distributed_optimizer,
                            cfg.objective.uses_rlp(), ranks_per_node)
 
 

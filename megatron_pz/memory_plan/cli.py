@@ -13,6 +13,12 @@ import os
 import re
 from pathlib import Path
 
+from megatron_pz.config import ConfigError, validate_parallel_sizes
+from megatron_pz.memory_plan import GIB, plan_run, plan_split, render
+from megatron_pz.memory_plan.checkpoint_time import early_warning_lead, plan_checkpoint
+from megatron_pz.model.provider import load_hf_config, resolve_hf_config
+from megatron_pz.train.config import load_run_config
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
@@ -32,8 +38,6 @@ def register(subparsers) -> None:
 
 def load_for_planning(config: str, overrides: list[str]):
     """The run config, with unset ``${VAR}`` placeholders of the YAML left empty instead of failing."""
-    from megatron_pz.train.config import load_run_config
-
     text = Path(config).read_text() if Path(config).is_file() else ""
     unset = [v for v in sorted(set(re.findall(r"\$\{(\w+)\}", text))) if v not in os.environ]
     for var in unset:
@@ -47,13 +51,8 @@ def load_for_planning(config: str, overrides: list[str]):
 
 def hf_config_for_planning(cfg):
     """The model folder's config when it exists, else ``model.architecture`` (the shapes the YAML states)."""
-    from megatron_pz.config import ConfigError
-    from megatron_pz.model import load_hf_config
-
     source = cfg.model.hf_config
     if source and (Path(source).is_dir() or Path(source).is_file()):
-        from megatron_pz.train.trainer import resolve_hf_config
-
         return resolve_hf_config(cfg), f"model from {source}"
     if not cfg.model.architecture:
         raise ConfigError(f"model.hf_config {source!r} not found and no model.architecture to plan from")
@@ -62,9 +61,6 @@ def hf_config_for_planning(cfg):
 
 def plan_config(config: str, overrides: list[str], gpu_memory_gib: float = 80.0, nodes=None,
                 gpus_per_node: int = 8, min_margin=None):
-    from megatron_pz.config import validate_parallel_sizes
-    from megatron_pz.memory_plan import GIB, plan_run, plan_split
-
     cfg, unset = load_for_planning(config, overrides)
     hf, source = hf_config_for_planning(cfg)
     world = nodes * gpus_per_node if nodes else (cfg.runtime.world_size or 1)
@@ -84,9 +80,6 @@ def plan_config(config: str, overrides: list[str], gpu_memory_gib: float = 80.0,
 
 def checkpoint_lines(config: str, overrides: list[str], nodes=None, gpus_per_node: int = 8) -> list[str]:
     """How big a checkpoint is, how long it takes to write, and the early warning SLURM must give."""
-    from megatron_pz.memory_plan import GIB
-    from megatron_pz.memory_plan.checkpoint_time import early_warning_lead, plan_checkpoint
-
     cfg, _ = load_for_planning(config, overrides)
     hf, _ = hf_config_for_planning(cfg)
     world = nodes * gpus_per_node if nodes else (cfg.runtime.world_size or 1)
@@ -107,8 +100,6 @@ def checkpoint_lines(config: str, overrides: list[str], nodes=None, gpus_per_nod
 
 
 def run(args: argparse.Namespace) -> int:
-    from megatron_pz.memory_plan import render
-
     plan = plan_config(args.config, args.overrides, args.gpu_memory_gib, args.nodes, args.gpus_per_node,
                        args.min_margin)
     where = "" if hasattr(plan, "training") else f" (pipeline stage {plan.stage})"  # a split names it per role

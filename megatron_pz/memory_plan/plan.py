@@ -6,10 +6,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
+from megatron_pz.config import ConfigError
+from megatron_pz.disagg.protocol import WorkSplit
+from megatron_pz.disagg.roles import split_of
 from megatron_pz.memory_plan.activations import Term, scoring_terms, training_activation_terms
-from megatron_pz.memory_plan.model_state import (_DTYPE_BYTES, Layout, Shapes, _total_params, chunk_params,
-                                                 layout_of, worst_model_state)
+from megatron_pz.memory_plan.model_state import (DTYPE_BYTES, Layout, Shapes, chunk_params, layout_of, total_params,
+                                                 worst_model_state)
 from megatron_pz.memory_plan.routes import routing_replay_terms
+from megatron_pz.rollout.budget import vllm_kv_cache_bytes, vllm_max_model_len
 from megatron_pz.rollout.config import engine_captures_routes
 
 GIB = 2**30
@@ -78,10 +82,11 @@ class MemoryPlan:
         return "\n".join(lines)
 
 
-def _dtype_bytes(model_cfg, device: str) -> int:
+def params_dtype_bytes(model_cfg, device: str) -> int:
+    """Bytes per parameter of the actor (`model.params_dtype`; auto: bf16 on GPU, fp32 on CPU)."""
     if model_cfg.params_dtype == "auto":
         return 2 if device == "cuda" else 4
-    return _DTYPE_BYTES[model_cfg.params_dtype]
+    return DTYPE_BYTES[model_cfg.params_dtype]
 
 
 def max_sequence_length(cfg) -> int:
@@ -98,7 +103,7 @@ def plan_run(cfg, hf, world: int, device_bytes: float, device: str = "cuda",
     lay = layout_of(cfg.parallel, world)
     # auto: Transformer Engine on GPU (installed with the gpu extras), the local spec on CPU
     spec = cfg.model.spec if cfg.model.spec != "auto" else ("te" if device == "cuda" else "local")
-    p = _dtype_bytes(cfg.model, device)
+    p = params_dtype_bytes(cfg.model, device)
     opt = cfg.optimizer
     seq = max_sequence_length(cfg)
     tokens = cfg.train.max_tokens_per_micro_batch
@@ -184,11 +189,9 @@ def rollout_engine_terms(cfg, s: Shapes, lay: Layout, stage: int, device_bytes: 
     problems: list[str] = []
     host: list[Term] = []
     if r.engine == "vllm":
-        from megatron_pz.rollout.budget import vllm_kv_cache_bytes, vllm_max_model_len
-
-        total_params = _total_params(s)
-        vllm_bytes = _DTYPE_BYTES.get(r.dtype, p)  # auto: the actor's dtype
-        weights = total_params * vllm_bytes / r.tensor_parallel_size
+        n_params = total_params(s)
+        vllm_bytes = DTYPE_BYTES.get(r.dtype, p)  # auto: the actor's dtype
+        weights = n_params * vllm_bytes / r.tensor_parallel_size
         kv = vllm_kv_cache_bytes(r, hf, vllm_max_model_len(cfg), on_cpu, vllm_bytes) if hf is not None else None
         if kv is not None:
             sized = ("rollout.kv_cache_memory_bytes" if r.kv_cache_memory_bytes
@@ -217,7 +220,7 @@ def rollout_engine_terms(cfg, s: Shapes, lay: Layout, stage: int, device_bytes: 
         # rollout/hf_engine.py: the first rank of each model-parallel group holds a full transformers copy
         # in the actor's dtype and a DynamicCache of every layer for max_batch_size sequences; asleep, the
         # copy moves to host memory (``model.to("cpu")``) and the cache is gone.
-        weights = _total_params(s) * p
+        weights = total_params(s) * p
         kv = 2 * s.layers * s.groups * s.head_dim * p * r.max_batch_size * seq
         host.append(Term("hf engine weights while asleep (host memory)", weights, "rollout.engine"))
         return [Term("hf engine weights (full copy)", weights, "rollout.engine"),
@@ -232,7 +235,7 @@ def rollout_engine_terms(cfg, s: Shapes, lay: Layout, stage: int, device_bytes: 
 
 def bridge_bucket_term(r, what: str) -> Term:
     """One weight bucket outside the engine (disaggregated): packed on a stage head, or received on a rollout
-    rank before the engine loads it (:mod:`megatron_pz.rollout.bridge`)."""
+    rank before the engine loads it (:mod:`megatron_pz.disagg.bridge`)."""
     return Term(f"bridge: one weight bucket ({what})", r.bucket_mb * 2**20, "rollout.bucket_mb")
 
 
@@ -243,7 +246,7 @@ def plan_rollout_ranks(cfg, hf, device_bytes: float, device: str = "cuda",
     (:func:`rollout_engine_terms`; the ``hf`` copy is in the actor's dtype, which the trainers send)."""
     s = Shapes.from_hf(hf)
     lay = layout_of(cfg.parallel, cfg.parallel.tp * cfg.parallel.pp * cfg.parallel.cp)
-    awake, _, _, problems = rollout_engine_terms(cfg, s, lay, 0, device_bytes, _dtype_bytes(cfg.model, device),
+    awake, _, _, problems = rollout_engine_terms(cfg, s, lay, 0, device_bytes, params_dtype_bytes(cfg.model, device),
                                                  max_sequence_length(cfg), hf, on_cpu=device != "cuda")
     terms = [t for t in awake if not t.name.startswith("weight-sync bucket")]
     terms.append(bridge_bucket_term(cfg.rollout, "received, then loaded"))
@@ -293,10 +296,6 @@ class SplitPlan:
 def plan_split(cfg, hf, job_world: int, device_bytes: float, device: str = "cuda",
                min_margin: float = DEFAULT_MIN_MARGIN, gpus_per_node: int = 8) -> SplitPlan:
     """Both roles of a disaggregated job of ``job_world`` GPUs (``rollout.ranks`` of them generate)."""
-    from megatron_pz.runtime.roles import split_of
-
-    from megatron_pz.rollout.protocol import WorkSplit
-
     trainers, rollout_ranks = split_of(cfg.rollout, job_world)
     training = plan_run(cfg, hf, trainers, device_bytes, device, min_margin)
     WorkSplit(cfg.train.passages_per_step, rollout_ranks, training.layout.dp)  # refuses passages that do not divide
@@ -378,8 +377,6 @@ def check_at_startup(cfg, hf, world: int, device: str, device_bytes: Optional[fl
     """``train``'s start-up check, before any model is built: print the plan (rank 0) and refuse an
     unfit one with its largest terms and their knobs (``runtime.memory_plan``: enforce | warn | off).
     ``rollout_rank``: the plan of a disaggregated run's rollout rank (``world`` is then ignored)."""
-    from megatron_pz.config import ConfigError
-
     mode = cfg.runtime.memory_plan
     if mode == "off":
         return None

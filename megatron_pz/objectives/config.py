@@ -17,8 +17,11 @@ normalize_answer, the leading-whitespace rule, the minimum context lengths, adv_
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Optional
+
+from megatron_pz.config import ConfigError, from_dict
+from megatron_pz.objectives.prompts import PROMPT_STYLES
 
 OBJECTIVE_NAMES = ("pretrainzero", "random_rlpt", "random_ntr", "entropy_ntr", "rpt", "rlp")
 LOSS_AGGS = ("token_mean", "seq_mean_token_mean")
@@ -151,8 +154,6 @@ class ObjectiveConfig:
     mixture: list[ObjectiveComponent] = field(default_factory=list)
 
     def validate(self) -> None:
-        from megatron_pz.config import ConfigError
-
         if self.name not in OBJECTIVE_NAMES:
             raise ConfigError(f"objective.name must be one of {OBJECTIVE_NAMES}, got {self.name!r}")
         for key in ("generator_group", "predictor_group", "ntr_group"):
@@ -162,8 +163,6 @@ class ObjectiveConfig:
             raise ConfigError(f"objective.rlp_group must be >= 2 (advantage uses G/(G-1)), got {self.rlp_group}")
         if self.max_mask_occurrences < 2:
             raise ConfigError(f"objective.max_mask_occurrences must be >= 2, got {self.max_mask_occurrences}")
-        from megatron_pz.objectives.prompts import PROMPT_STYLES
-
         if self.prompt_style not in PROMPT_STYLES:
             raise ConfigError(f"objective.prompt_style must be one of {PROMPT_STYLES}, got {self.prompt_style!r}")
         if self.loss_agg != "paper" and self.loss_agg not in LOSS_AGGS:
@@ -196,10 +195,6 @@ class ObjectiveConfig:
 
     def derive(self, overrides: dict, where: str, allow_mixture: bool) -> "ObjectiveConfig":
         """This section with ``overrides`` applied (a phase's or a component's config), validated."""
-        from dataclasses import asdict
-
-        from megatron_pz.config import ConfigError, from_dict
-
         if not isinstance(overrides, dict):
             raise ConfigError(f"{where} must be a mapping of objective keys, got {overrides!r}")
         forbidden = {"schedule"} | (set() if allow_mixture else {"mixture"})

@@ -35,5 +35,5 @@ class Experience:
     mix_weight: float = 1.0
     info: dict = field(default_factory=dict)  # parsed answer, mask text, correctness...
     # MoE routing replay (R3): the rollout's experts for prompt + response[:-1], [tokens, moe_layers, topk]
-    # uint8/uint16 on the host (megatron_pz.rollout.routes); every Megatron forward on this sample uses them
+    # uint8/uint16 on the host (megatron_pz.model.routes); every Megatron forward on this sample uses them
     routes: Optional[Any] = None

@@ -25,6 +25,8 @@ import os
 import signal
 import sys
 
+from megatron_pz.runtime.preemption import EXIT_STOPPED
+
 FORWARDED = (signal.SIGTERM, signal.SIGUSR1)
 
 
@@ -46,8 +48,6 @@ def _forward(signum, _frame) -> None:
 
 
 def _stopped_code() -> int:
-    from megatron_pz.runtime.preemption import EXIT_STOPPED
-
     return EXIT_STOPPED
 
 
@@ -62,8 +62,6 @@ def exit_code(failures: dict) -> int:
 def main(argv=None) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
-
-    from megatron_pz.runtime.preemption import EXIT_STOPPED
 
     args = parse_args(sys.argv[1:] if argv is None else argv)
     names = {s.name for s in FORWARDED}

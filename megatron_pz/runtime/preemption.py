@@ -41,6 +41,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from megatron_pz.config import ConfigError
+
 # sysexits.h EX_TEMPFAIL ("temporary failure; the user is invited to retry"): the run stopped on a signal
 # after writing a complete checkpoint (or with nothing new to write). Resubmitting continues it. Any
 # other non-zero code is a failure.
@@ -69,8 +71,6 @@ class PreemptionConfig:
     save_margin: float = 2.0  # the write may take this many times the estimate
 
     def validate(self) -> None:
-        from megatron_pz.config import ConfigError
-
         for name in ("save_bytes_per_s", "phase_seconds"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"preemption.{name} must be > 0, got {getattr(self, name)}")

@@ -24,8 +24,9 @@ import torch.distributed as dist
 
 from megatron_pz.config import ModelConfig, OptimizerConfig, ParallelConfig
 from megatron_pz.model.provider import build_model
-from megatron_pz.rollout.routes import NATIVE, RouteShape
+from megatron_pz.model.routes import NATIVE, RouteShape
 from megatron_pz.train.batching import MicroBatch, TokenSequence, make_micro_batches, round_up, sequence_multiple
+from megatron_pz.train.routing_replay import RoutingReplay
 
 LossFn = Callable[[MicroBatch, torch.Tensor], tuple[torch.Tensor, torch.Tensor, dict]]
 
@@ -132,8 +133,6 @@ class Actor:
             raise ValueError("routing_replay='r3' needs an MoE model; this one is dense")
         self.routing = None
         if self.route_shape is not None:
-            from megatron_pz.train.routing_replay import RoutingReplay
-
             self.routing = RoutingReplay(self.chunks, self.route_shape, replay=routing_replay == "r3")
         cfg = self.transformer_config
         cfg.finalize_model_grads_func = finalize_model_grads

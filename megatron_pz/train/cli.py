@@ -4,6 +4,12 @@ from __future__ import annotations
 
 import argparse
 
+import torch.distributed as dist
+
+from megatron_pz.runtime import destroy
+from megatron_pz.runtime.preemption import EXIT_STOPPED, ignore_stop_signals, install_stop_signals
+from megatron_pz.train.config import load_run_config
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
@@ -19,22 +25,15 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     """Exit code 0 when every step ran; ``EXIT_STOPPED`` (75) when a stop signal ended the run after its
     checkpoint was written (see :mod:`megatron_pz.runtime.preemption`)."""
-    from megatron_pz.runtime.preemption import EXIT_STOPPED, ignore_stop_signals, install_stop_signals
-
     if not args.check:
         install_stop_signals()  # first: until then SIGUSR1 would end the process
-    from megatron_pz.train.config import load_run_config
-
     cfg = load_run_config(args.config, args.overrides)
     if args.check:
         print("config ok")
         return 0
-    from megatron_pz.train.trainer import train
+    from megatron_pz.train.trainer import train  # lazy: it loads megatron-core (4 s); --help and --check need none
 
     result = train(cfg)
-    import torch.distributed as dist
-
-    from megatron_pz.runtime import destroy
 
     if result.get("stopped"):
         ignore_stop_signals()

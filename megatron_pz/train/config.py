@@ -8,6 +8,7 @@ from typing import Optional
 from megatron_pz.config import Config, ConfigError, load_config, validate_static
 from megatron_pz.data.config import DataConfig
 from megatron_pz.objectives.config import ObjectiveConfig
+from megatron_pz.objectives.split import check_disaggregated
 from megatron_pz.rollout.config import RolloutConfig
 from megatron_pz.runtime.preemption import PreemptionConfig
 
@@ -102,8 +103,6 @@ def validate_run(cfg: RunConfig) -> None:
     cfg.rollout.validate()
     cfg.preemption.validate()
     if cfg.rollout.disaggregated:
-        from megatron_pz.objectives.split import check_disaggregated
-
         check_disaggregated(cfg.objective)
     t = cfg.train
     for name in ("steps", "passages_per_step", "max_tokens_per_micro_batch", "max_prompt_tokens",
