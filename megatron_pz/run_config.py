@@ -1,4 +1,6 @@
-"""The run config: the base tree (model/parallel/optimizer/runtime) plus every subsystem's section."""
+"""The run config (what ``megatron-pz train`` and ``megatron-pz plan`` read): the base tree of
+:mod:`megatron_pz.config` (model / parallel / optimizer / runtime) plus every subsystem's section, the
+training ones (``train``, ``grpo``, ``warm_start``) defined here."""
 
 from __future__ import annotations
 

@@ -203,7 +203,7 @@ def test_grpo_config_errors_before_work():
     from pathlib import Path
 
     from megatron_pz.config import ConfigError
-    from megatron_pz.train.config import load_run_config
+    from megatron_pz.run_config import load_run_config
 
     tiny = Path(__file__).resolve().parents[1] / "examples" / "tiny_cpu.yaml"
     cfg = load_run_config(tiny)

@@ -14,7 +14,7 @@ from megatron_pz.memory_plan import (GIB, Layout, ParamSpec, Shapes, check_at_st
 from megatron_pz.model import load_hf_config
 from megatron_pz.memory_plan.cli import plan_config
 from megatron_pz.config import ConfigError
-from megatron_pz.train.config import load_run_config
+from megatron_pz.run_config import load_run_config
 from multiproc import run_torchrun
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -148,7 +148,7 @@ def test_job_outcome(tmp_path, monkeypatch):
 
 
 def test_preemption_config_is_checked():
-    from megatron_pz.train.config import load_run_config
+    from megatron_pz.run_config import load_run_config
 
     with pytest.raises(ConfigError, match="preemption.save_bytes_per_s must be > 0"):
         load_run_config(ROOT / "examples" / "tiny_cpu.yaml", ["preemption.save_bytes_per_s=0"])

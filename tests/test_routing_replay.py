@@ -169,7 +169,7 @@ def test_routing_replay_resolves_per_model_engine_and_device():
 
 
 def test_the_30b_moe_run_replays_routes_on_gpu(monkeypatch, tmp_path):
-    from megatron_pz.train.config import load_run_config
+    from megatron_pz.run_config import load_run_config
 
     monkeypatch.setenv("MODEL_DIR", str(tmp_path / "model"))
     monkeypatch.setenv("DATA_DIR", str(tmp_path / "data"))
@@ -180,7 +180,7 @@ def test_the_30b_moe_run_replays_routes_on_gpu(monkeypatch, tmp_path):
 
 
 def test_yaml_off_reads_as_off():
-    from megatron_pz.train.config import load_run_config
+    from megatron_pz.run_config import load_run_config
 
     cfg = load_run_config(REPO_ROOT / "examples" / "tiny_cpu.yaml", ["rollout.routing_replay=off"])
     assert cfg.rollout.routing_replay == "off"  # YAML 1.1 reads a bare off as false
@@ -206,7 +206,7 @@ def test_router_settings_replay_cannot_honour_are_refused():
 
 def test_memory_plan_counts_the_stored_routes_and_the_replay_targets():
     from megatron_pz.memory_plan import GIB, max_sequence_length, plan_run
-    from megatron_pz.train.config import load_run_config
+    from megatron_pz.run_config import load_run_config
 
     overrides = ["model.architecture.model_type=qwen3_moe", "model.architecture.num_experts=8",
                  "model.architecture.num_experts_per_tok=2", "model.architecture.moe_intermediate_size=64",

@@ -323,7 +323,7 @@ def routing_replay_runs(replayed: Path, native: Path) -> str:
 
 def smoke_model(name: str, overrides: list[str], args, report: Report, device: torch.device) -> None:
     from megatron_pz.convert.megatron_to_hf import export_hf_checkpoint
-    from megatron_pz.train.config import load_run_config
+    from megatron_pz.run_config import load_run_config
     from megatron_pz.train.trainer import train
 
     run_dir = args.out / name

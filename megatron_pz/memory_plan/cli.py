@@ -17,7 +17,7 @@ from megatron_pz.config import ConfigError, validate_parallel_sizes
 from megatron_pz.memory_plan import GIB, plan_run, plan_split, render
 from megatron_pz.memory_plan.checkpoint_time import early_warning_lead, plan_checkpoint
 from megatron_pz.model.provider import load_hf_config, resolve_hf_config
-from megatron_pz.train.config import load_run_config
+from megatron_pz.run_config import load_run_config
 
 
 def register(subparsers) -> None:

@@ -99,67 +99,20 @@ def max_sequence_length(cfg) -> int:
 def plan_run(cfg, hf, world: int, device_bytes: float, device: str = "cuda",
              min_margin: float = DEFAULT_MIN_MARGIN) -> MemoryPlan:
     """Budget every pipeline stage of ``cfg`` on ``world`` ranks; keep the stage with the highest peak."""
-    s = Shapes.from_hf(hf)
     lay = layout_of(cfg.parallel, world)
     # auto: Transformer Engine on GPU (installed with the gpu extras), the local spec on CPU
     spec = cfg.model.spec if cfg.model.spec != "auto" else ("te" if device == "cuda" else "local")
     p = params_dtype_bytes(cfg.model, device)
-    opt = cfg.optimizer
     seq = max_sequence_length(cfg)
     tokens = cfg.train.max_tokens_per_micro_batch
     r = cfg.rollout
-    routes_captured = bool(s.experts) and engine_captures_routes(r, device)
-    best = None
-    stage_totals = []
-    for stage in range(lay.pp):
-        st = worst_model_state(s, lay, stage, spec, cfg.model.moe_grouped_gemm, p, opt.use_distributed_optimizer,
-                               opt.overlap_grad_reduce)
-        resident = [
-            Term("weights" + (" (DDP param buffer)" if opt.use_distributed_optimizer else ""), st.weights,
-                 "parallel.tp/pp/ep"),
-            Term("gradient buffer (fp32, grad_reduce_in_fp32)", st.grads, "parallel.tp/pp/ep"),
-            Term("optimizer: fp32 main params" + (" (1/DP shard)" if opt.use_distributed_optimizer else ""),
-                 st.main_params, "optimizer.use_distributed_optimizer, more DP ranks"),
-            Term("optimizer: Adam moments" + (" (1/DP shard)" if opt.use_distributed_optimizer else ""), st.moments,
-                 "optimizer.use_distributed_optimizer, more DP ranks"),
-        ]
-        if cfg.objective.name == "rlp":
-            teacher = sum(sum(q.numel for q in chunk_params(s, lay, stage, spec, cfg.model.moe_grouped_gemm, v))
-                          for v in range(lay.vp or 1)) * p
-            resident.append(Term("RLP EMA teacher weights", teacher, "parallel.tp/pp/ep"))
-        if r.disaggregated:  # the engine lives on the rollout ranks; a training rank packs one bucket at a time
-            rollout_terms, asleep_terms, host, problems = [bridge_bucket_term(r, "packed for the push")], [], [], []
-        else:
-            rollout_terms, asleep_terms, host, problems = rollout_engine_terms(cfg, s, lay, stage, device_bytes, p,
-                                                                               seq, hf, on_cpu=device != "cuda")
-        train_terms = list(resident) + asleep_terms
-        if cfg.model.fp8:
-            train_terms.append(Term("FP8 weight copies (row + column-wise, 1 byte each)", 2 * st.fp8_gemm_weights,
-                                    "model.fp8"))
-        train_terms += training_activation_terms(s, lay, stage, tokens, min(seq, tokens), spec, p,
-                                                 bool(cfg.model.fp8), cfg.model.recompute)
-        largest_grad = max((q.numel for v in range(lay.vp or 1)
-                            for q in chunk_params(s, lay, stage, spec, cfg.model.moe_grouped_gemm, v)), default=0)
-        train_terms.append(Term("largest weight gradient before it joins the buffer (transient)", largest_grad * p))
-        score_terms = list(resident) + asleep_terms + scoring_terms(s, lay, stage, tokens, spec, p)
-        if routes_captured:  # MoE routing replay: targets per micro-batch (device), the step's routes (host)
-            replay_train, replay_host = routing_replay_terms(cfg, s, lay, stage, tokens, seq,
-                                                             recompute_routers=cfg.model.recompute == "full")
-            replay_score, _ = routing_replay_terms(cfg, s, lay, stage, tokens, seq, recompute_routers=False)
-            train_terms += replay_train
-            score_terms += replay_score
-            host = host + replay_host
-        phases = [Phase("weight push" if r.disaggregated else "rollout", list(resident) + rollout_terms),
-                  Phase("scoring", score_terms), Phase("training", train_terms)]
-        candidate = MemoryPlan(device_bytes=device_bytes, min_margin=min_margin, world=world, layout=lay,
-                               stage=stage, phases=phases, host_terms=host, problems=problems,
-                               role="training ranks" if r.disaggregated else "")
-        stage_totals.append(f"stage {stage}: " + ", ".join(f"{ph.name} {ph.total / GIB:.1f}" for ph in phases))
-        if best is None or candidate.peak > best.peak:
-            best = candidate
+    stages = [plan_stage(cfg, hf, lay, stage, spec, p, device_bytes, device, min_margin, world)
+              for stage in range(lay.pp)]
+    best = max(stages, key=lambda plan: plan.peak)  # the first stage of the highest peak
     if lay.pp > 1:
         best.notes.append("GiB per pipeline stage (the table shows the stage with the highest peak): "
-                          + "; ".join(stage_totals))
+                          + "; ".join(f"stage {plan.stage}: " + ", ".join(f"{ph.name} {ph.total / GIB:.1f}"
+                                                                         for ph in plan.phases) for plan in stages))
     if r.engine == "vllm" and not r.disaggregated:
         best.notes.append(f"scoring and training assume the vLLM engine sleeps (level {r.sleep_level}) after each "
                           "generation (VLLMRolloutEngine.sleep/wake); awake, it keeps its whole share")
@@ -167,6 +120,60 @@ def plan_run(cfg, hf, world: int, device_bytes: float, device: str = "cuda",
                       f"ETP {lay.etp}, expert-DP {lay.expert_dp}; spec {spec}, params {p} bytes, "
                       f"micro-batch {tokens} tokens, sequences <= {seq}")
     return best
+
+
+def plan_stage(cfg, hf, lay: Layout, stage: int, spec: str, p: int, device_bytes: float, device: str,
+               min_margin: float, world: int) -> MemoryPlan:
+    """One pipeline stage's phases: the model state that stays (weights, gradient buffer, optimizer, RLP's
+    teacher), plus the rollout engine (or the bridge's bucket), scoring and training activations, and MoE
+    routing replay's targets."""
+    s = Shapes.from_hf(hf)
+    opt, r = cfg.optimizer, cfg.rollout
+    seq = max_sequence_length(cfg)
+    tokens = cfg.train.max_tokens_per_micro_batch
+    st = worst_model_state(s, lay, stage, spec, cfg.model.moe_grouped_gemm, p, opt.use_distributed_optimizer,
+                           opt.overlap_grad_reduce)
+    resident = [
+        Term("weights" + (" (DDP param buffer)" if opt.use_distributed_optimizer else ""), st.weights,
+             "parallel.tp/pp/ep"),
+        Term("gradient buffer (fp32, grad_reduce_in_fp32)", st.grads, "parallel.tp/pp/ep"),
+        Term("optimizer: fp32 main params" + (" (1/DP shard)" if opt.use_distributed_optimizer else ""),
+             st.main_params, "optimizer.use_distributed_optimizer, more DP ranks"),
+        Term("optimizer: Adam moments" + (" (1/DP shard)" if opt.use_distributed_optimizer else ""), st.moments,
+             "optimizer.use_distributed_optimizer, more DP ranks"),
+    ]
+    if cfg.objective.name == "rlp":
+        teacher = sum(sum(q.numel for q in chunk_params(s, lay, stage, spec, cfg.model.moe_grouped_gemm, v))
+                      for v in range(lay.vp or 1)) * p
+        resident.append(Term("RLP EMA teacher weights", teacher, "parallel.tp/pp/ep"))
+    if r.disaggregated:  # the engine lives on the rollout ranks; a training rank packs one bucket at a time
+        rollout_terms, asleep_terms, host, problems = [bridge_bucket_term(r, "packed for the push")], [], [], []
+    else:
+        rollout_terms, asleep_terms, host, problems = rollout_engine_terms(cfg, s, lay, stage, device_bytes, p,
+                                                                           seq, hf, on_cpu=device != "cuda")
+    train_terms = list(resident) + asleep_terms
+    if cfg.model.fp8:
+        train_terms.append(Term("FP8 weight copies (row + column-wise, 1 byte each)", 2 * st.fp8_gemm_weights,
+                                "model.fp8"))
+    train_terms += training_activation_terms(s, lay, stage, tokens, min(seq, tokens), spec, p,
+                                             bool(cfg.model.fp8), cfg.model.recompute)
+    largest_grad = max((q.numel for v in range(lay.vp or 1)
+                        for q in chunk_params(s, lay, stage, spec, cfg.model.moe_grouped_gemm, v)), default=0)
+    train_terms.append(Term("largest weight gradient before it joins the buffer (transient)", largest_grad * p))
+    score_terms = list(resident) + asleep_terms + scoring_terms(s, lay, stage, tokens, spec, p)
+    if bool(s.experts) and engine_captures_routes(r, device):  # MoE routing replay: targets per micro-batch
+        # (device) and the step's routes (host)
+        replay_train, replay_host = routing_replay_terms(cfg, s, lay, stage, tokens, seq,
+                                                         recompute_routers=cfg.model.recompute == "full")
+        replay_score, _ = routing_replay_terms(cfg, s, lay, stage, tokens, seq, recompute_routers=False)
+        train_terms += replay_train
+        score_terms += replay_score
+        host = host + replay_host
+    phases = [Phase("weight push" if r.disaggregated else "rollout", list(resident) + rollout_terms),
+              Phase("scoring", score_terms), Phase("training", train_terms)]
+    return MemoryPlan(device_bytes=device_bytes, min_margin=min_margin, world=world, layout=lay, stage=stage,
+                      phases=phases, host_terms=host, problems=problems,
+                      role="training ranks" if r.disaggregated else "")
 
 
 def rollout_engine_terms(cfg, s: Shapes, lay: Layout, stage: int, device_bytes: float, p: int, seq: int,

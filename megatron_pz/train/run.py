@@ -33,7 +33,7 @@ from megatron_pz.runtime import initialize
 from megatron_pz.runtime.distributed import resolve_device
 from megatron_pz.runtime.run_lock import acquire_on_rank0
 from megatron_pz.train.actor import Actor, build_model_chunks
-from megatron_pz.train.config import RunConfig
+from megatron_pz.run_config import RunConfig
 from megatron_pz.train.metrics import MetricsLogger
 from megatron_pz.train.warm_start import run_warm_start
 

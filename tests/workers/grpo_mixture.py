@@ -14,7 +14,7 @@ from megatron_pz.model import load_hf_config
 from megatron_pz.rl.types import Experience
 from megatron_pz.runtime import initialize
 from megatron_pz.train.actor import Actor
-from megatron_pz.train.config import GrpoConfig
+from megatron_pz.run_config import GrpoConfig
 from megatron_pz.train.update import grpo_update, make_grpo_loss_fn, token_means
 
 TINY = dict(model_type="qwen3", vocab_size=256, hidden_size=64, intermediate_size=128,

@@ -243,7 +243,7 @@ def scorer_checks(hf, parallel, prompts) -> dict:
 
 def save_near_tie_checkpoint(out: Path, overrides: list[str]) -> None:
     from megatron_pz.checkpoint import save_checkpoint
-    from megatron_pz.train.config import load_run_config
+    from megatron_pz.run_config import load_run_config
     from megatron_pz.model.provider import resolve_hf_config
 
     cfg = load_run_config(Path(__file__).resolve().parents[2] / "examples" / "tiny_cpu.yaml", overrides)
