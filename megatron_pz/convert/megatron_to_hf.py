@@ -19,8 +19,8 @@ from megatron_pz.checkpoint import (TOKENIZER_DIR, load_checkpoint, read_hf_conf
 from megatron_pz.config import ConfigError, ModelConfig, ParallelConfig, RuntimeConfig
 from megatron_pz.convert.hf_io import CheckpointFormatError, HFShardWriter
 from megatron_pz.convert.mapping import expected_hf_tensors
-from megatron_pz.data.tokenizer import copy_tokenizer_files
 from megatron_pz.convert.weights import megatron_to_hf_tensors
+from megatron_pz.data.tokenizer import copy_tokenizer_files
 from megatron_pz.model.provider import SUPPORTED_ARCHITECTURES, build_model
 from megatron_pz.runtime import initialize
 

@@ -32,8 +32,8 @@ from typing import Callable, Iterator, Optional
 import torch
 import torch.distributed as dist
 
-from megatron_pz.rollout.weight_sync import Bucket, pack_buckets, stage_tensors
 from megatron_pz.disagg.roles import Peer, Roles
+from megatron_pz.rollout.weight_sync import Bucket, pack_buckets, stage_tensors
 
 
 def _gloo(store, index: int, size: int, timeout: datetime.timedelta):

@@ -6,9 +6,9 @@ import argparse
 
 import torch.distributed as dist
 
+from megatron_pz.run_config import load_run_config
 from megatron_pz.runtime import destroy
 from megatron_pz.runtime.preemption import EXIT_STOPPED, ignore_stop_signals, install_stop_signals
-from megatron_pz.run_config import load_run_config
 
 
 def register(subparsers) -> None:

@@ -29,11 +29,11 @@ from megatron_pz.memory_plan import check_at_startup
 from megatron_pz.model.provider import resolve_hf_config
 from megatron_pz.rl.ema import EmaTeacher
 from megatron_pz.rollout.config import check_engine_for_model, engine_captures_routes, resolve_routing_replay
+from megatron_pz.run_config import RunConfig
 from megatron_pz.runtime import initialize
 from megatron_pz.runtime.distributed import resolve_device
 from megatron_pz.runtime.run_lock import acquire_on_rank0
 from megatron_pz.train.actor import Actor, build_model_chunks
-from megatron_pz.run_config import RunConfig
 from megatron_pz.train.metrics import MetricsLogger
 from megatron_pz.train.warm_start import run_warm_start
 

@@ -40,9 +40,9 @@ from megatron.core import parallel_state as ps
 
 from megatron_pz.disagg.roles import start_roles
 from megatron_pz.disagg.server import serve
+from megatron_pz.run_config import RunConfig
 from megatron_pz.runtime.preemption import Stopped, install_stop_signals, write_stop_record
 from megatron_pz.train.colocated import ColocatedSource
-from megatron_pz.run_config import RunConfig
 from megatron_pz.train.disaggregated import DisaggregatedSource
 from megatron_pz.train.run import Checkpoints, Policy, Run
 from megatron_pz.train.update import grpo_update, make_grpo_loss_fn, step_metrics
