@@ -11,10 +11,6 @@ import importlib
 import importlib.util
 import sys
 
-from megatron_pz.config import ConfigError
-from megatron_pz.runtime.preemption import ignore_stop_signals
-from megatron_pz.runtime.run_lock import RunDirLocked
-
 SUBCOMMAND_MODULES = (
     "megatron_pz.train.cli",  # train
     "megatron_pz.data.cli",  # preprocess, train-tokenizer
@@ -43,11 +39,14 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    from megatron_pz.config import ConfigError  # lazy: after parsing, so that --help loads no more than it must
+    from megatron_pz.runtime.run_lock import RunDirLocked  # lazy: see above
 
     try:
         return int(args.func(args) or 0)
     except (ConfigError, RunDirLocked) as exc:  # bad input, or refused before any work: one clear line
         if args.command == "train":  # the stop handlers are train's; other commands (plan) never set them
+            from megatron_pz.runtime.preemption import ignore_stop_signals  # lazy: see above
 
             ignore_stop_signals()  # under torchrun every rank exits with this code, none killed on its way out
         print(f"megatron-pz {args.command}: error: {exc}", file=sys.stderr)

@@ -13,8 +13,8 @@ import socket
 import subprocess
 import sys
 
-from megatron_pz.convert.hf_to_megatron import import_hf_checkpoint, world_size_for
-from megatron_pz.convert.megatron_to_hf import export_hf_checkpoint
+# HELP_FAST: `megatron-pz --help` imports every subcommand's module, so the code a subcommand drives is imported
+# when the command runs (checkpoints, conversion, weights), not when the parser is built.
 
 
 def register(subparsers) -> None:
@@ -48,6 +48,8 @@ def _free_port() -> int:
 
 
 def _run_import(args) -> int:
+    from megatron_pz.convert.hf_to_megatron import import_hf_checkpoint, world_size_for  # lazy: see HELP_FAST
+
     world = world_size_for(args.tp, args.pp, args.ep)
     if world > 1 and "RANK" not in os.environ:
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={world}", "--nnodes=1",
@@ -66,6 +68,8 @@ def _run_import(args) -> int:
 
 
 def _run_export(args) -> int:
+    from megatron_pz.convert.megatron_to_hf import export_hf_checkpoint  # lazy: see HELP_FAST
+
     path = export_hf_checkpoint(args.ckpt, args.out, max_shard_bytes=args.max_shard_size_mb * 1024**2,
                                 device=args.device, overwrite=args.overwrite)
     print(f"wrote {path}")

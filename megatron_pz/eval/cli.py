@@ -5,9 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from megatron_pz.config import ConfigError
-from megatron_pz.eval.lm_eval_runner import run_lm_eval, write_json_atomic
-from megatron_pz.eval.mask_accuracy import SPAN_SOURCES, run_mask_accuracy
+from megatron_pz.eval.mask_accuracy import SPAN_SOURCES
 
 
 def register(subparsers) -> None:
@@ -35,6 +33,11 @@ def register(subparsers) -> None:
 
 
 def _run(args) -> int:
+    # lazy: `megatron-pz --help` imports every subcommand's module; the work's own imports wait for the command
+    from megatron_pz.config import ConfigError  # lazy: see above
+    from megatron_pz.eval.lm_eval_runner import run_lm_eval, write_json_atomic  # lazy: see above
+    from megatron_pz.eval.mask_accuracy import run_mask_accuracy  # lazy: see above
+
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     if not tasks and not args.mask_accuracy:
         raise ConfigError("eval: give --tasks and/or --mask-accuracy")

@@ -16,8 +16,9 @@ from pathlib import Path
 from megatron_pz.config import ConfigError, validate_parallel_sizes
 from megatron_pz.memory_plan import GIB, plan_run, plan_split, render
 from megatron_pz.memory_plan.checkpoint_time import early_warning_lead, plan_checkpoint
-from megatron_pz.model.provider import load_hf_config, resolve_hf_config
-from megatron_pz.run_config import load_run_config
+
+# HELP_FAST: `megatron-pz --help` imports every subcommand's module, so what ``plan`` reads a run config with is
+# imported when the command runs, not when the parser is built.
 
 
 def register(subparsers) -> None:
@@ -38,6 +39,8 @@ def register(subparsers) -> None:
 
 def load_for_planning(config: str, overrides: list[str]):
     """The run config, with unset ``${VAR}`` placeholders of the YAML left empty instead of failing."""
+    from megatron_pz.run_config import load_run_config  # lazy: see HELP_FAST
+
     text = Path(config).read_text() if Path(config).is_file() else ""
     unset = [v for v in sorted(set(re.findall(r"\$\{(\w+)\}", text))) if v not in os.environ]
     for var in unset:
@@ -51,6 +54,8 @@ def load_for_planning(config: str, overrides: list[str]):
 
 def hf_config_for_planning(cfg):
     """The model folder's config when it exists, else ``model.architecture`` (the shapes the YAML states)."""
+    from megatron_pz.model.provider import load_hf_config, resolve_hf_config  # lazy: see HELP_FAST
+
     source = cfg.model.hf_config
     if source and (Path(source).is_dir() or Path(source).is_file()):
         return resolve_hf_config(cfg), f"model from {source}"

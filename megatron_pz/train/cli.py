@@ -6,7 +6,6 @@ import argparse
 
 import torch.distributed as dist
 
-from megatron_pz.run_config import load_run_config
 from megatron_pz.runtime import destroy
 from megatron_pz.runtime.preemption import EXIT_STOPPED, ignore_stop_signals, install_stop_signals
 
@@ -27,6 +26,8 @@ def run(args: argparse.Namespace) -> int:
     checkpoint was written (see :mod:`megatron_pz.runtime.preemption`)."""
     if not args.check:
         install_stop_signals()  # first: until then SIGUSR1 would end the process
+    from megatron_pz.run_config import load_run_config  # lazy: `megatron-pz --help` imports every subcommand's module
+
     cfg = load_run_config(args.config, args.overrides)
     if args.check:
         print("config ok")
