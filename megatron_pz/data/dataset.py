@@ -15,13 +15,15 @@ from typing import Optional
 
 import numpy as np
 
+from megatron_pz.errors import BadInput
+
 from .preprocess import FORMAT_VERSION
 from .spans import NUM_WORD_FIELDS, candidate_arrays
 
 SPLITS = ("all", "train", "heldout")
 
 
-class DatasetFormatError(ValueError):
+class DatasetFormatError(BadInput, ValueError):
     """A preprocessed folder is missing a file or disagrees with its manifest; names the file."""
 
 
@@ -58,39 +60,19 @@ class PassageDataset:
         max_span_words: Optional[int] = None,
         max_span_tokens: Optional[int] = None,
     ):
-        from megatron.core.datasets.indexed_dataset import IndexedDataset
-
         if split not in SPLITS:
             raise ValueError(f"split={split!r}, expected one of {SPLITS}")
         if not 0.0 <= heldout_fraction < 1.0:
             raise ValueError(f"heldout_fraction={heldout_fraction}, expected 0 <= f < 1")
         self.path = Path(path)
-        manifest_path = self.path / "manifest.json"
-        if not manifest_path.is_file():
-            raise DatasetFormatError(
-                f"{manifest_path}: missing; not a finished preprocess output (rerun preprocess to resume)"
-            )
-        self.manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-        if self.manifest.get("format_version") != FORMAT_VERSION:
-            raise DatasetFormatError(
-                f"{manifest_path}: format_version {self.manifest.get('format_version')}, expected {FORMAT_VERSION}"
-            )
+        self.manifest = read_manifest(self.path)
         files = self.manifest["files"]
         built_k = self.manifest["options"]["max_span_words"]
         self.max_span_words = built_k if max_span_words is None else min(max_span_words, built_k)
         self.max_span_tokens = max_span_tokens  # None: any length
         total = self.manifest["counts"]["passages"]
-        for key in ("passages", "words"):
-            for suffix in (".bin", ".idx"):
-                if not (self.path / (files[key] + suffix)).is_file():
-                    raise DatasetFormatError(f"{self.path / (files[key] + suffix)}: missing")
-        self.tokens = IndexedDataset(str(self.path / files["passages"]))
-        self.words = IndexedDataset(str(self.path / files["words"]))
-        for key, ds in (("passages", self.tokens), ("words", self.words)):
-            if len(ds) != total:
-                raise DatasetFormatError(
-                    f"{self.path / (files[key] + '.idx')}: {len(ds)} documents, manifest says {total}"
-                )
+        self.tokens = open_indexed(self.path, self.manifest, "passages")
+        self.words = open_indexed(self.path, self.manifest, "words")
         self._shards = self.manifest["shards"]
         self._shard_first = np.array([s["first_passage"] for s in self._shards], dtype=np.int64)
         self._line_offsets = [self._index_shard(s) for s in self._shards]
@@ -188,6 +170,71 @@ class PassageDataset:
             page=rec["page"],
             part=rec["part"],
         )
+
+
+def read_manifest(path: Path) -> dict:
+    """The manifest of a preprocessed folder (a folder without one is not a finished preprocess output)."""
+    manifest_path = path / "manifest.json"
+    if not path.is_dir():
+        raise DatasetFormatError("no such folder", path, "build it with `megatron-pz preprocess ... --out` that folder")
+    if not manifest_path.is_file():
+        raise DatasetFormatError("missing; not a finished preprocess output", manifest_path,
+                                 "rerun the same `megatron-pz preprocess` command to finish (it resumes)")
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DatasetFormatError(f"unreadable ({exc})", manifest_path, "rerun `megatron-pz preprocess` into a new folder")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise DatasetFormatError(f"format_version {manifest.get('format_version')}, expected {FORMAT_VERSION}",
+                                 manifest_path, "preprocess the data again with this version")
+    return manifest
+
+
+def open_indexed(path: Path, manifest: dict, key: str):
+    """The ``IndexedDataset`` of ``manifest["files"][key]``, checked: both files present, the ``.idx`` readable,
+    the ``.bin`` exactly as long as the ``.idx`` describes (a short one would fail only when its last
+    passage is drawn), and as many documents as the manifest counts."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    prefix = path / manifest["files"][key]
+    idx, bin_ = prefix.with_name(prefix.name + ".idx"), prefix.with_name(prefix.name + ".bin")
+    remedy = "preprocess the data again (this folder was damaged or only partly copied)"
+    for file in (idx, bin_):
+        if not file.is_file():
+            raise DatasetFormatError("missing", file, remedy)
+    try:
+        ds = IndexedDataset(str(prefix))
+    except (AssertionError, ValueError, OSError) as exc:  # a bad header, a short index
+        raise DatasetFormatError(f"not a readable index ({exc})", idx, remedy) from exc
+    lengths, pointers = ds.index.sequence_lengths, ds.index.sequence_pointers
+    expected = int(pointers[-1]) + int(lengths[-1]) * ds.index.dtype_size if len(lengths) else 0
+    actual = bin_.stat().st_size
+    if actual != expected:
+        raise DatasetFormatError(f"{actual} bytes, but {idx.name} describes {expected}", bin_, remedy)
+    total = manifest["counts"]["passages"]
+    if len(ds) != total:
+        raise DatasetFormatError(f"{len(ds)} documents, manifest says {total}", idx, remedy)
+    return ds
+
+
+def check_dataset(path: str | Path) -> dict:
+    """The start-up check of a preprocessed folder, without reading its passages: manifest, indexed files
+    (sizes against their index), text shards (sizes against the manifest), split keys, tokenizer. Returns
+    the manifest."""
+    path = Path(path)
+    manifest = read_manifest(path)
+    for key in ("passages", "words"):
+        open_indexed(path, manifest, key)
+    for shard in manifest["shards"]:
+        file = path / shard["file"]
+        size = file.stat().st_size if file.is_file() else None
+        if size != shard["bytes"]:
+            raise DatasetFormatError("missing" if size is None else f"{size} bytes, manifest says {shard['bytes']}",
+                                     file, "preprocess the data again (this folder was damaged or only partly copied)")
+    for file in (path / manifest["files"]["split_keys"], path / manifest["files"]["tokenizer"] / "tokenizer.json"):
+        if not file.is_file():
+            raise DatasetFormatError("missing", file, "preprocess the data again")
+    return manifest
 
 
 def train_and_heldout(path: str | Path, data_cfg) -> tuple["PassageDataset", "PassageDataset"]:
