@@ -257,8 +257,10 @@ class Run:
         from megatron_pz.memory_plan import check_at_startup
         from megatron_pz.rollout.config import check_engine_for_model, engine_captures_routes, resolve_routing_replay
         from megatron_pz.runtime.distributed import resolve_device
+        from megatron_pz.train.preflight import preflight, settle
 
         check_engine_for_model(cfg.rollout, self.hf_config)
+        self.start = preflight(cfg, self.hf_config)  # data, the checkpoint to start from, and that they agree
         device_type = resolve_device(cfg.runtime.device).type
         self.routing_replay = resolve_routing_replay(cfg.rollout, self.hf_config, device_type)  # "r3" | "off"
         # MoE rollouts carry their routes wherever the engine can record them (replayed under r3, compared
@@ -272,6 +274,7 @@ class Run:
         self.run_dir = Path(cfg.train.run_dir)
         self.lock = acquire_on_rank0(self.run_dir)  # one writer per run dir, before anything is written
         self.data_path = _data_on_rank0_first(cfg)
+        self.start = settle(self.start, cfg, self.hf_config, self.data_path)  # every rank: the same checkpoint
         self.dataset, self.heldout = train_and_heldout(self.data_path, cfg.data)
         self.tokenizer = load_tokenizer(self.dataset.tokenizer_dir)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
@@ -371,12 +374,12 @@ class Policy:
     """The actor (+ RLP's EMA teacher) a run trains, and the checkpoint state it resumed from (None: fresh)."""
 
     def __init__(self, run: Run, stop):
-        from megatron_pz.checkpoint import latest_checkpoint, load_checkpoint
+        from megatron_pz.checkpoint import load_checkpoint
         from megatron_pz.rl.ema import EmaTeacher
         from megatron_pz.train.actor import build_model_chunks
 
         cfg, t = run.cfg, run.cfg.train
-        self.resumed_from = latest_checkpoint(run.ckpt_root) if t.resume else None
+        self.resumed_from = run.start.resume.path if run.start.resume else None  # checked, agreed (Run)
         start_weights = None
         if self.resumed_from is None:
             if cfg.warm_start.enabled:
@@ -444,10 +447,12 @@ def train(cfg: RunConfig) -> dict:
 def until_stopped(run: Run, loop) -> dict:
     """``loop()``'s result, or after a :class:`~megatron_pz.runtime.preemption.Stopped` the stop record (rank 0)
     and a result that says so; the run is closed either way (engine, logger, lock)."""
+    from megatron_pz.errors import during_work
     from megatron_pz.runtime.preemption import Stopped, write_stop_record
 
     try:
-        return loop()
+        with during_work():  # an error from here on is a failure during work (exit 1), not bad input
+            return loop()
     except Stopped as stopped:
         if dist.get_rank() == 0:
             write_stop_record(run.run_dir, stopped.signal, stopped.step, stopped.checkpoint, stopped.abandoned,
