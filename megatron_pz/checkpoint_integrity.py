@@ -208,16 +208,20 @@ def agree_on_resume(root, group=None) -> ResumePoint:
     point = find_resume(root)
     if not dist.is_initialized() or dist.get_world_size(group) == 1:
         return point
+    passed_over: dict[Path, tuple[int, str]] = {}  # by any rank, in any round: the first rank that did, why
     while True:
         views: list = [None] * dist.get_world_size(group)
         dist.all_gather_object(views, (point.step, point.skipped), group=group)
+        for rank, (_, skipped) in enumerate(views):
+            for path, why in skipped:
+                passed_over.setdefault(path, (rank, why))
         lowest = min((-1 if s is None else s) for s, _ in views)
         if all((-1 if s is None else s) == lowest for s, _ in views):
             break
         point = find_resume(root, below=lowest)  # below -1: none (some rank finds nothing complete)
-    for rank, (_, skipped) in enumerate(views):  # what other ranks passed over that this one did not
-        mine = {p for p, _ in point.skipped}
-        point.skipped += [(p, f"on rank {rank}: {why}") for p, why in skipped if p not in mine]
+    mine = {path for path, _ in point.skipped}
+    point.skipped += [(path, f"on rank {rank}: {why}") for path, (rank, why) in sorted(passed_over.items(), reverse=True)
+                      if path not in mine]
     return point
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import mmap
+import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -21,6 +22,7 @@ from .preprocess import FORMAT_VERSION
 from .spans import NUM_WORD_FIELDS, candidate_arrays
 
 SPLITS = ("all", "train", "heldout")
+REBUILD = "preprocess the data again (this folder was damaged or only partly copied)"
 
 
 class DatasetFormatError(BadInput, ValueError):
@@ -198,23 +200,41 @@ def open_indexed(path: Path, manifest: dict, key: str):
 
     prefix = path / manifest["files"][key]
     idx, bin_ = prefix.with_name(prefix.name + ".idx"), prefix.with_name(prefix.name + ".bin")
-    remedy = "preprocess the data again (this folder was damaged or only partly copied)"
     for file in (idx, bin_):
         if not file.is_file():
-            raise DatasetFormatError("missing", file, remedy)
-    try:
-        ds = IndexedDataset(str(prefix))
-    except (AssertionError, ValueError, OSError) as exc:  # a bad header, a short index
-        raise DatasetFormatError(f"not a readable index ({exc})", idx, remedy) from exc
-    lengths, pointers = ds.index.sequence_lengths, ds.index.sequence_pointers
-    expected = int(pointers[-1]) + int(lengths[-1]) * ds.index.dtype_size if len(lengths) else 0
-    actual = bin_.stat().st_size
+            raise DatasetFormatError("missing", file, REBUILD)
+    expected, actual = _bin_bytes(idx), bin_.stat().st_size
     if actual != expected:
-        raise DatasetFormatError(f"{actual} bytes, but {idx.name} describes {expected}", bin_, remedy)
+        raise DatasetFormatError(f"{actual} bytes, but {idx.name} describes {expected}", bin_, REBUILD)
+    ds = IndexedDataset(str(prefix))
     total = manifest["counts"]["passages"]
     if len(ds) != total:
-        raise DatasetFormatError(f"{len(ds)} documents, manifest says {total}", idx, remedy)
+        raise DatasetFormatError(f"{len(ds)} documents, manifest says {total}", idx, REBUILD)
     return ds
+
+
+def _bin_bytes(idx: Path) -> int:
+    """The ``.bin`` length an ``.idx`` file describes, reading it as megatron-core 0.16.1 writes it
+    (``indexed_dataset._IndexWriter``: 9-byte magic, version 1, dtype code, sequence and document counts, then
+    int32 lengths, int64 pointers, int64 document indices). Read here, before ``IndexedDataset`` opens the
+    files: it fails on a short index or an empty ``.bin`` naming no file (and complains again when the half-built
+    object is freed)."""
+    from megatron.core.datasets.indexed_dataset import DType
+
+    size = idx.stat().st_size
+    with open(idx, "rb") as f:
+        header = f.read(34)
+    if len(header) < 34 or header[:9] != b"MMIDIDX\x00\x00" or struct.unpack("<Q", header[9:17])[0] != 1:
+        raise DatasetFormatError("not an index of megatron-core's IndexedDataset (bad header)", idx, REBUILD)
+    sequences, documents = struct.unpack("<QQ", header[18:34])
+    expected = 34 + sequences * (4 + 8) + documents * 8
+    if size != expected:
+        raise DatasetFormatError(f"{size} bytes, its header describes {expected}", idx, REBUILD)
+    if not sequences:
+        return 0
+    last_length = np.fromfile(idx, dtype=np.int32, count=1, offset=34 + 4 * (sequences - 1))[0]
+    last_pointer = np.fromfile(idx, dtype=np.int64, count=1, offset=34 + 4 * sequences + 8 * (sequences - 1))[0]
+    return int(last_pointer) + int(last_length) * DType.size(DType.dtype_from_code(header[17]))
 
 
 def check_dataset(path: str | Path) -> dict:
@@ -230,7 +250,7 @@ def check_dataset(path: str | Path) -> dict:
         size = file.stat().st_size if file.is_file() else None
         if size != shard["bytes"]:
             raise DatasetFormatError("missing" if size is None else f"{size} bytes, manifest says {shard['bytes']}",
-                                     file, "preprocess the data again (this folder was damaged or only partly copied)")
+                                     file, REBUILD)
     for file in (path / manifest["files"]["split_keys"], path / manifest["files"]["tokenizer"] / "tokenizer.json"):
         if not file.is_file():
             raise DatasetFormatError("missing", file, "preprocess the data again")
