@@ -21,6 +21,7 @@ them: nothing damaged is deleted.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from dataclasses import dataclass, field
@@ -96,13 +97,10 @@ def problems(ckpt: Path) -> list[str]:
 
 
 def _shard_problems(ckpt: Path) -> list[str]:
-    try:
-        storage = FileSystemReader(str(ckpt)).read_metadata().storage_data
-    except Exception as exc:  # an unpickling error of any kind: the file is cut short or overwritten
-        return [f".metadata unreadable ({type(exc).__name__}: {exc})"]
-    extent: dict[str, int] = {}
-    for info in storage.values():
-        extent[info.relative_path] = max(extent.get(info.relative_path, 0), info.offset + info.length)
+    stat = (ckpt / ".metadata").stat()
+    extent = _shard_extents(str(ckpt), stat.st_size, stat.st_mtime_ns)
+    if isinstance(extent, str):
+        return [extent]
     found = []
     for name, needed in sorted(extent.items()):
         path = ckpt / name
@@ -111,6 +109,21 @@ def _shard_problems(ckpt: Path) -> list[str]:
         elif path.stat().st_size < needed:
             found.append(f"shard {name} is {path.stat().st_size} bytes, .metadata places {needed} in it")
     return found
+
+
+@functools.lru_cache(maxsize=8)
+def _shard_extents(folder: str, size: int, mtime_ns: int):
+    """Shard file -> the bytes ``.metadata`` places in it (or what makes ``.metadata`` unreadable). Read once per
+    process and version of the file (start-up checks it, every rank agrees on it, the load checks it again),
+    like torch's own load, which reads it on every rank too."""
+    try:
+        storage = FileSystemReader(folder).read_metadata().storage_data
+    except Exception as exc:  # an unpickling error of any kind: the file is cut short or overwritten
+        return f".metadata unreadable ({type(exc).__name__}: {exc})"
+    extent: dict[str, int] = {}
+    for info in storage.values():
+        extent[info.relative_path] = max(extent.get(info.relative_path, 0), info.offset + info.length)
+    return extent
 
 
 def optimizer_layout(ckpt: Path, meta: dict) -> Optional[str]:

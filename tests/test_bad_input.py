@@ -52,7 +52,7 @@ class Made:
 
 @pytest.fixture(scope="module")
 def made(tmp_path_factory, pz_data_cache) -> Made:
-    from megatron_pz.data.default import default_dataset_dir
+    from megatron_pz.data.default import ensure_default_dataset
     from megatron_pz.data.preprocess import preprocess
     from megatron_pz.data.sample import gensim_wiki_sample
     from megatron_pz.data.tokenizer import train_bpe_tokenizer
@@ -63,8 +63,7 @@ def made(tmp_path_factory, pz_data_cache) -> Made:
     run = root / "run"
     result = subprocess.run([sys.executable, str(WORKERS / "train_cli.py"), "train", CONFIG, *RUN, "train.steps=2",
                              f"data.default_cache_dir={pz_data_cache}", f"train.run_dir={run}"],
-                            capture_output=True, text=True, timeout=900, cwd=REPO_ROOT,
-                            env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
+                            capture_output=True, text=True, timeout=900, cwd=REPO_ROOT, env=plain_env())
     assert result.returncode == 0, (result.stdout + result.stderr)[-6000:]
     sample = gensim_wiki_sample()
     tokenizer = train_bpe_tokenizer(article_texts([sample], max_pages=30), 512, root / "bpe512")
@@ -72,7 +71,14 @@ def made(tmp_path_factory, pz_data_cache) -> Made:
     preprocess([sample], other, tokenizer, workers=1, progress=False, max_pages=30, fit_pages=30,
                punkt_chars=100_000, passage_tokens=64, max_passage_tokens=1024, min_passage_tokens=32)
     write_hf_folder("qwen3", root / "hf")
-    return Made(run, pz_data_cache, default_dataset_dir(pz_data_cache, 1024, 64), other, root / "hf")
+    data = ensure_default_dataset(pz_data_cache, 1024, 64)  # the run's data: built by it, returned as is
+    return Made(run, pz_data_cache, data, other, root / "hf")
+
+
+def plain_env() -> dict:
+    """This environment as a fresh shell has it: no world of an earlier in-process test (RANK, MASTER_PORT...)."""
+    world = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    return {**{k: v for k, v in os.environ.items() if k not in world}, "PYTHONPATH": str(REPO_ROOT)}
 
 
 @dataclass

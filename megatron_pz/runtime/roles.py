@@ -32,11 +32,12 @@ from typing import Optional
 import torch.distributed as dist
 
 from megatron_pz.config import ConfigError
+from megatron_pz.errors import PzError
 
 TRAINER, ROLLOUT = "trainer", "rollout"
 
 
-class RankLost(RuntimeError):
+class RankLost(PzError, RuntimeError):
     """A rank of the other role died, reported an error, or stopped answering; the message names it."""
 
 

@@ -438,6 +438,9 @@ def train(cfg: RunConfig) -> dict:
     stop = install_stop_signals()  # before any work: SIGUSR1's default action ends a process
     if cfg.rollout.disaggregated:  # rollouts on their own ranks: megatron_pz/train/async_loop.py
         from megatron_pz.train.async_loop import train_disaggregated
+        from megatron_pz.train.preflight import preflight
+
+        preflight(cfg, resolve_hf_config(cfg))  # every rank, rollout ones too: bad input refused before the roles start
 
         return train_disaggregated(cfg, stop)
     run = Run(cfg)
