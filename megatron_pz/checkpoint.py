@@ -12,8 +12,9 @@ A save writes into a hidden sibling ``.tmp_iter_*`` directory; only after every 
 rank 0 rename it into place and then atomically rewrite the ``latest`` file. A crash before that
 leaves the previous checkpoint as the latest, and a directory without ``pz_checkpoint.json`` is never
 loaded; nor is one whose files are not all there at the sizes written (:mod:`megatron_pz.checkpoint_integrity`).
-The latest pointer never moves backwards (a save of an older step is written but not made the latest). Model weights are keyed by global names (``decoder.layers.<global>``), so dist_checkpointing
-reshards them when the TP/PP/EP layout at load differs from the one at save.
+The latest pointer never moves backwards (a save of an older step is written but not made the latest).
+Model weights are keyed by global names (``decoder.layers.<global>``), so dist_checkpointing reshards them
+when the TP/PP/EP layout at load differs from the one at save.
 """
 
 from __future__ import annotations

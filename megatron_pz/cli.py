@@ -54,5 +54,6 @@ def _ignore_stop_signals() -> None:
 
     ignore_stop_signals()
 
+
 if __name__ == "__main__":
     sys.exit(main())

@@ -246,21 +246,14 @@ def _resolve_relative_paths(data: dict, base: Path) -> dict:
     return walk(data)
 
 
-def check_range(key: str, value, low=None, high=None, high_open: bool = False, low_open: bool = False,
+def check_range(key: str, value, low: float, high: Optional[float] = None, high_open: bool = False,
                 high_name: Optional[str] = None, remedy: Optional[str] = None) -> None:
-    """``value`` of config field ``key`` lies in [low, high] (an end open where asked; None: unbounded).
-    NaN is outside every range."""
-    bad = value != value  # NaN
-    if low is not None:
-        bad = bad or (value <= low if low_open else value < low)
-    if high is not None:
-        bad = bad or (value >= high if high_open else value > high)
-    if bad:
-        lo = "" if low is None else ("(" if low_open else "[") + f"{low:g}"
-        hi = "" if high is None else (high_name or f"{high:g}") + (")" if high_open else "]")
-        wanted = (f"in {lo}, {hi}" if low is not None and high is not None
-                  else f"{'>' if low_open else '>='} {low:g}" if low is not None
-                  else f"{'<' if high_open else '<='} {hi[:-1]}")
+    """Config field ``key``'s ``value`` lies in [low, high] ([low, high) with ``high_open``; no ``high``: >= low).
+    NaN lies in no range."""
+    inside = value == value and value >= low and (high is None or (value < high if high_open else value <= high))
+    if not inside:
+        wanted = (f">= {low:g}" if high is None
+                  else f"in [{low:g}, {high_name or format(high, 'g')}{')' if high_open else ']'}")
         raise ConfigError(f"{key} must be {wanted}, got {value!r}", remedy=remedy)
 
 

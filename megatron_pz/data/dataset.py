@@ -193,48 +193,50 @@ def read_manifest(path: Path) -> dict:
 
 
 def open_indexed(path: Path, manifest: dict, key: str):
-    """The ``IndexedDataset`` of ``manifest["files"][key]``, checked: both files present, the ``.idx`` readable,
-    the ``.bin`` exactly as long as the ``.idx`` describes (a short one would fail only when its last
-    passage is drawn), and as many documents as the manifest counts."""
+    """The ``IndexedDataset`` of ``manifest["files"][key]``, once :func:`check_indexed` has found it whole."""
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
+    return IndexedDataset(str(check_indexed(path, manifest, key)))
+
+
+# megatron-core 0.16.1, indexed_dataset.DType: the dtype code an .idx header holds -> bytes per element
+_DTYPE_BYTES = {1: 1, 2: 1, 3: 2, 4: 4, 5: 8, 6: 8, 7: 4, 8: 2}
+
+
+def check_indexed(path: Path, manifest: dict, key: str) -> Path:
+    """The ``.idx``/``.bin`` pair of ``manifest["files"][key]`` is whole: both there, the index as long as its
+    header says, the ``.bin`` exactly as long as the index describes (a short one would fail only when its
+    last passage is drawn), as many documents as the manifest counts. Returns the pair's path prefix.
+
+    The index is read as megatron-core 0.16.1 writes it (``indexed_dataset._IndexWriter``: 9-byte magic,
+    version 1, dtype code, sequence and document counts, then int32 lengths, int64 pointers, int64 document
+    indices), without importing megatron (seconds of a refused start-up) and before ``IndexedDataset`` opens
+    it: that fails on a short index naming no file, and complains again when the half-built object is freed."""
     prefix = path / manifest["files"][key]
     idx, bin_ = prefix.with_name(prefix.name + ".idx"), prefix.with_name(prefix.name + ".bin")
     for file in (idx, bin_):
         if not file.is_file():
             raise DatasetFormatError("missing", file, REBUILD)
-    expected, actual = _bin_bytes(idx), bin_.stat().st_size
-    if actual != expected:
-        raise DatasetFormatError(f"{actual} bytes, but {idx.name} describes {expected}", bin_, REBUILD)
-    ds = IndexedDataset(str(prefix))
-    total = manifest["counts"]["passages"]
-    if len(ds) != total:
-        raise DatasetFormatError(f"{len(ds)} documents, manifest says {total}", idx, REBUILD)
-    return ds
-
-
-def _bin_bytes(idx: Path) -> int:
-    """The ``.bin`` length an ``.idx`` file describes, reading it as megatron-core 0.16.1 writes it
-    (``indexed_dataset._IndexWriter``: 9-byte magic, version 1, dtype code, sequence and document counts, then
-    int32 lengths, int64 pointers, int64 document indices). Read here, before ``IndexedDataset`` opens the
-    files: it fails on a short index or an empty ``.bin`` naming no file (and complains again when the half-built
-    object is freed)."""
-    from megatron.core.datasets.indexed_dataset import DType
-
-    size = idx.stat().st_size
     with open(idx, "rb") as f:
         header = f.read(34)
-    if len(header) < 34 or header[:9] != b"MMIDIDX\x00\x00" or struct.unpack("<Q", header[9:17])[0] != 1:
+    if (len(header) < 34 or header[:9] != b"MMIDIDX\x00\x00" or struct.unpack("<Q", header[9:17])[0] != 1
+            or header[17] not in _DTYPE_BYTES):
         raise DatasetFormatError("not an index of megatron-core's IndexedDataset (bad header)", idx, REBUILD)
     sequences, documents = struct.unpack("<QQ", header[18:34])
     expected = 34 + sequences * (4 + 8) + documents * 8
-    if size != expected:
-        raise DatasetFormatError(f"{size} bytes, its header describes {expected}", idx, REBUILD)
-    if not sequences:
-        return 0
-    last_length = np.fromfile(idx, dtype=np.int32, count=1, offset=34 + 4 * (sequences - 1))[0]
-    last_pointer = np.fromfile(idx, dtype=np.int64, count=1, offset=34 + 4 * sequences + 8 * (sequences - 1))[0]
-    return int(last_pointer) + int(last_length) * DType.size(DType.dtype_from_code(header[17]))
+    if idx.stat().st_size != expected:
+        raise DatasetFormatError(f"{idx.stat().st_size} bytes, its header describes {expected}", idx, REBUILD)
+    total = manifest["counts"]["passages"]
+    if sequences != total:
+        raise DatasetFormatError(f"{sequences} documents, manifest says {total}", idx, REBUILD)
+    expected = 0
+    if sequences:
+        length = np.fromfile(idx, dtype=np.int32, count=1, offset=34 + 4 * (sequences - 1))[0]
+        pointer = np.fromfile(idx, dtype=np.int64, count=1, offset=34 + 4 * sequences + 8 * (sequences - 1))[0]
+        expected = int(pointer) + int(length) * _DTYPE_BYTES[header[17]]
+    if bin_.stat().st_size != expected:
+        raise DatasetFormatError(f"{bin_.stat().st_size} bytes, but {idx.name} describes {expected}", bin_, REBUILD)
+    return prefix
 
 
 def check_dataset(path: str | Path) -> dict:
@@ -244,7 +246,7 @@ def check_dataset(path: str | Path) -> dict:
     path = Path(path)
     manifest = read_manifest(path)
     for key in ("passages", "words"):
-        open_indexed(path, manifest, key)
+        check_indexed(path, manifest, key)
     for shard in manifest["shards"]:
         file = path / shard["file"]
         size = file.stat().st_size if file.is_file() else None

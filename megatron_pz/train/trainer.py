@@ -238,7 +238,8 @@ def _data_on_rank0_first(cfg: RunConfig):
 class Run:
     """Everything a training run holds; built once, used by warm start, RL loop and eval."""
 
-    def __init__(self, cfg: RunConfig):
+    def __init__(self, cfg: RunConfig, start=None):
+        """``start``: :func:`megatron_pz.train.preflight.preflight`'s answer when the caller has it already."""
         from megatron.core import parallel_state as ps
 
         from megatron_pz.data.dataset import train_and_heldout
@@ -260,7 +261,6 @@ class Run:
         from megatron_pz.train.preflight import preflight, settle
 
         check_engine_for_model(cfg.rollout, self.hf_config)
-        self.start = preflight(cfg, self.hf_config)  # data, the checkpoint to start from, and that they agree
         device_type = resolve_device(cfg.runtime.device).type
         self.routing_replay = resolve_routing_replay(cfg.rollout, self.hf_config, device_type)  # "r3" | "off"
         # MoE rollouts carry their routes wherever the engine can record them (replayed under r3, compared
@@ -268,6 +268,7 @@ class Run:
         self.capture_routes = bool(num_experts_of(self.hf_config)) and engine_captures_routes(cfg.rollout, device_type)
         check_at_startup(cfg, self.hf_config, world, device_type,
                          rank=int(os.environ.get("RANK", "0")))  # refuses an unfit plan before any model is built
+        self.start = start or preflight(cfg, self.hf_config)  # data, the start checkpoint, and that they agree
         self.info = initialize(cfg.parallel, cfg.runtime)
         from megatron_pz.runtime.run_lock import acquire_on_rank0
 
@@ -434,16 +435,16 @@ def train(cfg: RunConfig) -> dict:
     after its update (the step is finished and saved); the result then has ``stopped`` set.
     """
     from megatron_pz.runtime.preemption import install_stop_signals
+    from megatron_pz.train.preflight import preflight
 
     stop = install_stop_signals()  # before any work: SIGUSR1's default action ends a process
+    # every rank (rollout ones too) refuses bad input first, before megatron is even imported
+    start = preflight(cfg, resolve_hf_config(cfg))
     if cfg.rollout.disaggregated:  # rollouts on their own ranks: megatron_pz/train/async_loop.py
         from megatron_pz.train.async_loop import train_disaggregated
-        from megatron_pz.train.preflight import preflight
-
-        preflight(cfg, resolve_hf_config(cfg))  # every rank, rollout ones too: bad input refused before the roles start
 
         return train_disaggregated(cfg, stop)
-    run = Run(cfg)
+    run = Run(cfg, start)
     return until_stopped(run, lambda: _train(run, stop))
 
 
