@@ -366,6 +366,32 @@ def test_the_latest_pointer_never_moves_backwards(tmp_path):
         check_import_target(hf, root, into_existing=False)
 
 
+def test_overwrite_replaces_a_previous_export_and_only_its_files(tmp_path):
+    from megatron_pz.convert.targets import check_export_target, remove_previous_export
+    from megatron_pz.errors import BadInput
+
+    ckpt, out = tmp_path / "run" / "checkpoints", tmp_path / "hf"
+    ckpt.mkdir(parents=True)
+    out.mkdir()
+    written = ["config.json", "model.safetensors.index.json", "model-00001-of-00002.safetensors",
+               "model-00002-of-00002.safetensors", "tokenizer.json", "tokenizer_config.json", "generation_config.json"]
+    for name in written:
+        (out / name).write_text("x")
+    with pytest.raises(BadInput, match="pass --overwrite"):
+        check_export_target(ckpt, out, overwrite=False)
+    check_export_target(ckpt, out, overwrite=True)  # a previous export: replaced
+    remove_previous_export(out)
+    assert not out.exists()
+    out.mkdir()
+    (out / "config.json").write_text("x")
+    (out / "README.md").write_text("mine")
+    with pytest.raises(BadInput, match=r"also holds README\.md \(not written by the converter\)"):
+        check_export_target(ckpt, out, overwrite=True)
+    with pytest.raises(OSError):  # and if it appears between the check and the replace, it stays
+        remove_previous_export(out)
+    assert (out / "README.md").read_text() == "mine"
+
+
 # ----------------------------------------------------------------- several ranks
 
 
