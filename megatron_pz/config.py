@@ -17,9 +17,7 @@ from typing import Any, Optional
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A config value is missing, unknown, mistyped or inconsistent; the message names the field."""
+from megatron_pz.errors import ConfigError  # noqa: F401  (defined in errors.py; imported from here everywhere)
 
 
 # The default process group's backend on GPU: one group with a backend per device type, NCCL for the model's
@@ -85,6 +83,20 @@ class OptimizerConfig:
     use_distributed_optimizer: bool = True
     overlap_grad_reduce: bool = False
     overlap_param_gather: bool = False
+
+    def validate(self, section: str = "optimizer") -> None:
+        """The ranges torch's optimizers and Megatron's scheduler accept (they would refuse them only once the
+        model is built, or in the first step)."""
+        if self.name not in ("adam", "sgd"):
+            raise ConfigError(f"{section}.name must be adam|sgd (megatron-core's optimizers), got {self.name!r}")
+        check_range(f"{section}.lr", self.lr, low=0.0)
+        check_range(f"{section}.min_lr", self.min_lr, low=0.0, high=self.lr, high_name=f"{section}.lr")
+        check_range(f"{section}.weight_decay", self.weight_decay, low=0.0)
+        check_range(f"{section}.adam_beta1", self.adam_beta1, low=0.0, high=1.0, high_open=True)
+        check_range(f"{section}.adam_beta2", self.adam_beta2, low=0.0, high=1.0, high_open=True)
+        check_range(f"{section}.adam_eps", self.adam_eps, low=0.0)
+        check_range(f"{section}.clip_grad", self.clip_grad, low=0.0, remedy="0 turns clipping off")
+        check_range(f"{section}.warmup_steps", self.warmup_steps, low=0)
 
 
 @dataclass
@@ -246,6 +258,17 @@ def _resolve_relative_paths(data: dict, base: Path) -> dict:
     return walk(data)
 
 
+def check_range(key: str, value, low: float, high: Optional[float] = None, high_open: bool = False,
+                high_name: Optional[str] = None, remedy: Optional[str] = None) -> None:
+    """Config field ``key``'s ``value`` lies in [low, high] ([low, high) with ``high_open``; no ``high``: >= low).
+    NaN lies in no range."""
+    inside = value == value and value >= low and (high is None or (value < high if high_open else value <= high))
+    if not inside:
+        wanted = (f">= {low:g}" if high is None
+                  else f"in [{low:g}, {high_name or format(high, 'g')}{')' if high_open else ']'}")
+        raise ConfigError(f"{key} must be {wanted}, got {value!r}", remedy=remedy)
+
+
 def validate_static(cfg: Any) -> None:
     """Checks that need no model or world: value ranges and enumerations."""
     p = cfg.parallel
@@ -263,8 +286,21 @@ def validate_static(cfg: Any) -> None:
         raise ConfigError(f"model.fp8_recipe must be {'|'.join(FP8_TOKEN_ALIGN)}, got {m.fp8_recipe!r}")
     if m.fp8 and m.spec == "local":
         raise ConfigError("model.fp8 needs the Transformer Engine spec (model.spec: te|auto)")
+    if m.params_dtype not in ("auto", "float32", "bfloat16", "float16"):
+        raise ConfigError(f"model.params_dtype must be auto|float32|bfloat16|float16, got {m.params_dtype!r}")
+    if m.recompute not in (None, "full", "selective"):
+        raise ConfigError(f"model.recompute must be null|full|selective, got {m.recompute!r}")
+    if m.moe_token_dispatcher not in ("alltoall", "allgather"):
+        raise ConfigError(f"model.moe_token_dispatcher must be alltoall|allgather, got {m.moe_token_dispatcher!r}")
+    for name in ("attention_dropout", "hidden_dropout"):
+        check_range(f"model.{name}", getattr(m, name), low=0.0, high=1.0, high_open=True)
+    if p.etp is not None and p.etp < 1:
+        raise ConfigError(f"parallel.etp must be >= 1 (or null: parallel.tp), got {p.etp}")
+    if p.virtual_pp is not None and p.virtual_pp < 1:
+        raise ConfigError(f"parallel.virtual_pp must be >= 1 (or null), got {p.virtual_pp}")
     if cfg.optimizer.lr_schedule not in ("constant", "cosine", "linear"):
         raise ConfigError(f"optimizer.lr_schedule must be constant|cosine|linear, got {cfg.optimizer.lr_schedule!r}")
+    cfg.optimizer.validate()
     if cfg.runtime.device not in ("auto", "cpu", "cuda"):
         raise ConfigError(f"runtime.device must be auto|cpu|cuda, got {cfg.runtime.device!r}")
     if cfg.runtime.backend not in ("auto", "gloo", CUDA_WORLD_BACKEND):
@@ -274,6 +310,10 @@ def validate_static(cfg: Any) -> None:
         raise ConfigError(f"runtime.memory_plan must be enforce|warn|off, got {cfg.runtime.memory_plan!r}")
     if not 0.0 <= cfg.runtime.memory_plan_margin < 1.0:
         raise ConfigError(f"runtime.memory_plan_margin must be in [0, 1), got {cfg.runtime.memory_plan_margin}")
+    if cfg.runtime.timeout_minutes < 1:
+        raise ConfigError(f"runtime.timeout_minutes must be >= 1, got {cfg.runtime.timeout_minutes}")
+    if cfg.runtime.world_size is not None and cfg.runtime.world_size < 1:
+        raise ConfigError(f"runtime.world_size must be >= 1 (or null), got {cfg.runtime.world_size}")
 
 
 def validate_parallel_sizes(parallel: ParallelConfig, hf_config: Any, world_size: int) -> None:

@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
-from megatron_pz.config import Config, ConfigError, load_config, validate_static
+from megatron_pz.config import Config, ConfigError, OptimizerConfig, check_range, load_config, validate_static
 from megatron_pz.data.config import DataConfig
 from megatron_pz.objectives.config import ObjectiveConfig
 from megatron_pz.objectives.split import check_disaggregated
@@ -51,6 +51,9 @@ class TrainConfig:
     save_interval: int = 100  # steps; a checkpoint is also written at the end
     keep_last: int = 2  # older RL checkpoints are pruned (0: keep all)
     resume: bool = True  # continue from run_dir/checkpoints when one exists
+    # the newest checkpoint is damaged (a shard cut short, a file missing, a bad latest pointer): true: resume
+    # from the newest complete one before it (the damaged one is kept, renamed damaged_iter_*); false: refuse
+    resume_fallback: bool = True
     init_checkpoint: Optional[str] = None  # start weights (e.g. from `megatron-pz convert hf-to-megatron`)
     log_interval: int = 1
     eval_interval: int = 0  # 0: evaluate only before and after training
@@ -106,11 +109,22 @@ def validate_run(cfg: RunConfig) -> None:
     cfg.preemption.validate()
     if cfg.rollout.disaggregated:
         check_disaggregated(cfg.objective)
+    cfg.data.validate()
     t = cfg.train
     for name in ("steps", "passages_per_step", "max_tokens_per_micro_batch", "max_prompt_tokens",
-                 "save_interval", "log_interval"):
+                 "save_interval", "log_interval", "eval_max_new_tokens"):
         if getattr(t, name) < 1:
             raise ConfigError(f"train.{name} must be >= 1, got {getattr(t, name)}")
+    for name in ("keep_last", "eval_interval", "eval_passages", "log_samples"):
+        if getattr(t, name) < 0:
+            raise ConfigError(f"train.{name} must be >= 0, got {getattr(t, name)}")
+    if not t.run_dir:
+        raise ConfigError("train.run_dir must name a folder")
+    ws = cfg.warm_start
+    for name in ("steps", "rows_per_step"):
+        if getattr(ws, name) < 1:
+            raise ConfigError(f"warm_start.{name} must be >= 1, got {getattr(ws, name)}")
+    OptimizerConfig(lr=ws.lr, min_lr=ws.min_lr, warmup_steps=ws.warmup_steps).validate("warm_start")
     if cfg.model.hf_config is None and not cfg.model.architecture:
         raise ConfigError("set model.hf_config (an HF model folder) or model.architecture (an HF config dict)")
     if cfg.warm_start.enabled and cfg.train.init_checkpoint:
@@ -124,8 +138,8 @@ def validate_run(cfg: RunConfig) -> None:
             raise ConfigError(f"grpo.{name} must be >= 1, got {getattr(g, name)}")
     if g.dual_clip is not None and g.dual_clip <= 1.0:
         raise ConfigError(f"grpo.dual_clip must be > 1 (or null: off), got {g.dual_clip}")
-    if not 0.0 <= g.clip_low < 1.0 or g.clip_high < 0.0:
-        raise ConfigError(f"grpo.clip_low must be in [0, 1) and grpo.clip_high >= 0, got {g.clip_low}, {g.clip_high}")
+    check_range("grpo.clip_low", g.clip_low, low=0.0, high=1.0, high_open=True)
+    check_range("grpo.clip_high", g.clip_high, low=0.0)
     if g.tis_cap is not None and g.tis_cap <= 0.0:
         raise ConfigError(f"grpo.tis_cap must be > 0 (or null: off), got {g.tis_cap}")
     if not 0.0 <= cfg.warm_start.format_fraction <= 1.0:

@@ -332,5 +332,5 @@ def test_killed_rollout_rank_fails_the_job_naming_it(tmp_path, cache):
         kill_tree(proc.pid)
     ended = time.time()
     assert proc.returncode != 0
-    assert "RankLost: rollout rank 0 (job rank 1) stopped answering" in output, output[-6000:]
+    assert "megatron-pz train: error: rollout rank 0 (job rank 1) stopped answering" in output, output[-6000:]
     assert ended - float((run_dir / "killed_at").read_text()) < 25

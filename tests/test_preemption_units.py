@@ -130,6 +130,8 @@ def test_launcher_exit_code():
     fail = lambda code: SimpleNamespace(exitcode=code)  # noqa: E731
     assert exit_code({0: fail(EXIT_STOPPED), 1: fail(EXIT_STOPPED)}) == EXIT_STOPPED
     assert exit_code({0: fail(2), 1: fail(2)}) == 2
+    assert exit_code({0: fail(2), 1: fail(-15)}) == 2  # refused; the agent stopped the other rank first
+    assert exit_code({0: fail(2), 1: fail(1)}) == 1
     assert exit_code({0: fail(EXIT_STOPPED), 1: fail(-15)}) == 1  # a rank killed: not a clean stop
     assert exit_code({0: fail(-9)}) == 1
 

@@ -35,12 +35,13 @@ import torch
 import torch.distributed as dist
 
 from megatron_pz.config import ConfigError
+from megatron_pz.errors import PzError
 from megatron_pz.runtime.distributed import resolve_device, world_backend
 
 TRAINER, ROLLOUT = "trainer", "rollout"
 
 
-class RankLost(RuntimeError):
+class RankLost(PzError, RuntimeError):
     """A rank of the other role died, reported an error, or stopped answering; the message names it."""
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from megatron_pz.data.dataset import check_dataset
 from megatron_pz.eval.mask_accuracy import SPAN_SOURCES
 
 
@@ -43,6 +44,13 @@ def _run(args) -> int:
         raise ConfigError("eval: give --tasks and/or --mask-accuracy")
     if args.mask_accuracy and not args.data:
         raise ConfigError("eval --mask-accuracy needs --data (a preprocessed passages folder)")
+    if not (Path(args.model) / "config.json").is_file():
+        raise ConfigError(f"--model {args.model}: no config.json there",
+                          remedy="give a Hugging Face folder (`megatron-pz convert megatron-to-hf --out` writes one)")
+    if args.mask_accuracy:
+        check_dataset(args.data)
+    if args.limit is not None and not args.limit > 0:
+        raise ConfigError(f"--limit must be > 0 (examples per task, or a fraction below 1), got {args.limit}")
     summary: dict = {"model": args.model}
     if tasks:
         batch = int(args.batch_size) if args.batch_size.isdigit() else args.batch_size

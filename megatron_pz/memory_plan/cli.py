@@ -104,7 +104,20 @@ def checkpoint_lines(config: str, overrides: list[str], nodes=None, gpus_per_nod
             f"preemption.save_margin={p.save_margin:g} x {write:.0f} s, rounded up to 10 s)"]
 
 
+def check_arguments(args: argparse.Namespace) -> None:
+    """The plan's numbers describe a machine: a GPU has memory, a job has nodes, a margin is a share."""
+    if not args.gpu_memory_gib > 0:
+        raise ConfigError(f"--gpu-memory-gib must be > 0 (one GPU's memory in GiB, e.g. 80), got {args.gpu_memory_gib}")
+    if args.nodes is not None and args.nodes < 1:
+        raise ConfigError(f"--nodes must be >= 1, got {args.nodes}")
+    if args.gpus_per_node < 1:
+        raise ConfigError(f"--gpus-per-node must be >= 1, got {args.gpus_per_node}")
+    if args.min_margin is not None and not 0.0 <= args.min_margin < 1.0:
+        raise ConfigError(f"--min-margin must be in [0, 1) (a share of the GPU), got {args.min_margin}")
+
+
 def run(args: argparse.Namespace) -> int:
+    check_arguments(args)
     plan = plan_config(args.config, args.overrides, args.gpu_memory_gib, args.nodes, args.gpus_per_node,
                        args.min_margin)
     where = "" if hasattr(plan, "training") else f" (pipeline stage {plan.stage})"  # a split names it per role

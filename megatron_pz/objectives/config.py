@@ -175,9 +175,17 @@ class ObjectiveConfig:
             raise ConfigError(f"objective.entropy_top_fraction must be in (0, 1], got {self.entropy_top_fraction}")
         if not 0.0 <= self.ema_tau <= 1.0:
             raise ConfigError(f"objective.ema_tau must be in [0, 1], got {self.ema_tau}")
-        for key in ("ntr_min_context_tokens", "rlp_min_context_tokens"):
+        for key in ("ntr_min_context_tokens", "rlp_min_context_tokens", "generator_max_tokens", "predictor_max_tokens",
+                    "ntr_max_tokens", "rlp_thought_max_tokens", "rpt_max_answer_tokens"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"objective.{key} must be >= 1, got {getattr(self, key)}")
+        for key in ("generator_temperature", "predictor_temperature", "ntr_temperature", "rlp_temperature"):
+            if not getattr(self, key) > 0.0:
+                raise ConfigError(f"objective.{key} must be > 0 (log-probs are taken at it), got {getattr(self, key)}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ConfigError(f"objective.top_p must be in (0, 1], got {self.top_p}")
+        if not self.adv_eps >= 0.0:
+            raise ConfigError(f"objective.adv_eps must be >= 0, got {self.adv_eps}")
         if self.schedule and self.mixture:
             raise ConfigError("objective.schedule and objective.mixture exclude each other at the top level; "
                               "put the mixture in a phase's overrides")

@@ -25,6 +25,7 @@ import os
 import signal
 import sys
 
+from megatron_pz.errors import EXIT_BAD_INPUT
 from megatron_pz.runtime.preemption import EXIT_STOPPED
 
 FORWARDED = (signal.SIGTERM, signal.SIGUSR1)
@@ -52,10 +53,13 @@ def _stopped_code() -> int:
 
 
 def exit_code(failures: dict) -> int:
-    """The launcher's exit code from torch's per-rank failures (``ChildFailedError.failures``)."""
+    """The launcher's exit code from torch's per-rank failures (``ChildFailedError.failures``). A run refused
+    before any work (2) stays 2 when the agent stopped the other ranks (SIGTERM) before they had said so."""
     codes = {f.exitcode for f in failures.values()}
     if len(codes) == 1 and next(iter(codes)) > 0:
         return next(iter(codes))
+    if EXIT_BAD_INPUT in codes and codes <= {EXIT_BAD_INPUT, -signal.SIGTERM}:
+        return EXIT_BAD_INPUT
     return 1
 
 
@@ -77,6 +81,9 @@ def main(argv=None) -> int:
         if code == EXIT_STOPPED:
             print(f"launcher: every rank stopped on a signal after writing its checkpoint (exit {code}); "
                   f"resubmit to continue", file=sys.stderr, flush=True)
+        elif code == EXIT_BAD_INPUT:  # the ranks said why, in one line (torch's summary would add a page)
+            print(f"launcher: the run was refused before any work (exit {code}): see the error above",
+                  file=sys.stderr, flush=True)
         else:
             print(exc.format_msg(), file=sys.stderr, flush=True)
         return code

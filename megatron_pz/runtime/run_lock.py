@@ -35,12 +35,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
 
+from megatron_pz.errors import BadInput
+
 LOCK_FILE = "run.lock"
 _ALIVE_SLURM_STATES = {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "SUSPENDED", "RESIZING", "STAGE_OUT",
                        "SIGNALING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "RESV_DEL_HOLD", "STOPPED"}
 
 
-class RunDirLocked(RuntimeError):
+class RunDirLocked(BadInput, RuntimeError):
     """Another live process writes into this run directory; the message names it."""
 
 

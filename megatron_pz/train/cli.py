@@ -17,7 +17,9 @@ def register(subparsers) -> None:
                     "ranks; a plain process runs a world of one.")
     p.add_argument("config", help="YAML run config")
     p.add_argument("overrides", nargs="*", help="config overrides, e.g. train.steps=10 parallel.tp=2")
-    p.add_argument("--check", action="store_true", help="validate the config and exit")
+    p.add_argument("--check", action="store_true",
+                   help="check the config, the data and the checkpoint the run would start from, and exit "
+                        "(nothing is written)")
     p.set_defaults(func=run)
 
 
@@ -30,7 +32,11 @@ def run(args: argparse.Namespace) -> int:
 
     cfg = load_run_config(args.config, args.overrides)
     if args.check:
-        print("config ok")
+        from megatron_pz.model.provider import resolve_hf_config  # lazy: see load_run_config's
+        from megatron_pz.train.preflight import preflight  # lazy: see load_run_config's
+
+        start = preflight(cfg, resolve_hf_config(cfg))
+        print("\n".join(["config ok", *start.describe()]))
         return 0
     from megatron_pz.train.trainer import train  # lazy: it loads megatron-core (4 s); --help and --check need none
 

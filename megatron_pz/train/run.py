@@ -35,6 +35,7 @@ from megatron_pz.runtime.distributed import resolve_device
 from megatron_pz.runtime.run_lock import acquire_on_rank0
 from megatron_pz.train.actor import Actor, build_model_chunks
 from megatron_pz.train.metrics import MetricsLogger
+from megatron_pz.train.preflight import preflight, settle
 from megatron_pz.train.warm_start import run_warm_start
 
 
@@ -55,7 +56,8 @@ def _data_on_rank0_first(cfg: RunConfig):
 class Run:
     """Everything a training run holds; built once, used by warm start, RL loop and eval."""
 
-    def __init__(self, cfg: RunConfig):
+    def __init__(self, cfg: RunConfig, start=None):
+        """``start``: :func:`megatron_pz.train.preflight.preflight`'s answer when the caller has it already."""
         from megatron.core import parallel_state as ps
 
         self.cfg = cfg
@@ -73,10 +75,12 @@ class Run:
         self.capture_routes = bool(num_experts_of(self.hf_config)) and engine_captures_routes(cfg.rollout, device_type)
         check_at_startup(cfg, self.hf_config, world, device_type,
                          rank=int(os.environ.get("RANK", "0")))  # refuses an unfit plan before any model is built
+        self.start = start or preflight(cfg, self.hf_config)  # data, the start checkpoint, and that they agree
         self.info = initialize(cfg.parallel, cfg.runtime)
         self.run_dir = Path(cfg.train.run_dir)
         self.lock = acquire_on_rank0(self.run_dir)  # one writer per run dir, before anything is written
         self.data_path = _data_on_rank0_first(cfg)
+        self.start = settle(self.start, cfg, self.hf_config, self.data_path)  # every rank: the same checkpoint
         self.dataset, self.heldout = train_and_heldout(self.data_path, cfg.data)
         self.tokenizer = load_tokenizer(self.dataset.tokenizer_dir)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
@@ -166,7 +170,7 @@ class Policy:
 
     def __init__(self, run: Run, stop):
         cfg, t = run.cfg, run.cfg.train
-        self.resumed_from = latest_checkpoint(run.ckpt_root) if t.resume else None
+        self.resumed_from = run.start.resume.path if run.start.resume else None  # checked, agreed (Run)
         start_weights = None
         if self.resumed_from is None:
             if cfg.warm_start.enabled:

@@ -40,10 +40,13 @@ from megatron.core import parallel_state as ps
 
 from megatron_pz.disagg.roles import start_roles
 from megatron_pz.disagg.server import serve
+from megatron_pz.errors import during_work
+from megatron_pz.model.provider import resolve_hf_config
 from megatron_pz.run_config import RunConfig
 from megatron_pz.runtime.preemption import Stopped, install_stop_signals, write_stop_record
 from megatron_pz.train.colocated import ColocatedSource
 from megatron_pz.train.disaggregated import DisaggregatedSource
+from megatron_pz.train.preflight import preflight
 from megatron_pz.train.run import Checkpoints, Policy, Run
 from megatron_pz.train.update import grpo_update, make_grpo_loss_fn, step_metrics
 
@@ -88,21 +91,25 @@ def train(cfg: RunConfig) -> dict:
     has not started, so the state it started from is saved); the result then has ``stopped`` set.
     """
     stop = install_stop_signals()  # before any work: SIGUSR1's default action ends a process
+    # every rank (rollout ones too) refuses bad input first, before any process group, model or write
+    start = preflight(cfg, resolve_hf_config(cfg))
     if not cfg.rollout.disaggregated:
-        return run_until_stopped(cfg, stop, ColocatedSource)
+        return run_until_stopped(cfg, start, stop, ColocatedSource)
     roles = start_roles(cfg.rollout, cfg.runtime)  # collective over the job, before anything else
     if not roles.is_trainer:
         return serve(cfg, roles)
     with roles.reporting_errors():  # the rollout ranks stop, naming this rank
-        return run_until_stopped(cfg, stop, functools.partial(DisaggregatedSource, roles))
+        return run_until_stopped(cfg, start, stop, functools.partial(DisaggregatedSource, roles))
 
 
-def run_until_stopped(cfg: RunConfig, stop, source_type) -> dict:
+def run_until_stopped(cfg: RunConfig, start, stop, source_type) -> dict:
     """:func:`rl_loop`'s result, or after a :class:`~megatron_pz.runtime.preemption.Stopped` the stop record
-    (rank 0) and a result that says so; the run is closed either way (engine, logger, lock)."""
-    run = Run(cfg)
+    (rank 0) and a result that says so; the run is closed either way (engine, logger, lock). ``start``:
+    :func:`~megatron_pz.train.preflight.preflight`'s answer."""
+    run = Run(cfg, start)
     try:
-        return rl_loop(run, stop, source_type(run, stop))
+        with during_work():  # an error from here on is a failure during work (exit 1), not bad input
+            return rl_loop(run, stop, source_type(run, stop))
     except Stopped as stopped:
         if dist.get_rank() == 0:
             write_stop_record(run.run_dir, stopped.signal, stopped.step, stopped.checkpoint, stopped.abandoned,
