@@ -55,7 +55,8 @@ trap 'on_stop USR1' USR1
 trap 'on_stop TERM' TERM
 stop_before_ranks() {
   [[ -z "$STOP" ]] && return 0
-  echo "job: stopped on SIG$STOP before the ranks started (nothing trained in this attempt): not requeued; resubmit to continue"
+  echo "job: stopped on SIG$STOP before the ranks started (nothing trained in this attempt): not requeued;" \
+    "resubmit to continue"
   exit 75
 }
 

@@ -9,7 +9,8 @@ socket is named in ``slurm.conf`` (``AuthInfo=socket=...``). The three daemons r
 children of the test process, so they are stopped by the pids this module started, never by name.
 
 Runs as root (``SlurmUser=root``): jobs run as the submitting user, and a one-node cluster here has no other.
-``python tests/slurm_cluster.py DIR`` starts one and waits (Ctrl-C stops it), to try commands by hand.
+``python tests/slurm_cluster.py DIR`` starts one and waits (Ctrl-C or SIGTERM stops it and its daemons), to try
+commands by hand.
 """
 
 from __future__ import annotations

@@ -169,7 +169,8 @@ def test_a_requeue_loop_without_progress_stops(tmp_path, monkeypatch):
     assert job_outcome(tmp_path, EXIT_STOPPED, env, start_step=6)[:2] == (EXIT_STOPPED, True)
     code, requeue, line = job_outcome(tmp_path, EXIT_STOPPED, env, start_step=7)  # resumed at 7, abandoned 8
     assert (code, requeue) == (EXIT_STOPPED, False)
-    assert "before finishing an RL step (attempt 1 began at step 7" in line and "longer --time or a shorter --signal" in line
+    assert "before finishing an RL step (attempt 1 began at step 7" in line
+    assert "longer --time or a shorter --signal" in line
     write_stop_record(tmp_path, signal.SIGUSR1, None, None, False, 0.0)  # stopped before step 1
     assert job_outcome(tmp_path, EXIT_STOPPED, env, start_step=0)[:2] == (EXIT_STOPPED, False)
     out = subprocess.run([sys.executable, "-m", "megatron_pz.runtime.requeue", str(tmp_path), "75", "0"],

@@ -15,9 +15,10 @@ only; the other run directories get a copy of one import, made here once), the l
 The scenarios run at the same time on the one node (the cluster declares 8 CPUs; the ranks share the host's
 real cores), each in a thread of :func:`runs`; the tests below assert on what each left. Time is compressed:
 SLURM checks time limits and early warnings on a 30 s tick, so the early-warning scenario shortens its
-job's time limit with ``scontrol update`` once it trains (the warning then comes at the next tick) and gives
-the time back once the warning has been sent (each attempt of a requeued job has the whole limit again; a
-requeue waits ``cred_expire`` = 10 s here, 120 s by default).
+job's time limit with ``scontrol update`` once it trains (the warning then comes at the next tick), holds its
+ranks still meanwhile (SIGSTOP: a step that takes long, so that the warning lands mid-run however fast the
+tiny steps are) and gives the time back once the warning is on its way (each attempt of a requeued job has
+the whole limit again); a requeue waits ``cred_expire`` = 10 s here (120 s by default).
 """
 
 from __future__ import annotations
@@ -86,8 +87,11 @@ class Cluster:
         return out.stdout.strip().split(";")[0]
 
     def job(self, job_id: str) -> dict:
-        text = self.run("scontrol", "show", "job", "-o", job_id).stdout
-        return dict(re.findall(r"(\w+)=(\S*)", text))
+        for attempt in range(5):  # slurmctld may drop a connection on a loaded machine (scontrol dies of SIGPIPE)
+            out = self.run("scontrol", "show", "job", "-o", job_id, check=attempt == 4)
+            if out.returncode == 0:
+                return dict(re.findall(r"(\w+)=(\S*)", out.stdout))
+            time.sleep(1)
 
     def output(self, job_id: str) -> str:
         path = self.root / f"slurm-{job_id}.out"
@@ -105,16 +109,21 @@ class Cluster:
                              f"{self.output(job_id)[-6000:]}")
 
     def wait_for(self, what: str, predicate, job_id: str, timeout: float = 400, poll: float = 0.1):
+        """``predicate()``'s first true value, polled every ``poll`` s; fails once the job has ended without it
+        (asked of slurmctld once a second)."""
         deadline = time.time() + timeout
+        next_look = time.time() + 1.0
         while time.time() < deadline:
             value = predicate()
             if value:
                 return value
-            if self.job(job_id)["JobState"] in TERMINAL:
-                value = predicate()
-                if value:
-                    return value
-                raise AssertionError(f"job {job_id} ended before {what}:\n{self.output(job_id)[-6000:]}")
+            if time.time() >= next_look:
+                next_look = time.time() + 1.0
+                if self.job(job_id)["JobState"] in TERMINAL:
+                    value = predicate()
+                    if value:
+                        return value
+                    raise AssertionError(f"job {job_id} ended before {what}:\n{self.output(job_id)[-6000:]}")
             time.sleep(poll)
         raise AssertionError(f"timed out waiting for {what} (job {job_id}):\n{self.output(job_id)[-6000:]}")
 
@@ -169,8 +178,14 @@ def ranks_of(job_id: str) -> list:
 
 def signal_state(pid: int) -> dict:
     """The masks of /proc/PID/status: blocked, pending (thread and process) and caught signals."""
-    fields = dict(line.split(":\t", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":\t" in line)
+    lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    fields = dict(line.split(":\t", 1) for line in lines if ":\t" in line)
     return {k: int(fields[k].strip(), 16) for k in ("SigBlk", "SigPnd", "ShdPnd", "SigCgt")}
+
+
+def ended(info: dict) -> tuple[str, str, str]:
+    """How a job ended, as scontrol shows it: (JobState, ExitCode, Restarts)."""
+    return info["JobState"], info["ExitCode"], info["Restarts"]
 
 
 def started_at(info: dict) -> float:
@@ -192,14 +207,18 @@ def reference(c: Cluster, cache: Path) -> dict:
         except (FileNotFoundError, ValueError):
             pass
         time.sleep(0.05)
-    return {"job": job, "run_dir": run_dir, "holders": holders, "info": c.wait(job), "out": c.output(job)}
+    info = c.wait(job)
+    return {"job": job, "run_dir": run_dir, "holders": holders, "info": info, "out": c.output(job),
+            "summary": [f"runs to the end: {ended(info)}, {last_step(run_dir)} steps"]}
 
 
-def early_warning(c: Cluster, init: Path, cache: Path) -> dict:
-    """SLURM's own early warning (--signal=B:USR1@LEAD before the time limit) while the job trains: checkpoint,
-    exit 75, requeued by launch.sh, the second attempt resumes and finishes. The ranks are held still (SIGSTOP,
-    a step that takes long) from the moment the time limit is shortened until the warning has come, so that
-    it lands mid-run however fast the steps are; meanwhile a second job on the same run directory is refused."""
+def warning_then_requeue(c: Cluster, init: Path, cache: Path) -> dict:
+    """Attempt 1: SLURM's own early warning (--signal=B:USR1@LEAD before the time limit) while the job trains:
+    checkpoint, exit 75, requeued by launch.sh. The ranks are held still (SIGSTOP, a step that takes long) from
+    the moment the time limit is shortened until the warning has reached them, so that it lands mid-run however
+    fast the steps are; meanwhile a second job on the same run directory is refused. Attempt 2: a
+    preemption-style scontrol requeue while it trains (SIGTERM to every process of the job, requeued by SLURM).
+    Attempt 3 resumes and finishes."""
     run_dir = prepared(c, "warning", init)
     job = c.sbatch(run_dir, overrides(cache, STEPS))
     c.wait_for("RL step 2", lambda: last_step(run_dir) >= 2, job)
@@ -226,49 +245,50 @@ def early_warning(c: Cluster, init: Path, cache: Path) -> dict:
             rank.resume()
     resumed = time.time()
     stop_seen = c.wait_for("the stop record", lambda: stop_record(run_dir) and time.time(), job, poll=0.05)
-    ended = c.wait_for("the attempt's end", lambda: job_lines(c.output(job)) and time.time(), job, poll=0.05)
-    first = {"stop": stop_record(run_dir), "checkpoint": checkpoint_step(run_dir), "logged": last_step(run_dir)}
-    info = c.wait(job, restarts=1)
-    return {"job": job, "run_dir": run_dir, "info": info, "out": c.output(job), "first": first, "second": second,
-            "minutes": minutes, "tick_wait": warned - shortened, "step_at_update": step_then,
-            "resume_to_stop_record": stop_seen - resumed, "resume_to_exit": ended - resumed}
-
-
-def usr1_and_requeue(c: Cluster, init: Path, cache: Path) -> dict:
-    """scancel --signal=USR1 while training (requeued by launch.sh), then a preemption-style scontrol requeue
-    while training (SIGTERM, requeued by SLURM), then the third attempt finishes."""
-    run_dir = prepared(c, "usr1_requeue", init)
-    job = c.sbatch(run_dir, overrides(cache, STEPS))
-    c.wait_for("RL step 2", lambda: last_step(run_dir) >= 2, job)
-    sent = time.time()
-    c.run("scancel", "--signal=USR1", job)
-    ended = c.wait_for("attempt 1's end", lambda: job_lines(c.output(job)) and time.time(), job, poll=0.05)
-    first = {"stop": stop_record(run_dir), "checkpoint": checkpoint_step(run_dir), "seconds": ended - sent}
-    c.wait_for("attempt 2", lambda: c.job(job)["JobState"] == "RUNNING" and int(c.job(job)["Restarts"]) == 1, job,
-               poll=0.5)
-    c.wait_for("attempt 2's second RL step", lambda: last_step(run_dir) >= first["checkpoint"] + 2, job)
+    exit_seen = c.wait_for("attempt 1's end", lambda: job_lines(c.output(job)) and time.time(), job, poll=0.05)
+    first = {"stop": stop_record(run_dir), "checkpoint": checkpoint_step(run_dir), "logged": last_step(run_dir),
+             "seconds": exit_seen - resumed}
+    c.wait_for("attempt 2's second RL step", lambda: int(c.job(job)["Restarts"]) == 1
+               and last_step(run_dir) >= first["checkpoint"] + 2, job, poll=0.5)
     sent = time.time()
     c.run("scontrol", "requeue", job)
-    ended = c.wait_for("attempt 2's end", lambda: len(job_lines(c.output(job))) >= 2 and time.time(), job,
-                       poll=0.05)
-    second = {"stop": stop_record(run_dir), "checkpoint": checkpoint_step(run_dir), "seconds": ended - sent}
+    exit_seen = c.wait_for("attempt 2's end", lambda: len(job_lines(c.output(job))) >= 2 and time.time(), job,
+                           poll=0.05)
+    requeued = {"stop": stop_record(run_dir), "checkpoint": checkpoint_step(run_dir), "seconds": exit_seen - sent}
     info = c.wait(job, restarts=2)
-    return {"job": job, "run_dir": run_dir, "info": info, "out": c.output(job), "first": first, "second": second}
+    return {"job": job, "run_dir": run_dir, "info": info, "out": c.output(job), "first": first, "second": second,
+            "requeued": requeued, "tick_wait": warned - shortened, "step_at_update": step_then, "summary": [
+                f"early warning: {warned - shortened:.1f} s after the time limit was shortened to {minutes} min "
+                f"(ranks stopped after step {step_then}); from their resumption: stop record after "
+                f"{stop_seen - resumed:.1f} s, exit after {first['seconds']:.1f} s; checkpoint step "
+                f"{first['checkpoint']}",
+                f"scontrol requeue: exit after {requeued['seconds']:.1f} s, checkpoint step {requeued['checkpoint']}; "
+                f"job {ended(info)}",
+                f"second job on the run directory: {ended(second['info'])}"]}
 
 
-def cancel_then_dead_rank(c: Cluster, init: Path, cache: Path) -> dict:
-    """scancel while training (checkpoint, exit 75, not requeued); the resubmitted job loses rank 0 to kill -9
-    after a periodic checkpoint (fails, not requeued, its lock left behind); the next resubmission takes the
-    stale lock over and resumes from that periodic checkpoint to the end."""
+def usr1_cancel_dead_rank(c: Cluster, init: Path, cache: Path) -> dict:
+    """Job A: scancel --signal=USR1 while it trains (to every process of the step, not to the batch script):
+    checkpoint, exit 75, requeued by launch.sh; its second attempt: scancel while it trains (checkpoint, exit 75,
+    CANCELLED, not requeued). Job B, resubmitted, resumes, and loses rank 0 to kill -9 after a periodic
+    checkpoint: it fails, not requeued, with rank 0's lock left behind. Job C takes the stale lock over, resumes
+    from that periodic checkpoint and finishes."""
     run_dir = prepared(c, "cancel_kill", init)
     extra = overrides(cache, STEPS, "train.save_interval=5")
     job = c.sbatch(run_dir, extra)
     c.wait_for("RL step 2", lambda: last_step(run_dir) >= 2, job)
     sent = time.time()
+    c.run("scancel", "--signal=USR1", job)
+    exit_seen = c.wait_for("attempt 1's end", lambda: job_lines(c.output(job)) and time.time(), job, poll=0.05)
+    usr1 = {"stop": stop_record(run_dir), "checkpoint": checkpoint_step(run_dir), "seconds": exit_seen - sent}
+    c.wait_for("attempt 2's second RL step", lambda: int(c.job(job)["Restarts"]) == 1
+               and last_step(run_dir) >= usr1["checkpoint"] + 2, job, poll=0.5)
+    sent = time.time()
     c.run("scancel", job)
-    ended = c.wait_for("the cancelled job's end", lambda: job_lines(c.output(job)) and time.time(), job, poll=0.05)
-    cancelled = {"job": job, "info": c.wait(job), "out": c.output(job), "stop": stop_record(run_dir),
-                 "checkpoint": checkpoint_step(run_dir), "seconds": ended - sent}
+    exit_seen = c.wait_for("attempt 2's end", lambda: len(job_lines(c.output(job))) >= 2 and time.time(), job,
+                           poll=0.05)
+    cancelled = {"job": job, "info": c.wait(job, restarts=1), "out": c.output(job), "stop": stop_record(run_dir),
+                 "checkpoint": checkpoint_step(run_dir), "seconds": exit_seen - sent, "usr1": usr1}
 
     job = c.sbatch(run_dir, extra)
     periodic = c.wait_for("a periodic checkpoint past the stop and a step after it", lambda: (
@@ -278,14 +298,19 @@ def cancel_then_dead_rank(c: Cluster, init: Path, cache: Path) -> dict:
     assert len(ranks) == 2, ranks
     sent = time.time()
     ranks[0].kill()  # SIGKILL of rank 0, the holder of the run lock
-    ended = c.wait_for("the failed job's end", lambda: job_lines(c.output(job)) and time.time(), job, poll=0.05)
+    exit_seen = c.wait_for("the failed job's end", lambda: job_lines(c.output(job)) and time.time(), job, poll=0.05)
     killed = {"job": job, "info": c.wait(job), "out": c.output(job), "periodic": periodic,
               "logged": last_step(run_dir), "lock": json.loads((run_dir / "run.lock").read_text()),
-              "seconds": ended - sent}
+              "seconds": exit_seen - sent}
 
     job = c.sbatch(run_dir, extra)
     resumed = {"job": job, "info": c.wait(job), "out": c.output(job)}
-    return {"run_dir": run_dir, "cancelled": cancelled, "killed": killed, "resumed": resumed}
+    return {"run_dir": run_dir, "cancelled": cancelled, "killed": killed, "resumed": resumed, "summary": [
+        f"scancel --signal=USR1: exit after {usr1['seconds']:.1f} s, checkpoint step {usr1['checkpoint']}; scancel: "
+        f"exit after {cancelled['seconds']:.1f} s, checkpoint step {cancelled['checkpoint']}, job "
+        f"{ended(cancelled['info'])}", f"kill -9 of rank 0 at step {killed['logged']}: exit after "
+        f"{killed['seconds']:.1f} s, job {ended(killed['info'])}; resubmitted: resumed from step {periodic}, job "
+        f"{ended(resumed['info'])}"]}
 
 
 def signal_at_start_up(c: Cluster, init: Path, cache: Path) -> dict:
@@ -293,7 +318,7 @@ def signal_at_start_up(c: Cluster, init: Path, cache: Path) -> dict:
     on at their first agreement point (exit 75, nothing trained), and not requeued: no progress."""
     run_dir = prepared(c, "start_up", init)
     job = c.sbatch(run_dir, overrides(cache, STEPS))
-    ranks = c.wait_for("the ranks to start", lambda: len(ranks_of(job)) == 2 and ranks_of(job), job, poll=0.02)
+    ranks = c.wait_for("the ranks to start", lambda: r if len(r := ranks_of(job)) == 2 else None, job, poll=0.05)
     sent = time.time()
     c.run("scancel", "--signal=USR1", job)
     time.sleep(0.5)
@@ -303,20 +328,29 @@ def signal_at_start_up(c: Cluster, init: Path, cache: Path) -> dict:
             states.append(signal_state(rank.pid))
         except FileNotFoundError:  # the rank died of it
             states.append(None)
-    ended = c.wait_for("the attempt's end", lambda: job_lines(c.output(job)) and time.time(), job, poll=0.05)
-    return {"job": job, "run_dir": run_dir, "states": states, "info": c.wait(job), "out": c.output(job),
-            "seconds": ended - sent}
+    exit_seen = c.wait_for("the attempt's end", lambda: job_lines(c.output(job)) and time.time(), job, poll=0.05)
+    info = c.wait(job)
+    return {"job": job, "run_dir": run_dir, "states": states, "info": info, "out": c.output(job), "summary": [
+        f"SIGUSR1 at start-up: exit after {exit_seen - sent:.1f} s, job {ended(info)}; the ranks' masks then: {states}"]}
 
 
 def refused(c: Cluster, cache: Path) -> dict:
-    """Two jobs stopped before the GPUs are taken: the disaggregated script with a split that does not add up,
-    and a time limit not longer than the early warning's lead plus start-up."""
-    split_dir, short_dir = c.root / "bad_split", c.root / "short_limit"
+    """Jobs stopped before the GPUs are taken: the disaggregated script with a split that does not add up, a time
+    limit not longer than the early warning's lead plus start-up, and a job whose batch script gets the warning
+    (scancel --batch --signal=USR1) while it plans: held until the plan returns, then the ranks are not started."""
+    split_dir, short_dir, held_dir = c.root / "bad_split", c.root / "short_limit", c.root / "held"
     split = c.sbatch(split_dir, overrides(cache, STEPS, "rollout.placement=disaggregated", "rollout.ranks=2"),
                      script="slurm/pretrainzero_30b_async.sh")
     short = c.sbatch(short_dir, overrides(cache, STEPS), time_limit=2)
-    return {"split": {"job": split, "info": c.wait(split), "out": c.output(split), "run_dir": split_dir},
-            "short": {"job": short, "info": c.wait(short), "out": c.output(short), "run_dir": short_dir}}
+    held = c.sbatch(held_dir, overrides(cache, STEPS))
+    c.wait_for("the batch script to start", lambda: f"launch.sh: job {held} attempt 1" in c.output(held), held,
+               poll=0.02)
+    c.run("scancel", "--batch", "--signal=USR1", held)
+    result = {name: {"job": job, "info": c.wait(job), "out": c.output(job), "run_dir": run_dir}
+              for name, job, run_dir in (("split", split, split_dir), ("short", short, short_dir),
+                                         ("held", held, held_dir))}
+    result["summary"] = [f"{name}: job {ended(result[name]['info'])}" for name in ("split", "short", "held")]
+    return result
 
 
 def prepared(c: Cluster, name: str, init: Path) -> Path:
@@ -340,9 +374,8 @@ def runs(slurm_cluster, pz_data_cache, tmp_path_factory):
     c = Cluster(slurm_cluster, root, root / "model")
     scenarios = {
         "reference": lambda: reference(c, pz_data_cache),
-        "early_warning": lambda: early_warning(c, root / "init", pz_data_cache),
-        "usr1_and_requeue": lambda: usr1_and_requeue(c, root / "init", pz_data_cache),
-        "cancel_then_dead_rank": lambda: cancel_then_dead_rank(c, root / "init", pz_data_cache),
+        "warning_then_requeue": lambda: warning_then_requeue(c, root / "init", pz_data_cache),
+        "usr1_cancel_dead_rank": lambda: usr1_cancel_dead_rank(c, root / "init", pz_data_cache),
         "signal_at_start_up": lambda: signal_at_start_up(c, root / "init", pz_data_cache),
         "refused": lambda: refused(c, pz_data_cache),
     }
@@ -358,8 +391,10 @@ def runs(slurm_cluster, pz_data_cache, tmp_path_factory):
     with ThreadPoolExecutor(len(scenarios)) as pool:
         futures = {name: pool.submit(guarded, fn) for name, fn in scenarios.items()}
         results = {name: f.result() for name, f in futures.items()}
-    results["seconds"] = time.time() - started
-    print(f"SLURM scenarios: {results['seconds']:.0f} s for all")
+    print(f"SLURM scenarios: {time.time() - started:.0f} s for all")
+    for name, result in results.items():  # the figures README's table gives
+        for line in (result["summary"] if isinstance(result, dict) else [f"failed: {result!r}"]):
+            print(f"  {name}: {line}")
     return results
 
 
@@ -401,10 +436,11 @@ def assert_equal_to_reference(run_dir: Path, reference: dict, steps: int) -> Non
 def test_a_job_runs_to_the_end(runs):
     r = scenario(runs, "reference")
     info, out, run_dir = r["info"], r["out"], r["run_dir"]
-    assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("COMPLETED", "0:0", "0"), out[-6000:]
+    assert ended(info) == ("COMPLETED", "0:0", "0"), out[-6000:]
     assert f"launch.sh: job {r['job']} attempt 1 on" in out
     assert f"memory plan of {CONFIG}" in out and f"SLURM early warning: #SBATCH --signal=B:USR1@{LEAD}" in out
-    assert re.search(r"time limit: 5\d\d s; the early warning comes", out)  # squeue's time left, 10 min
+    left = int(re.search(r"time limit: (\d+) s; the early warning comes", out).group(1))  # squeue's time left
+    assert 540 <= left <= 600
     assert f"wrote {run_dir / 'init' / 'iter_0000000'}" in out
     # the HF import ran under the run lock (its srun step), then rank 0 of the training step took it
     convert = [h for h in r["holders"] if "hf-to-megatron" in h["command"]]
@@ -417,84 +453,71 @@ def test_a_job_runs_to_the_end(runs):
 
 
 def test_a_second_job_on_the_run_directory_is_refused(runs):
-    r = scenario(runs, "early_warning")
+    r = scenario(runs, "warning_then_requeue")
     second, holder = r["second"], r["second"]["holder"]
     info, out = second["info"], second["out"]
     assert holder["slurm_job_id"] == r["job"] and "train" in holder["command"].split()
-    assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("FAILED", "2:0", "0"), out[-6000:]
+    assert ended(info) == ("FAILED", "2:0", "0"), out[-6000:]
     assert (f"run_lock: error: run directory {r['run_dir']} is in use by pid {holder['pid']} on host "
             f"{holder['host']}, SLURM job {r['job']}, started") in out
     assert "memory plan" not in out and not (r["run_dir"] / "logs" / f"plan-{second['job']}.txt").exists()
     assert r["info"]["JobState"] == "COMPLETED"  # the first job ran on undisturbed
 
 
-def test_the_early_warning_checkpoints_requeues_and_resumes(runs):
-    ref, r = scenario(runs, "reference"), scenario(runs, "early_warning")
-    info, out, first, run_dir = r["info"], r["out"], r["first"], r["run_dir"]
-    print(f"early warning: {r['tick_wait']:.1f} s after the time limit was shortened to {r['minutes']} min (step "
-          f"{r['step_at_update']}); from the ranks' resumption: stop record after {r['resume_to_stop_record']:.1f} "
-          f"s, exit after {r['resume_to_exit']:.1f} s; checkpoint step {first['checkpoint']}")
+def test_the_early_warning_and_a_preemption_requeue(runs):
+    """Each stop writes a checkpoint and exits 75; launch.sh requeues on the warning, SLURM on scontrol requeue;
+    the three attempts' metrics join into the uninterrupted run."""
+    ref, r = scenario(runs, "reference"), scenario(runs, "warning_then_requeue")
+    info, out, first, requeued, run_dir = r["info"], r["out"], r["first"], r["requeued"], r["run_dir"]
     assert r["tick_wait"] <= 35  # SLURM's 30 s tick
     assert first["stop"]["signal"] == "SIGUSR1" and first["stop"]["exit_code"] == 75
     assert first["stop"]["slurm_job_id"] == r["job"] and first["stop"]["slurm_restart_count"] == "0"
+    # mid-run: the step the ranks were in when they were held still is abandoned or finished
     assert first["checkpoint"] == first["stop"]["step"] in (r["step_at_update"], r["step_at_update"] + 1)
-    assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("COMPLETED", "0:0", "1"), out[-6000:]
-    step = first["checkpoint"]
+    assert requeued["stop"]["signal"] == "SIGTERM" and requeued["stop"]["slurm_restart_count"] == "1"
+    assert first["checkpoint"] < requeued["checkpoint"] == requeued["stop"]["step"] < STEPS
+    assert ended(info) == ("COMPLETED", "0:0", "2"), out[-6000:]
     assert job_lines(out) == [
-        f"job: stopped on SLURM's early warning (SIGUSR1): checkpoint of step {step} at "
-        f"{iter_dir(run_dir, step)}; requeueing job {r['job']} to continue",
+        f"job: stopped on SLURM's early warning (SIGUSR1): checkpoint of step {first['checkpoint']} at "
+        f"{iter_dir(run_dir, first['checkpoint'])}; requeueing job {r['job']} to continue",
+        f"job: stopped on SIGTERM: checkpoint of step {requeued['checkpoint']} at "
+        f"{iter_dir(run_dir, requeued['checkpoint'])}; SLURM requeues a preempted job (--requeue), otherwise "
+        f"resubmit to continue",
         "job: finished: every step ran"]
-    attempts = re.findall(rf"launch.sh: job {r['job']} attempt (\d) on", out)  # --open-mode=append: both
-    assert attempts == ["1", "2"]
-    assert f"resumed from {iter_dir(run_dir, step)}" in out.split("attempt 2 on")[1]
+    attempts = out.split(f"launch.sh: job {r['job']} attempt ")  # --open-mode=append: every attempt's output
+    assert [a[:2] for a in attempts[1:]] == ["1 ", "2 ", "3 "]
+    assert f"resumed from {iter_dir(run_dir, first['checkpoint'])}" in attempts[2]
+    assert f"resumed from {iter_dir(run_dir, requeued['checkpoint'])}" in attempts[3]
+    log = (run_dir / "logs" / f"train-{r['job']}.log").read_text()  # the train log is appended by each attempt too
+    assert len(re.findall(rf"launch.sh: job {r['job']} attempt", log)) == 3
     assert_equal_to_reference(run_dir, ref, STEPS)
     assert [s["step"] for s in rl_steps(run_dir)] == list(range(1, STEPS + 1))  # each step logged once
 
 
-def test_scancel_usr1_and_a_preemption_requeue(runs):
-    ref, r = scenario(runs, "reference"), scenario(runs, "usr1_and_requeue")
-    info, out, first, second, run_dir = r["info"], r["out"], r["first"], r["second"], r["run_dir"]
-    print(f"scancel --signal=USR1: exit after {first['seconds']:.1f} s, checkpoint step {first['checkpoint']}; "
-          f"scontrol requeue: exit after {second['seconds']:.1f} s, checkpoint step {second['checkpoint']}")
-    assert first["stop"]["signal"] == "SIGUSR1" and first["stop"]["step"] == first["checkpoint"] >= 2
-    assert second["stop"]["signal"] == "SIGTERM" and second["stop"]["slurm_restart_count"] == "1"
-    assert first["checkpoint"] < second["checkpoint"] < STEPS
-    assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("COMPLETED", "0:0", "2"), out[-6000:]
-    lines = job_lines(out)
-    assert lines[0].startswith("job: stopped on SLURM's early warning (SIGUSR1): checkpoint of step "
-                               f"{first['checkpoint']} ") and lines[0].endswith(f"requeueing job {r['job']} to continue")
-    assert lines[1].startswith(f"job: stopped on SIGTERM: checkpoint of step {second['checkpoint']} ")
-    assert lines[2:] == ["job: finished: every step ran"]
-    assert re.findall(rf"launch.sh: job {r['job']} attempt (\d) on", out) == ["1", "2", "3"]
-    assert_equal_to_reference(run_dir, ref, STEPS)
-    # the train log of the job id is appended by every attempt too
-    log = (run_dir / "logs" / f"train-{r['job']}.log").read_text()
-    assert len(re.findall(rf"launch.sh: job {r['job']} attempt", log)) == 3
-
-
-def test_scancel_then_a_dead_rank_then_a_stale_lock(runs):
-    ref, r = scenario(runs, "reference"), scenario(runs, "cancel_then_dead_rank")
+def test_scancel_usr1_then_scancel_then_a_dead_rank_then_a_stale_lock(runs):
+    ref, r = scenario(runs, "reference"), scenario(runs, "usr1_cancel_dead_rank")
     cancelled, killed, resumed, run_dir = r["cancelled"], r["killed"], r["resumed"], r["run_dir"]
-    print(f"scancel: exit after {cancelled['seconds']:.1f} s, checkpoint step {cancelled['checkpoint']}; kill -9 of "
-          f"rank 0 at step {killed['logged']}: exit after {killed['seconds']:.1f} s, resumed from step "
-          f"{killed['periodic']}")
+    c, usr1 = cancelled, cancelled["usr1"]
+    # scancel --signal=USR1 reaches the step's processes (not the batch script): stop, 75, requeued by launch.sh
+    assert usr1["stop"]["signal"] == "SIGUSR1" and usr1["stop"]["step"] == usr1["checkpoint"] >= 2
     # scancel: SIGTERM to every process of the job; the ranks write a checkpoint and exit 75; SLURM ends the job
-    c = cancelled
-    assert (c["info"]["JobState"], c["info"]["Restarts"]) == ("CANCELLED", "0"), c["out"][-6000:]
-    assert c["stop"]["signal"] == "SIGTERM" and c["stop"]["step"] == c["checkpoint"] >= 2
-    assert job_lines(c["out"]) == [f"job: stopped on SIGTERM: checkpoint of step {c['checkpoint']} at "
-                                   f"{iter_dir(run_dir, c['checkpoint'])}; SLURM requeues a "
-                                   f"preempted job (--requeue), otherwise resubmit to continue"]
+    assert ended(c["info"])[::2] == ("CANCELLED", "1"), c["out"][-6000:]
+    assert c["stop"]["signal"] == "SIGTERM" and c["stop"]["step"] == c["checkpoint"] > usr1["checkpoint"]
+    assert job_lines(c["out"]) == [
+        f"job: stopped on SLURM's early warning (SIGUSR1): checkpoint of step {usr1['checkpoint']} at "
+        f"{iter_dir(run_dir, usr1['checkpoint'])}; requeueing job {c['job']} to continue",
+        f"job: stopped on SIGTERM: checkpoint of step {c['checkpoint']} at {iter_dir(run_dir, c['checkpoint'])}; "
+        f"SLURM requeues a preempted job (--requeue), otherwise resubmit to continue"]
     # kill -9 of a rank: the job fails, not requeued; rank 0's lock is left behind
     k = killed
-    assert (k["info"]["JobState"], k["info"]["ExitCode"], k["info"]["Restarts"]) == ("FAILED", "1:0", "0"), k["out"][-6000:]
+    assert ended(k["info"]) == ("FAILED", "1:0", "0"), k["out"][-6000:]
     assert f"resumed from {iter_dir(run_dir, c['checkpoint'])}" in k["out"]
     assert job_lines(k["out"]) == [f"job: failed (srun exit code 1): not requeued; the latest checkpoint in "
                                    f"{run_dir}/checkpoints is where a resubmitted job resumes"]
     assert k["lock"]["slurm_job_id"] == k["job"] and k["logged"] > k["periodic"]
     # the resubmission takes the stale lock over, saying why, and resumes from the periodic checkpoint
     s = resumed
-    assert (s["info"]["JobState"], s["info"]["ExitCode"], s["info"]["Restarts"]) == ("COMPLETED", "0:0", "0"), s["out"][-6000:]
+    assert ended(s["info"]) == ("COMPLETED", "0:0", "0"), s["out"][-6000:]
     assert (f"run_lock: took over the lock of {run_dir} from pid {k['lock']['pid']} on host {k['lock']['host']}, "
             f"SLURM job {k['job']}") in s["out"]
     assert f"SLURM job {k['job']} is no longer running (FAILED)" in s["out"]
@@ -506,7 +529,6 @@ def test_scancel_then_a_dead_rank_then_a_stale_lock(runs):
 def test_a_stop_signal_during_start_up_is_held(runs):
     r = scenario(runs, "signal_at_start_up")
     info, out, run_dir = r["info"], r["out"], r["run_dir"]
-    print(f"SIGUSR1 at start-up: exit after {r['seconds']:.1f} s; ranks' signal masks then: {r['states']}")
     usr1 = 1 << (signal.SIGUSR1 - 1)
     # it reached both ranks before their handlers were up: blocked, pending, not caught yet, and not fatal
     for state in r["states"]:
@@ -515,7 +537,7 @@ def test_a_stop_signal_during_start_up_is_held(runs):
     stop = stop_record(run_dir)
     assert stop["signal"] == "SIGUSR1" and stop["step"] is None and stop["checkpoint"] is None
     assert "SIGUSR1 before the run started: no RL step to save yet" in out
-    assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("FAILED", "75:0", "0"), out[-6000:]
+    assert ended(info) == ("FAILED", "75:0", "0"), out[-6000:]
     assert job_lines(out) == [
         "job: stopped on SLURM's early warning (SIGUSR1) before finishing an RL step (attempt 1 began at step 0; "
         "no RL step to save yet): not requeued, since the next attempt would be warned the same way. The time "
@@ -528,12 +550,24 @@ def test_jobs_refused_before_taking_the_gpus(runs):
     r = scenario(runs, "refused")
     split, short = r["split"], r["short"]
     for job in (split, short):
-        assert (job["info"]["JobState"], job["info"]["ExitCode"], job["info"]["Restarts"]) == ("FAILED", "2:0", "0"), \
+        assert ended(job["info"]) == ("FAILED", "2:0", "0"), \
             job["out"][-6000:]
         assert "launch: examples/tiny_cpu.yaml on 1 x 2 GPUs refused before taking them (see above)" in job["out"]
         assert not (job["run_dir"] / "init").exists() and not (job["run_dir"] / "checkpoints").exists()
         assert "[rl step" not in job["out"] and "memory plan on cpu" not in job["out"]  # no rank started
     assert ("megatron-pz plan: error: rollout.ranks=2 leaves no training rank in a job of 2 ranks" in split["out"])
-    assert (f"megatron-pz plan: error: the job's time limit leaves 1" in short["out"]
-            and f"(--signal=B:USR1@{LEAD}: " in short["out"] and f"start-up ({STARTUP} s, preemption.startup_seconds) "
-            f"= {LEAD + STARTUP} s" in short["out"] and "Submit with a longer time limit (--time=4 or more)" in short["out"])
+    out = short["out"]
+    assert "megatron-pz plan: error: the job's time limit leaves 1" in out and f"(--signal=B:USR1@{LEAD}: " in out
+    assert f"start-up ({STARTUP} s, preemption.startup_seconds) = {LEAD + STARTUP} s" in out
+    assert "Submit with a longer time limit (--time=4 or more)" in out
+
+
+def test_a_stop_signal_before_the_training_step_is_held_by_the_batch_script(runs):
+    r = scenario(runs, "refused")["held"]
+    out = r["out"]
+    assert ended(r["info"]) == ("FAILED", "75:0", "0"), out[-6000:]
+    assert "launch.sh: SIGUSR1 before the ranks started: holding it; they will not be started" in out
+    assert "s; the early warning comes" in out  # the plan ran to its end (scancel --batch signals the shell only)
+    assert job_lines(out) == ["job: stopped on SIGUSR1 before the ranks started (nothing trained in this attempt): "
+                              "not requeued; resubmit to continue"]
+    assert not (r["run_dir"] / "init").exists() and "[rl step" not in out and "memory plan on cpu" not in out

@@ -1,4 +1,5 @@
-"""``python -m megatron_pz.runtime.requeue RUN_DIR SRUN_EXIT_CODE [START_STEP]``: how a SLURM job ends once its ranks exited.
+"""``python -m megatron_pz.runtime.requeue RUN_DIR SRUN_EXIT_CODE [START_STEP]``: how a SLURM job ends once its
+ranks exited.
 
 Run by ``slurm/launch.sh`` after the training step (START_STEP: the step of the latest checkpoint when the
 step began, 0 for none). It prints one line saying what happened and exits with the job's code:
