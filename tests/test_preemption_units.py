@@ -262,6 +262,15 @@ def test_plan_prints_checkpoint_size_and_lead(capsys, monkeypatch):
     assert -(-(100 + 2 * (seconds - 0.5)) // 10) * 10 <= lead <= -(-(100 + 2 * (seconds + 0.5)) // 10) * 10
 
 
+def test_the_launcher_holds_stop_signals_before_it_imports_torch():
+    """What runs before the launcher blocks the stop signals (the package imports and the module) imports no
+    torch: a signal in that window ends the launcher, so it must stay milliseconds, not torch's 1-2 s."""
+    code = ("import sys, megatron_pz.runtime.launcher, megatron_pz.runtime.requeue, megatron_pz.runtime.run_lock; "
+            "print(sorted(m for m in ('torch', 'numpy', 'psutil') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], env=ENV, capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
 @pytest.mark.slow
 def test_a_stop_signal_during_start_up_is_held_by_the_launcher_and_its_ranks(tmp_path):
     """SIGUSR1 to the launcher while it imports torch (no rank yet), then SIGTERM to the launcher and its ranks
