@@ -6,8 +6,8 @@ split) with command-line overrides for this CPU node (``--nodes=1 --gpus-per-nod
 --time=... --signal=B:USR1@90 --output=...``) and the environment a user sets: ``GPUS_PER_NODE=2``, ``CONFIG``
 the tiny default with the test shapes in ``EXTRA_OVERRIDES``, ``MODEL_DIR`` an HF folder exported here (a
 random-initialised Qwen3 of the test shapes), ``RUN_DIR`` in a temporary folder. Every job goes through
-``slurm/launch.sh``: the run lock, ``megatron-pz plan`` with the job's time left, the HF import (the first job
-only; the other run directories get a copy of one import, made here once), the launcher under ``srun``, and
+``slurm/launch.sh``: the run lock, ``megatron-pz plan`` with the job's time left, the HF import (the reference
+job's; the other run directories get a copy of it), the launcher under ``srun``, and
 ``python -m megatron_pz.runtime.requeue``. Assertions read the run directory, the job's ``--output`` file
 (appended by every attempt) and ``scontrol show job`` (no accounting database here: ``Restarts``,
 ``JobState``, ``ExitCode``).
@@ -42,7 +42,9 @@ import pytest
 from multiproc import REPO_ROOT
 from test_trainer import RLP, TINY
 
-pytestmark = pytest.mark.slow
+# slow: in CI. The first test's setup runs every scenario: about 400 CPU-s, 7.5-10 min on this project's machine
+# with other jobs on its 2 cores
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 
 CONFIG = "examples/tiny_cpu.yaml"  # relative: submitted from the repository root, as the README says
 STEPS = 30  # RL steps of every run
@@ -354,7 +356,11 @@ def refused(c: Cluster, cache: Path) -> dict:
 
 
 def prepared(c: Cluster, name: str, init: Path) -> Path:
-    """A run directory whose HF import is done (a copy of one import: the reference job runs its own)."""
+    """A run directory whose HF import is done: a copy of the reference job's, once it has written it."""
+    deadline = time.time() + 600
+    while not (init / "latest_checkpointed_iteration.txt").is_file():  # written last by the import
+        assert time.time() < deadline, f"no HF import in {init} after 600 s"
+        time.sleep(0.5)
     run_dir = c.root / name
     shutil.copytree(init, run_dir / "init")
     return run_dir
@@ -365,18 +371,16 @@ def runs(slurm_cluster, pz_data_cache, tmp_path_factory):
     """Every scenario, run at once on the cluster; {name: result, or the exception it raised}."""
     root = tmp_path_factory.mktemp("slurm_jobs")
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
-    # the test's model folder (the tiny default's shapes with TINY's overrides) and one HF import of it
+    # the test's model folder (the tiny default's shapes with TINY's overrides)
     subprocess.run([sys.executable, "-c", EXPORT, str(root / "model"), str(pz_data_cache)], check=True, env=env,
                    cwd=REPO_ROOT, timeout=600)
-    subprocess.run([sys.executable, "-m", "megatron_pz.cli", "convert", "hf-to-megatron", "--hf", str(root / "model"),
-                    "--out", str(root / "init"), "--tp", "1", "--pp", "1", "--ep", "1"], check=True, env=env,
-                   cwd=REPO_ROOT, capture_output=True, timeout=600)
     c = Cluster(slurm_cluster, root, root / "model")
+    init = root / "reference" / "init"  # the reference job's HF import, copied into the other run directories
     scenarios = {
         "reference": lambda: reference(c, pz_data_cache),
-        "warning_then_requeue": lambda: warning_then_requeue(c, root / "init", pz_data_cache),
-        "usr1_cancel_dead_rank": lambda: usr1_cancel_dead_rank(c, root / "init", pz_data_cache),
-        "signal_at_start_up": lambda: signal_at_start_up(c, root / "init", pz_data_cache),
+        "warning_then_requeue": lambda: warning_then_requeue(c, init, pz_data_cache),
+        "usr1_cancel_dead_rank": lambda: usr1_cancel_dead_rank(c, init, pz_data_cache),
+        "signal_at_start_up": lambda: signal_at_start_up(c, init, pz_data_cache),
         "refused": lambda: refused(c, pz_data_cache),
     }
     started = time.time()
