@@ -8,9 +8,11 @@ rank that owns it). The rank that writes most is a data-parallel rank 0: its mod
 weights plus its shard of the optimizer state (:func:`checkpoint_size` bounds what one node writes).
 ``bench/bench_checkpoint_save.py`` compares these bytes with what a save wrote (tiny and 0.44B).
 
-The early warning (``sbatch --signal=USR1@LEAD``) must cover the ranks reaching their next agreement point
+The early warning (``sbatch --signal=B:USR1@LEAD``) must cover the ranks reaching their next agreement point
 (they finish the rollout or update phase they are in: ``preemption.phase_seconds``) and the write, with
 ``preemption.save_margin`` to spare: ``LEAD = phase_seconds + save_margin x bytes per node / save_bytes_per_s``.
+A job's time limit must be longer than ``LEAD + preemption.startup_seconds``, or the warning comes before its
+first RL step, on every attempt (:func:`time_limit_problem`; ``slurm/launch.sh`` refuses such a job).
 """
 
 from __future__ import annotations
@@ -73,3 +75,39 @@ def early_warning_lead(size: CheckpointSize, preemption) -> tuple[float, int]:
     write = size.seconds(preemption.save_bytes_per_s)
     lead = preemption.phase_seconds + preemption.save_margin * write
     return write, int(math.ceil(lead / 10.0) * 10)
+
+
+def slurm_seconds(text: str) -> float | None:
+    """Seconds of a SLURM duration, in the forms ``sbatch --time`` takes and ``squeue`` prints: ``M``,
+    ``M:S``, ``H:M:S``, ``D-H``, ``D-H:M``, ``D-H:M:S``; None for no limit (``UNLIMITED``, ``INFINITE``,
+    ``NOT_SET``). Raises ValueError on anything else."""
+    text = text.strip()
+    if text.upper() in ("UNLIMITED", "INFINITE", "NOT_SET", ""):
+        return None
+    days, _, rest = text.rpartition("-")
+    parts = [int(p) for p in rest.split(":")]
+    if len(parts) > 3:
+        raise ValueError(text)
+    if days:  # D-H, D-H:M, D-H:M:S
+        h, m, s = (parts + [0, 0])[:3]
+        return float(int(days) * 86400 + h * 3600 + m * 60 + s)
+    if len(parts) == 1:  # minutes
+        return float(parts[0] * 60)
+    if len(parts) == 2:  # minutes:seconds
+        return float(parts[0] * 60 + parts[1])
+    return float(parts[0] * 3600 + parts[1] * 60 + parts[2])
+
+
+def time_limit_problem(time_left: float, lead: int, startup: float) -> str | None:
+    """Why a job with ``time_left`` seconds cannot train before SLURM's early warning (``lead`` seconds before
+    its end) once start-up (``startup`` seconds) is over, or None when it can. Such a job would be warned
+    before its first RL step on every attempt: refused before it takes the GPUs."""
+    if time_left > lead + startup:
+        return None
+    need = int(math.ceil((lead + startup) / 60.0)) + 1
+    return (f"the job's time limit leaves {time_left:.0f} s, not more than SLURM's early warning lead "
+            f"(--signal=B:USR1@{lead}: preemption.phase_seconds + save_margin x the checkpoint's write time) plus "
+            f"start-up ({startup:.0f} s, preemption.startup_seconds) = {lead + startup:.0f} s: every attempt "
+            f"would be warned before its first RL step. Submit with a longer time limit (--time={need} or more) "
+            f"or a shorter lead (--signal=B:USR1@N, with preemption.save_bytes_per_s measured on this cluster's "
+            f"file system)")

@@ -3,7 +3,8 @@
 Prints the per-GPU memory plan of a run (see :mod:`megatron_pz.memory_plan`) without building anything,
 so a layout can be sized before a job waits in a queue, then the checkpoint's size, its write time and
 the early warning (``sbatch --signal``) that leaves time to write it
-(:mod:`megatron_pz.memory_plan.checkpoint_time`). Exit code 1 when the plan does not fit.
+(:mod:`megatron_pz.memory_plan.checkpoint_time`). Exit code 1 when the plan does not fit; 2 when
+``--time-limit`` leaves no time to train between start-up and the early warning.
 """
 
 from __future__ import annotations
@@ -11,11 +12,13 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import sys
 from pathlib import Path
 
 from megatron_pz.config import ConfigError, validate_parallel_sizes
 from megatron_pz.memory_plan import GIB, plan_run, plan_split, render
-from megatron_pz.memory_plan.checkpoint_time import early_warning_lead, plan_checkpoint
+from megatron_pz.memory_plan.checkpoint_time import (early_warning_lead, plan_checkpoint, slurm_seconds,
+                                                     time_limit_problem)
 
 # HELP_FAST: `megatron-pz --help` imports every subcommand's module, so what ``plan`` reads a run config with is
 # imported when the command runs, not when the parser is built.
@@ -34,6 +37,10 @@ def register(subparsers) -> None:
     p.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node (default 8)")
     p.add_argument("--min-margin", type=float, default=None,
                    help="share of the GPU to leave free (default: runtime.memory_plan_margin, 0.10)")
+    p.add_argument("--time-limit", default=None, metavar="TIME",
+                   help="the job's time limit (or what it has left), as sbatch --time takes it (e.g. 48:00:00, "
+                        "2-00:00:00, 90): exit 2 when it is not longer than the early warning's lead plus "
+                        "preemption.startup_seconds (slurm/launch.sh passes squeue's time left)")
     p.set_defaults(func=run)
 
 
@@ -83,8 +90,8 @@ def plan_config(config: str, overrides: list[str], gpu_memory_gib: float = 80.0,
     return plan
 
 
-def checkpoint_lines(config: str, overrides: list[str], nodes=None, gpus_per_node: int = 8) -> list[str]:
-    """How big a checkpoint is, how long it takes to write, and the early warning SLURM must give."""
+def early_warning(config: str, overrides: list[str], nodes=None, gpus_per_node: int = 8):
+    """(run config, checkpoint size, its write time in s, the ``--signal`` lead in s, world of the writers)."""
     cfg, _ = load_for_planning(config, overrides)
     hf, _ = hf_config_for_planning(cfg)
     world = nodes * gpus_per_node if nodes else (cfg.runtime.world_size or 1)
@@ -92,7 +99,12 @@ def checkpoint_lines(config: str, overrides: list[str], nodes=None, gpus_per_nod
         world -= cfg.rollout.ranks
     device = "cpu" if cfg.runtime.device == "cpu" else "cuda"
     size = plan_checkpoint(cfg, hf, world, device, min(gpus_per_node, world))
-    write, lead = early_warning_lead(size, cfg.preemption)
+    return (cfg, size, *early_warning_lead(size, cfg.preemption), world)
+
+
+def checkpoint_lines(config: str, overrides: list[str], nodes=None, gpus_per_node: int = 8) -> list[str]:
+    """How big a checkpoint is, how long it takes to write, and the early warning SLURM must give."""
+    cfg, size, write, lead, world = early_warning(config, overrides, nodes, gpus_per_node)
     p = cfg.preemption
     def gib(n: float) -> str:
         return f"{n / GIB:.1f} GiB" if n >= GIB / 10 else f"{n / 2**20:.1f} MiB"
@@ -100,7 +112,7 @@ def checkpoint_lines(config: str, overrides: list[str], nodes=None, gpus_per_nod
     return [f"checkpoint: {gib(size.total)} in all; a node writes at most {gib(size.per_node)} "
             f"({min(gpus_per_node, world)} ranks), {write:.0f} s at preemption.save_bytes_per_s="
             f"{p.save_bytes_per_s:.3g}",
-            f"SLURM early warning: #SBATCH --signal=USR1@{lead}  (preemption.phase_seconds={p.phase_seconds:g} + "
+            f"SLURM early warning: #SBATCH --signal=B:USR1@{lead}  (preemption.phase_seconds={p.phase_seconds:g} + "
             f"preemption.save_margin={p.save_margin:g} x {write:.0f} s, rounded up to 10 s)"]
 
 
@@ -116,6 +128,23 @@ def check_arguments(args: argparse.Namespace) -> None:
         raise ConfigError(f"--min-margin must be in [0, 1) (a share of the GPU), got {args.min_margin}")
 
 
+def time_limit_line(config: str, overrides: list[str], time_limit: str, nodes=None, gpus_per_node: int = 8) -> str:
+    """A line saying that a job of ``time_limit`` trains before its early warning; ConfigError when it cannot."""
+    try:
+        seconds = slurm_seconds(time_limit)
+    except ValueError:
+        raise ConfigError(f"--time-limit {time_limit!r}: not a SLURM time (minutes, H:M:S, D-H:M:S or UNLIMITED)")
+    if seconds is None:
+        return "time limit: none; SLURM's early warning comes only on a preemption or scancel"
+    cfg, _, _, lead, _ = early_warning(config, overrides, nodes, gpus_per_node)
+    problem = time_limit_problem(seconds, lead, cfg.preemption.startup_seconds)
+    if problem:
+        raise ConfigError(problem)
+    return (f"time limit: {seconds:.0f} s; the early warning comes {seconds - lead:.0f} s after the start, "
+            f"{seconds - lead - cfg.preemption.startup_seconds:.0f} s after the planned start-up "
+            f"(preemption.startup_seconds={cfg.preemption.startup_seconds:g})")
+
+
 def run(args: argparse.Namespace) -> int:
     check_arguments(args)
     plan = plan_config(args.config, args.overrides, args.gpu_memory_gib, args.nodes, args.gpus_per_node,
@@ -125,4 +154,7 @@ def run(args: argparse.Namespace) -> int:
     print(render(plan, f"per-GPU memory plan{where}, GiB"))
     for line in checkpoint_lines(args.config, args.overrides, args.nodes, args.gpus_per_node):
         print(line)
+    if args.time_limit is not None:  # after the plan's lines, which say where the lead comes from
+        sys.stdout.flush()  # before a refusal's message on stderr
+        print(time_limit_line(args.config, args.overrides, args.time_limit, args.nodes, args.gpus_per_node))
     return 0 if plan.fits else 1
