@@ -11,13 +11,60 @@ from megatron_pz.objectives.config import ObjectiveConfig
 from megatron_pz.rollout.config import RolloutConfig
 from megatron_pz.runtime.preemption import PreemptionConfig
 
+CORRECTION_MODES = ("decoupled", "bypass")
+WEIGHT_LEVELS = ("token", "sequence", "geometric", "none")
+REJECT_LEVELS = ("token", "sequence", "geometric", "max_token")
+
+
+@dataclass
+class RejectionConfig:
+    """One rejection criterion of ``grpo.rollout_correction.reject`` (bounds on pi_T / pi_b)."""
+
+    level: str = "token"  # token | sequence | geometric | max_token
+    lower: float = 0.0  # 0: no lower bound
+    upper: Optional[float] = None  # null: no upper bound
+    negative_advantage_only: bool = False  # DeepSeek-V3.2's off-policy sequence masking (with level: geometric)
+
+
+@dataclass
+class RolloutCorrectionConfig:
+    """``grpo.rollout_correction`` (the modes: :mod:`megatron_pz.rl.rollout_correction`, README "Rollout
+    correction"). The default is the former ``grpo.tis_cap: 2.0``: decoupled, token-level IS weights truncated
+    at 2, no rejection."""
+
+    mode: str = "decoupled"  # decoupled | bypass: the policy the clip's ratio is taken against
+    weights: str = "token"  # token | sequence | geometric | none
+    weight_cap: float = 2.0  # truncation of the IS weight (TIS)
+    reject: list[RejectionConfig] = field(default_factory=list)
+
+    def validate(self, where: str = "grpo.rollout_correction") -> None:
+        if self.mode not in CORRECTION_MODES:
+            raise ConfigError(f"{where}.mode must be one of {'|'.join(CORRECTION_MODES)}, got {self.mode!r}")
+        if self.weights not in WEIGHT_LEVELS:
+            raise ConfigError(f"{where}.weights must be one of {'|'.join(WEIGHT_LEVELS)}, got {self.weights!r}")
+        if not self.weight_cap > 0.0:
+            raise ConfigError(f"{where}.weight_cap must be > 0, got {self.weight_cap}")
+        if self.mode == "bypass" and self.weights != "none":
+            raise ConfigError(f"{where}.mode=bypass centres the clip on the rollout log-probs, which already "
+                              f"corrects the mismatch; weights={self.weights} would count it twice: set "
+                              f"{where}.weights: none (verl 0.9.1's bypass ppo_clip applies none)")
+        for i, r in enumerate(self.reject):
+            at = f"{where}.reject[{i}]"
+            if r.level not in REJECT_LEVELS:
+                raise ConfigError(f"{at}.level must be one of {'|'.join(REJECT_LEVELS)}, got {r.level!r}")
+            if r.lower < 0.0 or (r.upper is not None and r.upper <= r.lower):
+                raise ConfigError(f"{at}: need 0 <= lower < upper, got lower={r.lower}, upper={r.upper}")
+            if r.lower == 0.0 and r.upper is None:
+                raise ConfigError(f"{at} rejects nothing: set lower (> 0) and/or upper")
+
 
 @dataclass
 class GrpoConfig:
     """The policy update. Paper defaults: clip-higher (PretrainZero §4.1 follows DAPO), no KL term
     (PZ §4.1 "GRPO without KL regularization"; RLP §9 "KL coefficient to 0"), one update per rollout
     batch (mini_batches = epochs = 1: RLP Algorithm 1 snapshots theta_old, samples, and updates once;
-    PZ is silent), so the ratio is 1 and the clip inactive. Ours: tis_cap, dual_clip (verl 0.9.1's
+    PZ is silent), so the ratio is 1 and the clip inactive. Ours: the rollout correction (truncated IS against
+    the rollout log-probs by default, :mod:`megatron_pz.rl.rollout_correction`), dual_clip (verl 0.9.1's
     default c = 3).
     The loss aggregation over tokens is each objective's (``objective.loss_agg``).
     """
@@ -27,7 +74,9 @@ class GrpoConfig:
     # Only 0 is accepted: no KL term is implemented (PZ §4.1 and RLP §9 train without one); a non-zero
     # value is rejected before work starts instead of being silently ignored.
     kl_coef: float = 0.0
-    tis_cap: Optional[float] = 2.0  # truncated IS weight cap on rollout/train log-prob mismatch; null: off
+    # what the loss does about rollout log-probs that are not the trainer's: IS weights, rejection, decoupled
+    # or bypass PPO (default: token-level IS weights truncated at 2, the former tis_cap: 2.0)
+    rollout_correction: RolloutCorrectionConfig = field(default_factory=RolloutCorrectionConfig)
     # PPO schedule: the rollout batch is split into `mini_batches` optimizer steps, repeated `epochs`
     # times; old log-probs are computed once before the first update, so later updates see a live
     # ratio and the clip engages. 1 x 1 (paper-silent default): one on-policy step, ratio 1.
@@ -36,6 +85,13 @@ class GrpoConfig:
     # dual-clip PPO: a negative-advantage token's loss is bounded by c * |A| (verl 0.9.1 default c = 3,
     # actor.clip_ratio_c); null: off. Only acts when the ratio exceeds c, i.e. with mini_batches/epochs > 1.
     dual_clip: Optional[float] = 3.0
+
+    # keys of older configs -> what replaced them (megatron_pz.config.from_dict names the new key)
+    RENAMED_KEYS = {
+        "tis_cap": "grpo.tis_cap was replaced by grpo.rollout_correction, whose default is the old tis_cap: 2.0 "
+                   "(weights: token, weight_cap: 2.0): remove tis_cap, or set grpo.rollout_correction.weight_cap "
+                   "to another cap, grpo.rollout_correction.weights: none for tis_cap: null",
+    }
 
 
 @dataclass
@@ -125,7 +181,6 @@ def validate_run(cfg: RunConfig) -> None:
         raise ConfigError(f"grpo.dual_clip must be > 1 (or null: off), got {g.dual_clip}")
     if not 0.0 <= g.clip_low < 1.0 or g.clip_high < 0.0:
         raise ConfigError(f"grpo.clip_low must be in [0, 1) and grpo.clip_high >= 0, got {g.clip_low}, {g.clip_high}")
-    if g.tis_cap is not None and g.tis_cap <= 0.0:
-        raise ConfigError(f"grpo.tis_cap must be > 0 (or null: off), got {g.tis_cap}")
+    g.rollout_correction.validate()
     if not 0.0 <= cfg.warm_start.format_fraction <= 1.0:
         raise ConfigError(f"warm_start.format_fraction must be in [0, 1], got {cfg.warm_start.format_fraction}")
