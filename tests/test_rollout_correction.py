@@ -286,3 +286,14 @@ def test_config_refusals_and_the_former_key():
                                       "[{level: geometric, lower: 0.999, upper: 1.002}]}"])
     assert cfg.grpo.rollout_correction.reject == [RejectionConfig("geometric", 0.999, 1.002)]
     assert RolloutCorrectionConfig() == load_run_config(TINY_YAML).grpo.rollout_correction  # the old tis_cap: 2.0
+
+
+@pytest.mark.slow
+def test_real_actor_at_two_data_parallel_ranks_matches_the_hand_formulas():
+    """tests/workers/rollout_correction_dp.py: a real Megatron actor, DP = 2, several micro-batches per rank;
+    the logged loss and token count of token rejection (token mean and per-sample mean) and of bypass equal
+    their hand formulas, and two PPO mini-batches train the kept tokens only."""
+    from multiproc import run_torchrun
+
+    out = run_torchrun("rollout_correction_dp.py", nproc=2, timeout=300)
+    assert "ROLLOUT_CORRECTION_DP_OK" in out
