@@ -165,6 +165,10 @@ def _edges(device) -> torch.Tensor:
     return torch.tensor(HISTOGRAM_EDGES, dtype=torch.float64, device=device)
 
 
+_COUNTERS = ("tokens", "samples", "k1", "k3", "weight", "kept", "truncated_tokens", "truncated_samples",
+             "rejected_tokens", "rejected_samples")
+
+
 def metric_sums(log_rho: torch.Tensor, response: torch.Tensor, truncated: torch.Tensor, rejected: torch.Tensor,
                 weights: torch.Tensor, lags: Optional[torch.Tensor] = None) -> dict[str, float]:
     """This micro-batch's counters for :func:`correction_metrics`, per lag: token and sample counts, sums of
@@ -176,25 +180,23 @@ def metric_sums(log_rho: torch.Tensor, response: torch.Tensor, truncated: torch.
     lag = torch.zeros_like(log_rho, dtype=torch.long) if lags is None else _rows(lags).round().long()
     sample_lag = torch.where(response, lag, torch.full_like(lag, -1)).max(-1).values  # a sample's oldest token
     bins = torch.bucketize(log_rho, _edges(log_rho.device))
-    out: dict[str, float] = {}
-    for value in torch.unique(sample_lag[sample_lag >= 0]).tolist():
+    lag_values = torch.unique(sample_lag[sample_lag >= 0]).tolist()
+    stats = []
+    for value in lag_values:  # one vector per lag, moved to the host in one transfer
         rows = sample_lag == value
         tok = response & rows.unsqueeze(-1)
         x = log_rho[tok]
+        kept = tok & ~rejected
+        stats.append(torch.cat([torch.stack([
+            tok.sum(), rows.sum(), (-x).sum(), (torch.exp(x) - 1.0 - x).sum(), weights[kept].sum(), kept.sum(),
+            (truncated & tok).sum(), (truncated & tok).any(-1).sum(), (rejected & tok).sum(),
+            (rejected & tok).any(-1).sum()]).double(),
+            torch.bincount(bins[tok], minlength=len(HISTOGRAM_EDGES) + 1).double()]))
+    out: dict[str, float] = {}
+    for value, row in zip(lag_values, torch.stack(stats).tolist() if stats else []):
         p = f"{COUNTER_PREFIX}lag{value}/"
-        out[p + "tokens"] = float(tok.sum())
-        out[p + "samples"] = float(rows.sum())
-        out[p + "k1"] = float((-x).sum())
-        out[p + "k3"] = float((torch.exp(x) - 1.0 - x).sum())
-        out[p + "weight"] = float(weights[tok & ~rejected].sum())
-        out[p + "kept"] = float((tok & ~rejected).sum())
-        out[p + "truncated_tokens"] = float((truncated & tok).sum())
-        out[p + "truncated_samples"] = float(((truncated & tok).any(-1)).sum())
-        out[p + "rejected_tokens"] = float((rejected & tok).sum())
-        out[p + "rejected_samples"] = float(((rejected & tok).any(-1)).sum())
-        counts = torch.bincount(bins[tok], minlength=len(HISTOGRAM_EDGES) + 1)
-        for j in torch.nonzero(counts).flatten().tolist():
-            out[f"{p}hist/{j:03d}"] = float(counts[j])
+        out.update({p + name: v for name, v in zip(_COUNTERS, row)})
+        out.update({f"{p}hist/{j:03d}": c for j, c in enumerate(row[len(_COUNTERS):]) if c})
     return out
 
 
