@@ -151,8 +151,7 @@ def grpo_loss(
         metrics["rollout/logp_diff_mean"] = masked_mean(diff)
         metrics["rollout/logp_diff_max"] = float((diff * mask).max()) if mask.any() else 0.0
     if corrected is not None:
-        if correction.cfg.weights != "none":
-            per_token = per_token * corrected.weights
+        per_token = per_token * corrected.weights  # 1 where the correction weighs nothing (weights: none)
         metrics.update(corrected.sums)
     if ref_logprobs is not None and kl_coef != 0.0:
         delta = ref_logprobs.detach() - logprobs

@@ -121,9 +121,10 @@ def make_grpo_loss_fn(grpo_cfg):
             token_lags=mb.per_token.get("lag"), kl_coef=0.0, entropy=entropy, dual_clip=grpo_cfg.dual_clip,
             token_weights=mb.per_token.get("loss_weight"))
         n = float(num_tokens)
-        sums = {k if k.startswith(COUNTER_PREFIX) else f"{k}_sum": v if k.startswith(COUNTER_PREFIX) else v * n
-                for k, v in metrics.items() if not k.endswith("_max") and k != "num_tokens"}
-        sums.update(loss_sum=loss_sum.detach(), num_tokens=num_tokens.detach())
+        counters = {k: v for k, v in metrics.items() if k.startswith(COUNTER_PREFIX)}  # the correction's: sums already
+        sums = {f"{k}_sum": v * n for k, v in metrics.items()
+                if not k.endswith("_max") and k != "num_tokens" and k not in counters}
+        sums.update(counters, loss_sum=loss_sum.detach(), num_tokens=num_tokens.detach())
         return loss_sum, num_tokens.to(torch.int), sums
 
     return loss_fn
