@@ -1,6 +1,6 @@
 r"""Rollout correction: what the GRPO loss does about rollout log-probs that are not the trainer's.
 
-Three policies take part (AReaL's decoupled PPO, Fu et al. 2025, "AReaL", §5.1): the *behaviour* policy
+Three policies take part (AReaL's decoupled PPO objective, Fu et al. 2025, arXiv 2505.24298): the *behaviour* policy
 pi_b that sampled the response (the rollout engine's log-probs, ``Experience.rollout_logprobs``), the
 *proximal* policy pi_prox the PPO clip is centred on, and the *current* policy pi_theta being trained. For
 response token t of sample i::
