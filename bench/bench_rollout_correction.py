@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Mismatch metrics of each rollout-correction mode, one step off-policy (rollouts on their own rank).
 
-usage: python bench/bench_rollout_correction.py [--steps 6] [--lr 1e-3] [--modes default,none,...] [--cache DIR] [--out DIR]
+usage: python bench/bench_rollout_correction.py [--steps 6] [--lr 1e-3] [--modes default,none,...]
+                                               [--cache DIR] [--out DIR]
 
 Every run is the real trainer (`megatron-pz train` under the launcher: one training rank, one `hf` rollout
 rank, `rollout.max_staleness: 1`) on the tiny config of tests/test_disaggregated.py (RLP on a random-init

@@ -5,7 +5,8 @@ log pi_T - log pi_b is chosen per token::
 
     sample 0: [ 0.1, -0.2, 0.9]          rho = 1.105, 0.819, 2.460   sum  0.8  (prod 2.226), mean 0.2667 (geo 1.306)
     sample 1: [ 0.0,  0.05]              rho = 1.000, 1.051          sum  0.05 (prod 1.051), mean 0.025  (geo 1.025)
-    sample 2: [-0.8,  0.3, 0.2, 0.1]     rho = 0.449, 1.350, 1.221, 1.105   sum -0.2 (prod 0.819), mean -0.05 (geo 0.951)
+    sample 2: [-0.8,  0.3, 0.2, 0.1]     rho = 0.449, 1.350, 1.221, 1.105
+                                         sum -0.2 (prod 0.819), mean -0.05 (geo 0.951)
 """
 
 import math
@@ -140,7 +141,8 @@ def test_rejected_tokens_leave_the_denominator_at_any_split():
     e = math.exp
     adv = [1.0, -1.0, 2.0]
     cfg = RolloutCorrectionConfig(reject=[RejectionConfig("token", 0.5, 2.0)])
-    kept_terms = [[-1.0 * e(0.1), -1.0 * e(-0.2)], [1.0 * 1.0, 1.0 * e(0.05)], [-2.0 * e(0.3), -2.0 * e(0.2), -2.0 * e(0.1)]]
+    kept_terms = [[-1.0 * e(0.1), -1.0 * e(-0.2)], [1.0 * 1.0, 1.0 * e(0.05)],
+                  [-2.0 * e(0.3), -2.0 * e(0.2), -2.0 * e(0.1)]]
     token_mean = sum(map(sum, kept_terms)) / 7  # 7 kept tokens of 9
     seq_mean = sum(sum(t) / len(t) for t in kept_terms) / 3
     diluted = sum(map(sum, kept_terms)) / 9  # the bug slime fixed: rejected tokens still counted
@@ -153,7 +155,8 @@ def test_rejected_tokens_leave_the_denominator_at_any_split():
         if agg == "seq_mean_token_mean":  # a_i = T / (S |c_i|) over kept tokens: T = 7, S = 3, |c| = 2, 2, 3
             assert weights == pytest.approx([7 / 6, 7 / 6, 7 / 9])
         for ranks in ([[0, 1, 2]], [[0, 2], [1]]):
-            loss, count = mean_loss(exps, weights, ranks, RolloutCorrection(cfg), max_tokens=8 if len(ranks) > 1 else 64)
+            budget = 8 if len(ranks) > 1 else 64  # several micro-batches per rank, or one
+            loss, count = mean_loss(exps, weights, ranks, RolloutCorrection(cfg), max_tokens=budget)
             assert count == 7 and loss == pytest.approx(expected, rel=1e-6), (agg, ranks)
     assert abs(diluted - token_mean) > 0.1
     # Deciding in the forward and only shrinking the returned count would keep RLP's a_i = T / (S |c_i|) of the
@@ -277,7 +280,8 @@ def test_config_refusals_and_the_former_key():
         (["grpo.rollout_correction.weight_cap=0"], r"weight_cap must be > 0"),
         (["grpo.rollout_correction.reject=[{level: tokens, upper: 2}]"], r"reject\[0\].level must be one of"),
         (["grpo.rollout_correction.reject=[{level: token}]"], r"reject\[0\] rejects nothing"),
-        (["grpo.rollout_correction.reject=[{level: token, lower: 2, upper: 1}]"], r"reject\[0\]: need 0 <= lower < upper"),
+        (["grpo.rollout_correction.reject=[{level: token, lower: 2, upper: 1}]"],
+         r"reject\[0\]: need 0 <= lower < upper"),
     ]
     for overrides, message in cases:
         with pytest.raises(ConfigError, match=message):

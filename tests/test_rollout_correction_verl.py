@@ -94,7 +94,8 @@ def test_rejection_matches_verl(seed, ours, option, threshold):
 def test_combined_criteria_match_verl():
     """verl chains options with a comma (all must pass), as our list does."""
     old, rollout, mask = tensors(3)
-    keep = keep_mask(old - rollout, mask, [RejectionConfig("token", 0.5, 4.0), RejectionConfig("geometric", 0.95, 1.25)])
+    criteria = [RejectionConfig("token", 0.5, 4.0), RejectionConfig("geometric", 0.95, 1.25)]
+    keep = keep_mask(old - rollout, mask, criteria)
     _, verl_mask, _ = verl_run(old, rollout, mask, rollout_rs="token_k1,seq_mean_k1",
                                rollout_rs_threshold=f"0.25_2.0,{1 / 1.25}_{1 / 0.95}")
     assert torch.equal(keep, verl_mask.float())

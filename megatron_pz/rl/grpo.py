@@ -119,7 +119,8 @@ def grpo_loss(
     ``token_weights``: the aggregation weights a_t (None: all 1, DAPO's token mean).
     ``correction`` (with ``rollout_logprobs``): the rollout correction; ``rejected`` marks response tokens it
     rejected before the update (already out of ``loss_mask``), ``token_lags`` each token's weight-version lag;
-    its counters join the metrics under ``rc_raw/`` (sums: :func:`~megatron_pz.rl.rollout_correction.correction_metrics`).
+    its counters join the metrics under ``rc_raw/`` (sums, read by
+    :func:`~megatron_pz.rl.rollout_correction.correction_metrics`).
     """
     mask = loss_mask.to(logprobs.dtype)
     adv = _as_token_tensor(advantages, logprobs)

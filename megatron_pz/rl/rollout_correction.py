@@ -1,7 +1,7 @@
 r"""Rollout correction: what the GRPO loss does about rollout log-probs that are not the trainer's.
 
-Three policies take part (AReaL's decoupled PPO objective, Fu et al. 2025, arXiv 2505.24298): the *behaviour* policy
-pi_b that sampled the response (the rollout engine's log-probs, ``Experience.rollout_logprobs``), the
+Three policies take part (AReaL's decoupled PPO objective, Fu et al. 2025, arXiv 2505.24298): the
+*behaviour* policy pi_b that sampled the response (the rollout engine's log-probs, ``Experience.rollout_logprobs``), the
 *proximal* policy pi_prox the PPO clip is centred on, and the *current* policy pi_theta being trained. For
 response token t of sample i::
 
@@ -28,7 +28,8 @@ Importance weights (``weights``, detached, truncated at ``weight_cap``):
 Rejection (``reject``: a list of criteria, all must pass; a rejected token is out of the loss):
 
     token      keep token t iff lower <= rho_t <= upper                   MIS / IcePop: slime tis_mode=mask,
-                                                                          NeMo-RL "icepop", verl token_k1, TRL token_mask
+                                                                          NeMo-RL "icepop", verl token_k1,
+                                                                          TRL token_mask
     sequence   keep sample i iff lower <= prod_t rho_t <= upper           TRL sequence_mask, verl seq_sum_k1
     geometric  keep sample i iff lower <= exp(mean_t log rho_t) <= upper  NeMo-RL "seq-mask-tis", verl seq_mean_k1
     max_token  keep sample i iff every rho_t is in [lower, upper]         slime rs_veto_threshold (lower only),
@@ -87,7 +88,7 @@ METRIC_PREFIX = "rollout_corr/"
 # |log rho| magnitudes 1e-6 * 10^(j/10), j = 0..73 (the last ~19.95 ~ SAFETY_BOUND), mirrored around a central bin
 _MAGNITUDES = [10.0 ** (-6 + j / 10) for j in range(74)]
 HISTOGRAM_EDGES = [-m for m in reversed(_MAGNITUDES)] + _MAGNITUDES
-COUNTER_PREFIX = "rc_raw/"  # keys of the summed counters (not metrics themselves: :func:`correction_metrics` reads them)
+COUNTER_PREFIX = "rc_raw/"  # keys of the summed counters (not metrics: :func:`correction_metrics` reads them)
 
 
 # ------------------------------------------------------------------ the tensor functions (any [b, s] batch)
@@ -230,7 +231,8 @@ def correction_metrics(summed: dict[str, float]) -> dict[str, float]:
         for name, value in counters.items():
             total[name] = total.get(name, 0.0) + value
     out = {}
-    for prefix, counters in [(METRIC_PREFIX, total)] + [(f"{METRIC_PREFIX}{lag}/", c) for lag, c in sorted(per_lag.items())]:
+    groups = [(METRIC_PREFIX, total)] + [(f"{METRIC_PREFIX}{lag}/", c) for lag, c in sorted(per_lag.items())]
+    for prefix, counters in groups:
         tokens, samples = max(counters.get("tokens", 0.0), 1.0), max(counters.get("samples", 0.0), 1.0)
         out[prefix + "tokens"] = counters.get("tokens", 0.0)
         out[prefix + "samples"] = counters.get("samples", 0.0)
