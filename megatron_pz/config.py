@@ -174,6 +174,9 @@ def from_dict(cls: type, data: dict, path: str = "") -> Any:
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
+    renamed = [k for k in unknown if k in getattr(cls, "RENAMED_KEYS", {})]  # a key of an older config
+    if renamed:
+        raise ConfigError(cls.RENAMED_KEYS[renamed[0]])
     if unknown:
         where = f"section '{path}'" if path else "the top level"
         raise ConfigError(

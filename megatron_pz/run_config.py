@@ -11,16 +11,17 @@ from megatron_pz.config import Config, ConfigError, OptimizerConfig, check_range
 from megatron_pz.data.config import DataConfig
 from megatron_pz.objectives.config import ObjectiveConfig
 from megatron_pz.objectives.split import check_disaggregated
+from megatron_pz.rl.config import RolloutCorrectionConfig
 from megatron_pz.rollout.config import RolloutConfig
 from megatron_pz.runtime.preemption import PreemptionConfig
-
 
 @dataclass
 class GrpoConfig:
     """The policy update. Paper defaults: clip-higher (PretrainZero §4.1 follows DAPO), no KL term
     (PZ §4.1 "GRPO without KL regularization"; RLP §9 "KL coefficient to 0"), one update per rollout
     batch (mini_batches = epochs = 1: RLP Algorithm 1 snapshots theta_old, samples, and updates once;
-    PZ is silent), so the ratio is 1 and the clip inactive. Ours: tis_cap, dual_clip (verl 0.9.1's
+    PZ is silent), so the ratio is 1 and the clip inactive. Ours: the rollout correction (truncated IS against
+    the rollout log-probs by default, :mod:`megatron_pz.rl.rollout_correction`), dual_clip (verl 0.9.1's
     default c = 3).
     The loss aggregation over tokens is each objective's (``objective.loss_agg``).
     """
@@ -30,7 +31,9 @@ class GrpoConfig:
     # Only 0 is accepted: no KL term is implemented (PZ §4.1 and RLP §9 train without one); a non-zero
     # value is rejected before work starts instead of being silently ignored.
     kl_coef: float = 0.0
-    tis_cap: Optional[float] = 2.0  # truncated IS weight cap on rollout/train log-prob mismatch; null: off
+    # what the loss does about rollout log-probs that are not the trainer's: IS weights, rejection, decoupled
+    # or bypass PPO (default: token-level IS weights truncated at 2, the former tis_cap: 2.0)
+    rollout_correction: RolloutCorrectionConfig = field(default_factory=RolloutCorrectionConfig)
     # PPO schedule: the rollout batch is split into `mini_batches` optimizer steps, repeated `epochs`
     # times; old log-probs are computed once before the first update, so later updates see a live
     # ratio and the clip engages. 1 x 1 (paper-silent default): one on-policy step, ratio 1.
@@ -39,6 +42,13 @@ class GrpoConfig:
     # dual-clip PPO: a negative-advantage token's loss is bounded by c * |A| (verl 0.9.1 default c = 3,
     # actor.clip_ratio_c); null: off. Only acts when the ratio exceeds c, i.e. with mini_batches/epochs > 1.
     dual_clip: Optional[float] = 3.0
+
+    # keys of older configs -> what replaced them (megatron_pz.config.from_dict names the new key)
+    RENAMED_KEYS = {
+        "tis_cap": "grpo.tis_cap was replaced by grpo.rollout_correction, whose default is the old tis_cap: 2.0 "
+                   "(weights: token, weight_cap: 2.0): remove tis_cap, or set grpo.rollout_correction.weight_cap "
+                   "to another cap, grpo.rollout_correction.weights: none for tis_cap: null",
+    }
 
 
 @dataclass
@@ -140,7 +150,6 @@ def validate_run(cfg: RunConfig) -> None:
         raise ConfigError(f"grpo.dual_clip must be > 1 (or null: off), got {g.dual_clip}")
     check_range("grpo.clip_low", g.clip_low, low=0.0, high=1.0, high_open=True)
     check_range("grpo.clip_high", g.clip_high, low=0.0)
-    if g.tis_cap is not None and g.tis_cap <= 0.0:
-        raise ConfigError(f"grpo.tis_cap must be > 0 (or null: off), got {g.tis_cap}")
+    g.rollout_correction.validate()
     if not 0.0 <= cfg.warm_start.format_fraction <= 1.0:
         raise ConfigError(f"warm_start.format_fraction must be in [0, 1], got {cfg.warm_start.format_fraction}")

@@ -12,8 +12,9 @@ The schedule is the algorithm of staleness. With v_k the weights after k RL step
                                                                 (the rollout ranks generate k+1 meanwhile)
 
 so generating batch k+1 overlaps the update on batch k, and every batch after the first is trained one
-version after the one that sampled it; the loss's truncated importance weight against the rollout
-log-probs (``grpo.tis_cap``) corrects the lag. At 0 the push, the request and the wait are back to back:
+version after the one that sampled it; the loss's rollout correction against the rollout log-probs
+(``grpo.rollout_correction``: truncated importance weights by default) corrects the lag, and its metrics are
+logged per lag (``rollout_corr/lag1/k3``). At 0 the push, the request and the wait are back to back:
 the papers' on-policy setting, on separate ranks.
 
 A checkpoint holds the batch in flight: a save first waits for it (the next step would wait for it anyway)

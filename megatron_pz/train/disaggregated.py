@@ -58,6 +58,8 @@ class DisaggregatedSource:
         batch = self.schedule.batch_for(step)
         self.ready = time.perf_counter()
         experiences, metrics = score_units(self.objective, batch.drafts, self.scorer, step)
+        for e in experiences:  # the rollout correction's metrics are keyed by it (rollout_corr/lag1/...)
+            e.lag = step - batch.version
         metrics.update({"rollout/staleness": float(step - batch.version), "rollout/weight_version": float(batch.version),
                         "time/push_s": 0.0, "time/wait_rollout_s": 0.0, **self.schedule.timing, **batch.stats})
         return experiences, metrics

@@ -18,6 +18,8 @@ import torch.distributed as dist
 from megatron_pz.model.routes import check_routes
 from megatron_pz.rl.grpo import aggregation_weights, grpo_loss
 from megatron_pz.rl.logprobs import vocab_parallel_entropy
+from megatron_pz.rl.rollout_correction import (COUNTER_PREFIX, RolloutCorrection, correction_metrics,
+                                               reject_before_update)
 from megatron_pz.train.batching import TokenSequence, padding_fraction
 from megatron_pz.train.losses import token_logprobs_at_temperature
 from megatron_pz.train.metrics import mean_over_ranks
@@ -38,12 +40,16 @@ def experiences_to_sequences(experiences, loss_weights=None, route_shape=None,
         p, r = len(e.prompt_ids), len(e.response_ids)
         tokens = list(e.prompt_ids) + list(e.response_ids)
         per_token = {"advantages": [0.0] * p + [float(e.advantage or 0.0)] * r,
-                     "temperature": [float(e.temperature)] * (p + r)}
+                     "temperature": [float(e.temperature)] * (p + r),
+                     # the rollout correction's: tokens it rejected (out of the loss mask), weight-version lags
+                     "rejected": [0.0] * p + [float(x) for x in (e.rejected or [0.0] * r)],
+                     "lag": [0.0] * p + [float(x) for x in (e.lag if isinstance(e.lag, list) else [e.lag] * r)]}
         if e.rollout_logprobs is not None:
             per_token["rollout_logprobs"] = [0.0] * p + [float(x) for x in e.rollout_logprobs]
         if loss_weights is not None:
             per_token["loss_weight"] = [0.0] * p + [float(loss_weights[i])] * r
-        rows.append(TokenSequence(tokens, [0.0] * p + [1.0] * r, per_token, index=i,
+        mask = [0.0] * p + ([float(x) for x in e.token_mask] if e.token_mask is not None else [1.0] * r)
+        rows.append(TokenSequence(tokens, mask, per_token, index=i,
                                   routes=experience_routes(e, i, route_shape, require_routes)))
     return rows
 
@@ -65,7 +71,8 @@ def update_loss_weights(experiences, dp_group=None) -> list[float]:
     """Aggregation weight of each experience for one optimizer step over ``experiences`` (this rank's
     share), from its tags (``component``, ``loss_agg``, ``mix_weight``); every component's token and
     sample counts are summed over the data-parallel group first."""
-    lengths = [len(e.response_ids) if e.trainable else 0 for e in experiences]
+    lengths = [(len(e.response_ids) if e.token_mask is None else int(sum(e.token_mask))) if e.trainable else 0
+               for e in experiences]  # tokens in the loss: rejected ones leave the counts
     labels = sorted({e.component for e in experiences})
     if dist.is_initialized() and dist.get_world_size(dp_group) > 1:
         gathered: list = [None] * dist.get_world_size(dp_group)
@@ -91,6 +98,7 @@ def make_grpo_loss_fn(grpo_cfg):
     Log-probs are taken at each row's sampling temperature; ``old_logprobs`` come from the batch when
     the update computed them (PPO mini-batches / epochs), else they equal the current ones (ratio 1).
     """
+    correction = RolloutCorrection(grpo_cfg.rollout_correction)
 
     def loss_fn(mb, logits):
         logp = token_logprobs_at_temperature(mb, logits)
@@ -102,12 +110,14 @@ def make_grpo_loss_fn(grpo_cfg):
             # a rank with nothing to train on runs one fully masked batch without per-token fields
             logp, old, mb.per_token.get("advantages", torch.zeros_like(mb.loss_mask)), mb.loss_mask,
             clip_low=grpo_cfg.clip_low, clip_high=grpo_cfg.clip_high,
-            rollout_logprobs=rollout, tis_cap=grpo_cfg.tis_cap if rollout is not None else None,
-            kl_coef=0.0, entropy=entropy, dual_clip=grpo_cfg.dual_clip,
+            rollout_logprobs=rollout, correction=correction, rejected=mb.per_token.get("rejected"),
+            token_lags=mb.per_token.get("lag"), kl_coef=0.0, entropy=entropy, dual_clip=grpo_cfg.dual_clip,
             token_weights=mb.per_token.get("loss_weight"))
         n = float(num_tokens)
-        sums = {f"{k}_sum": v * n for k, v in metrics.items() if not k.endswith("_max") and k != "num_tokens"}
-        sums.update(loss_sum=loss_sum.detach(), num_tokens=num_tokens.detach())
+        counters = {k: v for k, v in metrics.items() if k.startswith(COUNTER_PREFIX)}  # the correction's: sums already
+        sums = {f"{k}_sum": v * n for k, v in metrics.items()
+                if not k.endswith("_max") and k != "num_tokens" and k not in counters}
+        sums.update(counters, loss_sum=loss_sum.detach(), num_tokens=num_tokens.detach())
         return loss_sum, num_tokens.to(torch.int), sums
 
     return loss_fn
@@ -116,7 +126,9 @@ def make_grpo_loss_fn(grpo_cfg):
 def grpo_update(actor, experiences, grpo_cfg, loss_fn, max_tokens: int, pad_id: int, dp_group=None):
     """One rollout batch's policy update: ``grpo.epochs`` passes over ``grpo.mini_batches`` optimizer
     steps. With more than one step, old log-probs are computed once before the first (at each row's
-    temperature), so every later step sees a live ratio and the clip can engage.
+    temperature), so every later step sees a live ratio and the clip can engage. The same pass runs when the
+    rollout correction rejects: its decision is taken there, before any token is counted
+    (:func:`megatron_pz.rl.rollout_correction.reject_before_update`).
 
     MoE: every forward carries the experiences' rollout routes (replayed under R3, see
     :mod:`megatron_pz.train.routing_replay`); routing agreement is measured on the first pass over the
@@ -131,18 +143,20 @@ def grpo_update(actor, experiences, grpo_cfg, loss_fn, max_tokens: int, pad_id: 
         return routing.measuring() if first and routing is not None else contextlib.nullcontext()
 
     n_mini, epochs = grpo_cfg.mini_batches, grpo_cfg.epochs
-    if n_mini * epochs > 1:
+    correction = grpo_cfg.rollout_correction
+    old, passed = None, n_mini * epochs > 1 or bool(correction.reject)
+    if passed:  # the trainer's log-probs at the start of the update: PPO's old ones, the rejection's pi_T
         rows = experiences_to_sequences(experiences, **routes)
         batches = actor.micro_batches(rows, max_tokens, pad_id)
         with measured(True):
             values = actor.forward_values(batches, token_logprobs_at_temperature)
-        old = {}
+        start = {}
         for mb, vals in zip(batches, values):
             for r, (idx, length) in enumerate(zip(mb.indices, mb.lengths)):
                 if idx >= 0:
-                    old[idx] = vals[r, :length].tolist()
-    else:
-        old = None
+                    start[idx] = vals[r, :length].tolist()
+        experiences = reject_before_update(experiences, start, correction)  # before any token is counted
+        old = start if n_mini * epochs > 1 else None  # one step: its own forward has these log-probs
     # strided slices of this rank's experiences (every n-th): one optimizer step each, so each
     # mini-batch holds samples of every role / mixture component
     summed: dict[str, float] = {}
@@ -157,7 +171,7 @@ def grpo_update(actor, experiences, grpo_cfg, loss_fn, max_tokens: int, pad_id: 
                 for row in rows:
                     row.per_token["old_logprobs"] = old[part[row.index]]
             batches = actor.micro_batches(rows, max_tokens, pad_id)
-            with measured(old is None):
+            with measured(not passed):
                 result = actor.train_step(batches, loss_fn)
             all_batches += batches
             for key, value in result.metrics.items():
@@ -174,6 +188,7 @@ def step_metrics(metrics: dict, experiences, batches, summed: dict, result, seco
                    rollout_tokens=float(sum(len(e.response_ids) for e in experiences)))
     metrics = mean_over_ranks(metrics)
     metrics.update(token_means(summed), lr=result.lr, grad_norm=result.grad_norm)
+    metrics.update(correction_metrics(summed))  # rollout_corr/...: mismatch, truncation, rejection per lag
     agreement = actor.routing.take_agreement() if actor is not None and actor.routing is not None else None
     if agreement is not None:
         metrics["rollout/routing_agreement"] = agreement
