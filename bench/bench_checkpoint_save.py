@@ -35,7 +35,7 @@ def architecture(name: str) -> dict:
     spec = MODELS[name]
     if isinstance(spec, dict):
         return spec
-    from megatron_pz.train.config import load_run_config
+    from megatron_pz.run_config import load_run_config
 
     return dict(load_run_config(REPO / spec).model.architecture)
 

@@ -85,7 +85,7 @@ def main() -> int:
     from megatron_pz.eval.mask_accuracy import build_mask_items
     from megatron_pz.model.provider import load_hf_config
     from megatron_pz.objectives.pretrainzero import build_predictor_prompt, mask_passage, valid_single_words
-    from megatron_pz.train.config import load_run_config
+    from megatron_pz.run_config import load_run_config
 
     cfg = load_run_config(REPO / "examples" / "tiny_cpu.yaml")
     data = ensure_default_dataset(vocab_size=cfg.data.default_vocab_size, passage_tokens=cfg.data.default_passage_tokens)

@@ -66,7 +66,7 @@ def prepare(work: Path) -> None:
 
 
 def load_cfg(config: Path, overrides: list[str]):
-    from megatron_pz.train.config import load_run_config
+    from megatron_pz.run_config import load_run_config
 
     return load_run_config(config, overrides)
 

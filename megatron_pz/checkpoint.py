@@ -11,8 +11,10 @@ Layout of a checkpoint root::
 A save writes into a hidden sibling ``.tmp_iter_*`` directory; only after every rank finished does
 rank 0 rename it into place and then atomically rewrite the ``latest`` file. A crash before that
 leaves the previous checkpoint as the latest, and a directory without ``pz_checkpoint.json`` is never
-loaded. Model weights are keyed by global names (``decoder.layers.<global>``), so dist_checkpointing
-reshards them when the TP/PP/EP layout at load differs from the one at save.
+loaded; nor is one whose files are not all there at the sizes written (:mod:`megatron_pz.checkpoint_integrity`).
+The latest pointer never moves backwards (a save of an older step is written but not made the latest).
+Model weights are keyed by global names (``decoder.layers.<global>``), so dist_checkpointing reshards them
+when the TP/PP/EP layout at load differs from the one at save.
 """
 
 from __future__ import annotations
@@ -29,10 +31,14 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from megatron_pz.checkpoint_integrity import (  # noqa: F401  (the layout's names, importable from here too)
+    LATEST_FILE, META_FILE, CheckpointError, describe, find_resume, iter_dir_name, iteration_steps, problems,
+    read_pointer, recorded_files,
+)
 from megatron_pz.checkpoint_memory import without_copies
+from megatron_pz.data.tokenizer import copy_tokenizer_files
+from megatron_pz.model.provider import load_hf_config
 
-LATEST_FILE = "latest_checkpointed_iteration.txt"
-META_FILE = "pz_checkpoint.json"
 HF_CONFIG_FILE = "hf_config.json"
 TOKENIZER_DIR = "tokenizer"
 FORMAT_VERSION = 1
@@ -40,14 +46,6 @@ FORMAT_VERSION = 1
 # each rank's buffers in parallel and reshards only over DP; "fully_reshardable" gathers on DP rank 0
 # and may be loaded at another TP/PP too. ("fully_sharded_model_space" is refused by megatron-core 0.16.)
 OPTIMIZER_FORMATS = ("dp_reshardable", "fully_reshardable")
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing, incomplete or does not fit the model; the message names the path."""
-
-
-def iter_dir_name(step: int) -> str:
-    return f"iter_{step:07d}"
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -220,8 +218,6 @@ def save_checkpoint(root, step: int, model_chunks, optimizer=None, scheduler=Non
         raise CheckpointError(f"optimizer_format={optimizer_format!r}; expected one of {OPTIMIZER_FORMATS}")
     from megatron.core import dist_checkpointing
 
-    from megatron_pz.convert.hf_io import copy_tokenizer_files
-
     if importlib.util.find_spec("psutil") is None:
         # megatron-core's torch_dist writer forks a process that needs psutil; without it the child
         # dies and the parent waits forever instead of failing.
@@ -259,9 +255,11 @@ def save_checkpoint(root, step: int, model_chunks, optimizer=None, scheduler=Non
             "num_model_chunks": len(model_chunks),
             "has_optimizer": optimizer is not None,
             "optimizer_format": optimizer_format if optimizer is not None else None,
+            "optimizer_layout": _optimizer_layout(optimizer),
             "has_scheduler": scheduler is not None,
             "extra_models": sorted(extra_models or {}),
             "tokenizer_files": tokenizer_files,
+            "files": recorded_files(tmp),  # what the load checks: every file there, at this size
         }
         _atomic_write_text(tmp / META_FILE, json.dumps(meta, indent=2))  # completion marker
     _barrier()
@@ -269,6 +267,17 @@ def save_checkpoint(root, step: int, model_chunks, optimizer=None, scheduler=Non
         _publish(root, tmp, final, step)
     _barrier()
     return final
+
+
+def _optimizer_layout(optimizer) -> Optional[str]:
+    """"distributed" (state sharded over DP ranks) or "local": checkpoints of the two do not load into each
+    other (optimizer.use_distributed_optimizer)."""
+    if optimizer is None:
+        return None
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    chained = getattr(optimizer, "chained_optimizers", [optimizer])
+    return "distributed" if any(isinstance(o, DistributedOptimizer) for o in chained) else "local"
 
 
 def _writer_results_in_process() -> None:
@@ -306,7 +315,9 @@ def _publish(root: Path, tmp: Path, final: Path, step: int) -> None:
         os.replace(final, old)
     os.replace(tmp, final)
     _fsync_dir(root)
-    _atomic_write_text(root / LATEST_FILE, str(int(step)))
+    current, _ = read_pointer(root)
+    if current is None or current <= step:  # never backwards: an older step is written, the pointer stays
+        _atomic_write_text(root / LATEST_FILE, str(int(step)))
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 
@@ -332,16 +343,30 @@ def latest_checkpoint(root) -> Optional[Path]:
 
 
 def resolve_checkpoint_dir(path) -> Path:
-    """An iteration dir as given, or the latest one when ``path`` is a checkpoint root."""
+    """An iteration dir as given, or the latest one when ``path`` is a checkpoint root; either way complete
+    (:func:`megatron_pz.checkpoint_integrity.problems`), else :class:`CheckpointError` says what is missing and,
+    for a root, which complete checkpoint to name instead."""
     path = Path(path)
     if path.name.startswith((".tmp_", ".old_")):
         raise CheckpointError(f"{path} is a temporary directory of a save that did not finish; not loading it")
-    if (path / LATEST_FILE).is_file():
-        return latest_checkpoint(path)
-    if (path / META_FILE).is_file():
+    if not path.exists():
+        raise CheckpointError("does not exist", path, "give a checkpoint root (with "
+                              f"{LATEST_FILE}) or one of its iter_* folders")
+    if (path / LATEST_FILE).is_file() or iteration_steps(path):
+        point = find_resume(path)
+        if point.damaged:
+            instead = (f"the newest complete one is {point.path}: name that folder instead" if point.path
+                       else "it holds no complete checkpoint")
+            raise CheckpointError(f"{point.what_is_wrong()}; {instead}")
+        if point.path is None:
+            raise CheckpointError("holds no checkpoint yet", path)
+        return point.path
+    if (path / META_FILE).is_file() or (path / "metadata.json").is_file():
+        found = problems(path)
+        if found:
+            raise CheckpointError(f"incomplete: {describe(found)}", path,
+                                  "the save that wrote it did not finish, or a file was lost since")
         return path
-    if path.is_dir() and (path / "metadata.json").is_file():
-        raise CheckpointError(f"{path} has no {META_FILE}: the save that wrote it did not finish")
     raise CheckpointError(f"{path} is neither a checkpoint root (with {LATEST_FILE}) nor a finished "
                           f"iteration dir (with {META_FILE})")
 
@@ -352,8 +377,6 @@ def read_metadata(path) -> dict:
 
 def read_hf_config(path):
     """The Hugging Face config stored with a checkpoint (a ``PretrainedConfig``)."""
-    from megatron_pz.model.provider import load_hf_config
-
     ckpt = resolve_checkpoint_dir(path)
     if not (ckpt / HF_CONFIG_FILE).is_file():
         raise CheckpointError(f"{ckpt} has no {HF_CONFIG_FILE}: it was saved without hf_config")
@@ -369,11 +392,18 @@ def load_checkpoint(path, model_chunks, optimizer=None, scheduler=None, extra_mo
     size matches the one at save; the result's ``per_rank_restored`` says whether it was.
     """
     from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.core import CheckpointingException
+    from torch.distributed.checkpoint.api import CheckpointException as TorchCheckpointException
 
     ckpt = resolve_checkpoint_dir(path)
     meta = json.loads((ckpt / META_FILE).read_text())
     if optimizer is not None and not meta.get("has_optimizer"):
-        raise CheckpointError(f"{ckpt} holds no optimizer state (saved without one); pass optimizer=None")
+        raise CheckpointError(f"{ckpt} holds weights only, no optimizer state (an HF import or a warm start)",
+                              remedy="start a run from it with train.init_checkpoint (API: optimizer=None)")
+    layout, mine = meta.get("optimizer_layout"), _optimizer_layout(optimizer)
+    if optimizer is not None and layout and layout != mine:
+        raise CheckpointError(f"{ckpt} holds a {layout} optimizer's state, this run builds a {mine} one",
+                              remedy=f"set optimizer.use_distributed_optimizer={str(layout == 'distributed').lower()}")
     missing_extra = sorted(set(extra_models or {}) - set(meta.get("extra_models", [])))
     if missing_extra:
         raise CheckpointError(f"{ckpt} holds no extra model(s) {missing_extra}; it has {meta.get('extra_models')}")
@@ -384,9 +414,13 @@ def load_checkpoint(path, model_chunks, optimizer=None, scheduler=None, extra_mo
     same_world = meta["parallel"].get("world_size") == _world()
     if same_world:
         state["pz_per_rank"] = _per_rank_object(None)
-    # The checkpoint may hold more than asked for (optimizer, teacher): that is fine. Model keys the
-    # checkpoint lacks fail inside dist_checkpointing, naming the key.
-    loaded = dist_checkpointing.load(state, str(ckpt), strict="assume_ok_unexpected")
+    # The checkpoint may hold more than asked for (optimizer, teacher): that is fine. What does not fit (a
+    # shape, a key) fails inside dist_checkpointing; the message then names this checkpoint.
+    try:
+        loaded = dist_checkpointing.load(state, str(ckpt), strict="assume_ok_unexpected")
+    except (CheckpointingException, TorchCheckpointException, KeyError, EOFError, RuntimeError, ValueError) as exc:
+        raise CheckpointError(f"cannot load {ckpt}: {_first_line(exc)}",
+                              remedy="does it hold this model (model.*) and optimizer (optimizer.*)?") from exc
 
     def load_chunks(chunks, prefix):
         keys = ["model"] if len(chunks) == 1 else [f"model{i}" for i in range(len(chunks))]
@@ -417,3 +451,13 @@ def load_checkpoint(path, model_chunks, optimizer=None, scheduler=None, extra_mo
         if per_rank.get("per_rank") is not None:
             result["per_rank"] = per_rank["per_rank"]
     return result
+
+
+def _first_line(exc: BaseException, limit: int = 300) -> str:
+    """``Type: message``, its first line, shortened; torch's CheckpointException: the first rank's error."""
+    failures = getattr(exc, "failures", None)
+    if failures:
+        exc = next(iter(failures.values()))[0]
+    lines = str(exc).strip().splitlines()
+    text = f"{type(exc).__name__}: {lines[0] if lines else ''}"
+    return text if len(text) <= limit else text[:limit] + " ..."

@@ -11,12 +11,14 @@ import importlib
 import importlib.util
 import sys
 
+from megatron_pz.errors import guarded  # a leaf module: --help stays fast
+
 SUBCOMMAND_MODULES = (
     "megatron_pz.train.cli",  # train
     "megatron_pz.data.cli",  # preprocess, train-tokenizer
     "megatron_pz.convert.cli",  # convert
     "megatron_pz.eval.cli",  # eval
-    "megatron_pz.plan_cli",  # plan
+    "megatron_pz.memory_plan.cli",  # plan
 )
 
 
@@ -34,23 +36,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Exit codes: 0 done, 2 bad input refused before any work, 1 a failure during work (or a bug: then with
+    its traceback), 75 a run stopped by a signal after its checkpoint (see :mod:`megatron_pz.errors`)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    from megatron_pz.config import ConfigError
-    from megatron_pz.runtime.run_lock import RunDirLocked
+    # the stop handlers are train's; other commands (plan) never set them. Under torchrun every rank then exits
+    # with its own code, none killed on its way out.
+    on_error = ignore_stop_signals if args.command == "train" else None
+    return guarded(args.command, args.func, args, on_error=on_error)
 
-    try:
-        return int(args.func(args) or 0)
-    except (ConfigError, RunDirLocked) as exc:  # bad input, or refused before any work: one clear line
-        if args.command == "train":  # the stop handlers are train's; other commands (plan) never set them
-            from megatron_pz.runtime.preemption import ignore_stop_signals
 
-            ignore_stop_signals()  # under torchrun every rank exits with this code, none killed on its way out
-        print(f"megatron-pz {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+def ignore_stop_signals() -> None:
+    from megatron_pz.runtime.preemption import ignore_stop_signals as ignore  # lazy: only once train failed
+
+    ignore()
 
 
 if __name__ == "__main__":

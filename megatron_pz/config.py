@@ -8,6 +8,7 @@ default.
 from __future__ import annotations
 
 import dataclasses
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -16,9 +17,20 @@ from typing import Any, Optional
 
 import yaml
 
+from megatron_pz.errors import ConfigError  # noqa: F401  (defined in errors.py; imported from here everywhere)
 
-class ConfigError(ValueError):
-    """A config value is missing, unknown, mistyped or inconsistent; the message names the field."""
+
+# The default process group's backend on GPU: one group with a backend per device type, NCCL for the model's
+# tensors and gloo for host-side bookkeeping (megatron_pz/runtime/distributed.py says why).
+CUDA_WORLD_BACKEND = "cpu:gloo,cuda:nccl"
+
+# Tokens a GEMM's row count must be a multiple of under Transformer Engine FP8, per recipe (the keys are the
+# recipes ``model.fp8_recipe`` accepts): megatron-core 0.16.1 ``fp8_utils.get_fp8_align_size`` (16, 32 for
+# mxfp8: TE's FP8 GEMMs want 16-aligned dimensions, MXFP8 scales blocks of 32); blockwise scaling (TE's
+# ``Float8BlockScaling``, the DeepSeek-V3 recipe) scales 1x128 blocks, and the token dimension is a blocked
+# dimension of the weight-gradient GEMM, so 128. Not yet run by us on a GPU: read, not measured.
+# Micro-batch widths follow it (:func:`megatron_pz.train.batching.sequence_multiple`).
+FP8_TOKEN_ALIGN = {"delayed": 16, "tensorwise": 16, "mxfp8": 32, "blockwise": 128}
 
 
 @dataclass
@@ -71,6 +83,20 @@ class OptimizerConfig:
     use_distributed_optimizer: bool = True
     overlap_grad_reduce: bool = False
     overlap_param_gather: bool = False
+
+    def validate(self, section: str = "optimizer") -> None:
+        """The ranges torch's optimizers and Megatron's scheduler accept (they would refuse them only once the
+        model is built, or in the first step)."""
+        if self.name not in ("adam", "sgd"):
+            raise ConfigError(f"{section}.name must be adam|sgd (megatron-core's optimizers), got {self.name!r}")
+        check_range(f"{section}.lr", self.lr, low=0.0)
+        check_range(f"{section}.min_lr", self.min_lr, low=0.0, high=self.lr, high_name=f"{section}.lr")
+        check_range(f"{section}.weight_decay", self.weight_decay, low=0.0)
+        check_range(f"{section}.adam_beta1", self.adam_beta1, low=0.0, high=1.0, high_open=True)
+        check_range(f"{section}.adam_beta2", self.adam_beta2, low=0.0, high=1.0, high_open=True)
+        check_range(f"{section}.adam_eps", self.adam_eps, low=0.0)
+        check_range(f"{section}.clip_grad", self.clip_grad, low=0.0, remedy="0 turns clipping off")
+        check_range(f"{section}.warmup_steps", self.warmup_steps, low=0)
 
 
 @dataclass
@@ -148,6 +174,9 @@ def from_dict(cls: type, data: dict, path: str = "") -> Any:
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
+    renamed = [k for k in unknown if k in getattr(cls, "RENAMED_KEYS", {})]  # a key of an older config
+    if renamed:
+        raise ConfigError(cls.RENAMED_KEYS[renamed[0]])
     if unknown:
         where = f"section '{path}'" if path else "the top level"
         raise ConfigError(
@@ -202,8 +231,6 @@ def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]
 
 def _expand_env(node):
     """``${VAR}`` in string values expands from the environment (cluster scripts set paths that way)."""
-    import os
-
     if isinstance(node, dict):
         return {k: _expand_env(v) for k, v in node.items()}
     if isinstance(node, list):
@@ -234,6 +261,17 @@ def _resolve_relative_paths(data: dict, base: Path) -> dict:
     return walk(data)
 
 
+def check_range(key: str, value, low: float, high: Optional[float] = None, high_open: bool = False,
+                high_name: Optional[str] = None, remedy: Optional[str] = None) -> None:
+    """Config field ``key``'s ``value`` lies in [low, high] ([low, high) with ``high_open``; no ``high``: >= low).
+    NaN lies in no range."""
+    inside = value == value and value >= low and (high is None or (value < high if high_open else value <= high))
+    if not inside:
+        wanted = (f">= {low:g}" if high is None
+                  else f"in [{low:g}, {high_name or format(high, 'g')}{')' if high_open else ']'}")
+        raise ConfigError(f"{key} must be {wanted}, got {value!r}", remedy=remedy)
+
+
 def validate_static(cfg: Any) -> None:
     """Checks that need no model or world: value ranges and enumerations."""
     p = cfg.parallel
@@ -247,18 +285,27 @@ def validate_static(cfg: Any) -> None:
         raise ConfigError(f"model.local_attention must be sdpa|megatron, got {m.local_attention!r}")
     if m.fp8 not in (None, "hybrid", "e4m3"):
         raise ConfigError(f"model.fp8 must be null|hybrid|e4m3, got {m.fp8!r}")
-    from megatron_pz.train.batching import FP8_TOKEN_ALIGN  # the recipes whose width rule is known
-
     if m.fp8_recipe not in FP8_TOKEN_ALIGN:
         raise ConfigError(f"model.fp8_recipe must be {'|'.join(FP8_TOKEN_ALIGN)}, got {m.fp8_recipe!r}")
     if m.fp8 and m.spec == "local":
         raise ConfigError("model.fp8 needs the Transformer Engine spec (model.spec: te|auto)")
+    if m.params_dtype not in ("auto", "float32", "bfloat16", "float16"):
+        raise ConfigError(f"model.params_dtype must be auto|float32|bfloat16|float16, got {m.params_dtype!r}")
+    if m.recompute not in (None, "full", "selective"):
+        raise ConfigError(f"model.recompute must be null|full|selective, got {m.recompute!r}")
+    if m.moe_token_dispatcher not in ("alltoall", "allgather"):
+        raise ConfigError(f"model.moe_token_dispatcher must be alltoall|allgather, got {m.moe_token_dispatcher!r}")
+    for name in ("attention_dropout", "hidden_dropout"):
+        check_range(f"model.{name}", getattr(m, name), low=0.0, high=1.0, high_open=True)
+    if p.etp is not None and p.etp < 1:
+        raise ConfigError(f"parallel.etp must be >= 1 (or null: parallel.tp), got {p.etp}")
+    if p.virtual_pp is not None and p.virtual_pp < 1:
+        raise ConfigError(f"parallel.virtual_pp must be >= 1 (or null), got {p.virtual_pp}")
     if cfg.optimizer.lr_schedule not in ("constant", "cosine", "linear"):
         raise ConfigError(f"optimizer.lr_schedule must be constant|cosine|linear, got {cfg.optimizer.lr_schedule!r}")
+    cfg.optimizer.validate()
     if cfg.runtime.device not in ("auto", "cpu", "cuda"):
         raise ConfigError(f"runtime.device must be auto|cpu|cuda, got {cfg.runtime.device!r}")
-    from megatron_pz.runtime.distributed import CUDA_WORLD_BACKEND
-
     if cfg.runtime.backend not in ("auto", "gloo", CUDA_WORLD_BACKEND):
         raise ConfigError(f"runtime.backend must be auto | gloo | {CUDA_WORLD_BACKEND} (a GPU world also needs a "
                           f"CPU backend for host-side metrics), got {cfg.runtime.backend!r}")
@@ -266,6 +313,10 @@ def validate_static(cfg: Any) -> None:
         raise ConfigError(f"runtime.memory_plan must be enforce|warn|off, got {cfg.runtime.memory_plan!r}")
     if not 0.0 <= cfg.runtime.memory_plan_margin < 1.0:
         raise ConfigError(f"runtime.memory_plan_margin must be in [0, 1), got {cfg.runtime.memory_plan_margin}")
+    if cfg.runtime.timeout_minutes < 1:
+        raise ConfigError(f"runtime.timeout_minutes must be >= 1, got {cfg.runtime.timeout_minutes}")
+    if cfg.runtime.world_size is not None and cfg.runtime.world_size < 1:
+        raise ConfigError(f"runtime.world_size must be >= 1 (or null), got {cfg.runtime.world_size}")
 
 
 def validate_parallel_sizes(parallel: ParallelConfig, hf_config: Any, world_size: int) -> None:

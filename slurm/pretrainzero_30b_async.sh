@@ -11,13 +11,14 @@
 #SBATCH --time=48:00:00
 #SBATCH --requeue
 #SBATCH --open-mode=append
-#SBATCH --signal=USR1@4670
+#SBATCH --signal=B:USR1@4670
 #SBATCH --output=pz-30b-async-%j.out
-# Submit from the repository root. SLURM sends SIGUSR1 4670 s before the time limit (--signal: the early
-# warning `megatron-pz plan` sizes for this config: only the 16 training ranks write the checkpoint, so a
-# node writes twice what the colocated run's does; recompute it with your file system's
-# preemption.save_bytes_per_s). On it, or on SIGTERM (scancel, preemption), the training ranks finish the
-# step, wait for the batch in flight, write it into the checkpoint, stop the rollout ranks and exit 75; the
-# job requeues itself on the early warning (SLURM requeues a preempted one) and resumes bit-exactly.
+# Submit from the repository root. SLURM sends SIGUSR1 4670 s before the time limit (--signal=B:...: to
+# the batch script, which passes it to the ranks; the early warning `megatron-pz plan` sizes for this
+# config: only the 16 training ranks write the checkpoint, so a node writes twice what the colocated run's
+# does; recompute it with your file system's preemption.save_bytes_per_s). On it, or on SIGTERM (scancel,
+# preemption), the training ranks finish the step, wait for the batch in flight, write it into the
+# checkpoint, stop the rollout ranks and exit 75; the job requeues itself on the early warning (SLURM
+# requeues a preempted one) and resumes bit-exactly.
 export CONFIG="${CONFIG:-examples/pretrainzero_qwen3_30b_a3b_async.yaml}"
 source "${SLURM_SUBMIT_DIR:-.}/slurm/launch.sh"  # sbatch runs a spooled copy of this file

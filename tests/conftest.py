@@ -26,3 +26,26 @@ def real_vllm():
         if os.environ.get("CI") == "true":
             pytest.fail(f"CI=true but {reason}")
         pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster(tmp_path_factory):
+    """A one-node SLURM (munged + slurmctld + slurmd) of this test run's own, in a temporary folder, stopped at
+    the end (tests/slurm_cluster.py). Skipped with the reason where the packages are missing or this is not
+    root; a failure under CI=true (.ci/run installs them with apt-get)."""
+    from slurm_cluster import PACKAGES, SlurmCluster, missing_programs
+
+    missing = missing_programs()
+    reason = (f"SLURM is not installed here (missing: {', '.join(missing)}; apt-get install {PACKAGES})" if missing
+              else "the test cluster runs its daemons as root (SlurmUser=root), and this is not root"
+              if os.geteuid() != 0 else None)
+    if reason:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI=true but {reason}")
+        pytest.skip(reason)
+    cluster = SlurmCluster(tmp_path_factory.mktemp("slurm"))
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()

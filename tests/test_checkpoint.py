@@ -32,7 +32,10 @@ def test_latest_checkpoint_none_and_errors(tmp_path):
     (tmp_path / "iter_0000005").mkdir()
     (tmp_path / "iter_0000005" / META_FILE).write_text("{}")
     assert latest_checkpoint(tmp_path) == tmp_path / "iter_0000005"
-    assert resolve_checkpoint_dir(tmp_path) == tmp_path / "iter_0000005"
+    # the marker alone is not a checkpoint: loading checks every file (tests/test_bad_input.py has real ones)
+    with pytest.raises(CheckpointError, match=r"iter_0000005 is damaged \(metadata.json missing; .metadata missing; "
+                                              r"common.pt missing\); it holds no complete checkpoint"):
+        resolve_checkpoint_dir(tmp_path)
 
 
 def test_unfinished_dirs_are_refused(tmp_path):
@@ -46,8 +49,11 @@ def test_unfinished_dirs_are_refused(tmp_path):
     (tmp / META_FILE).write_text("{}")
     with pytest.raises(CheckpointError, match="temporary directory"):
         resolve_checkpoint_dir(tmp)
-    with pytest.raises(CheckpointError, match="neither a checkpoint root"):
+    with pytest.raises(CheckpointError, match="nothing: does not exist"):
         resolve_checkpoint_dir(tmp_path / "nothing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match="neither a checkpoint root"):
+        resolve_checkpoint_dir(tmp_path / "empty")
 
 
 @pytest.mark.slow

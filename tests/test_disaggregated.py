@@ -6,6 +6,7 @@ config refusals, the division of a step's work and the objective split.
 """
 
 import json
+import math
 import pickle
 import signal
 import subprocess
@@ -26,7 +27,7 @@ from megatron_pz.objectives.composite import build_training_objective
 from megatron_pz.objectives.config import ObjectiveComponent, ObjectiveConfig
 from megatron_pz.objectives.hf_scorer import HFScorer
 from megatron_pz.rollout.config import RolloutConfig
-from megatron_pz.rollout.protocol import WorkSplit
+from megatron_pz.disagg.protocol import WorkSplit
 
 RLP = ["objective.name=rlp", "objective.rlp_group=2", "objective.rlp_thought_max_tokens=4"]
 MIXTURE = ("objective.mixture=[{weight: 0.5}, {weight: 0.5, overrides: {name: rlp, rlp_group: 2, "
@@ -260,6 +261,21 @@ def test_staleness1_samples_from_the_previous_weights(off_policy, tmp_path):
         assert len(rollout) == len(previous) == len(current) > 0
         assert max(abs(a - b) for a, b in zip(rollout, previous)) <= 1e-5
         assert max(abs(a - b) for a, b in zip(rollout, current)) > 1e-3
+        # The default rollout correction is the former grpo.tis_cap: 2.0, by hand from the saved v_k actor: one
+        # step (ratio 1), RLP's per-sample mean of -A_i min(exp(logp_T - logp_rollout), 2); and the mismatch
+        # metrics of lag 1 are k1 = mean(logp_rollout - logp_T), k3 = mean(rho - 1 - log rho), rho = pi_T / pi_b.
+        rows = [(row, lp) for row, lp in zip(recorded[k], saved[f"{k}@iter_{k:07d}"]) if row["trainable"] and lp]
+        loss = sum(sum(-row["advantage"] * min(math.exp(t - b), 2.0) for t, b in zip(lp, row["rollout_logprobs"]))
+                   / len(lp) for row, lp in rows) / len(rows)
+        log_rho = [t - b for row, lp in rows for t, b in zip(lp, row["rollout_logprobs"])]
+        step = rl[k + 1]
+        assert step["loss"] == pytest.approx(loss, rel=1e-4, abs=1e-6), (k, step["loss"], loss)
+        assert step["rollout_corr/lag1/tokens"] == len(log_rho) and "rollout_corr/lag0/tokens" not in step
+        assert step["rollout_corr/lag1/k1"] == pytest.approx(-sum(log_rho) / len(log_rho), rel=1e-3, abs=1e-7)
+        assert step["rollout_corr/lag1/k3"] == pytest.approx(
+            sum(math.exp(x) - 1 - x for x in log_rho) / len(log_rho), rel=1e-3, abs=1e-8)
+        assert step["rollout_corr/lag1/k3"] > 1e-6 and step["rollout_corr/lag1/ratio_p99"] > 1.0
+    assert rl[1]["rollout_corr/lag0/k3"] < 1e-8 and "rollout_corr/lag1/k3" not in rl[1]  # step 1: on-policy
 
 
 @pytest.mark.slow
@@ -332,5 +348,5 @@ def test_killed_rollout_rank_fails_the_job_naming_it(tmp_path, cache):
         kill_tree(proc.pid)
     ended = time.time()
     assert proc.returncode != 0
-    assert "RankLost: rollout rank 0 (job rank 1) stopped answering" in output, output[-6000:]
+    assert "megatron-pz train: error: rollout rank 0 (job rank 1) stopped answering" in output, output[-6000:]
     assert ended - float((run_dir / "killed_at").read_text()) < 25

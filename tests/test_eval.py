@@ -78,8 +78,8 @@ def test_in_run_eval_rates_and_empty_item_sets():
     """The trainer's eval: rates over the items it has; a kind with no items is absent, not 0."""
     from types import SimpleNamespace
 
-    from megatron_pz.train.config import RunConfig
-    from megatron_pz.train.evaluate import evaluate
+    from megatron_pz.run_config import RunConfig
+    from megatron_pz.eval.heldout import evaluate
     from test_objectives_support import tiny_tokenizer
 
     tok = tiny_tokenizer()

@@ -6,6 +6,8 @@ import pytest
 import torch
 
 from megatron_pz.rl.grpo import group_advantages, grpo_loss
+from megatron_pz.rl.rollout_correction import RolloutCorrection, correction_metrics
+from megatron_pz.rl.config import RolloutCorrectionConfig
 
 
 def test_group_advantages_hand_numbers():
@@ -106,8 +108,11 @@ def test_truncated_importance_sampling_and_kl_and_metrics():
     mask = torch.tensor([1.0, 1.0, 1.0, 0.0])
     ref = old - 0.2
     entropy = torch.tensor([1.0, 2.0, 3.0, 100.0])
-    loss_sum, n, m = grpo_loss(logp, old, adv, mask, rollout_logprobs=rollout, tis_cap=2.0,
+    # the default rollout correction (the former grpo.tis_cap: 2.0): w = min(exp(old - rollout), 2)
+    loss_sum, n, m = grpo_loss(logp, old, adv, mask, rollout_logprobs=rollout,
+                               correction=RolloutCorrection(RolloutCorrectionConfig()),
                                ref_logprobs=ref, kl_coef=0.1, entropy=entropy)
+    corr = correction_metrics(m)
     d = [0.1, -0.1, 0.0]
     w = [math.exp(0.3), math.exp(-0.2), 2.0]
     expected = 0.0
@@ -119,8 +124,8 @@ def test_truncated_importance_sampling_and_kl_and_metrics():
         expected += w[t] * pg + 0.1 * (math.exp(k) - k - 1)
     assert loss_sum.item() == pytest.approx(expected, rel=1e-6)
     assert n.item() == 3
-    assert m["tis/weight_mean"] == pytest.approx(sum(w) / 3, rel=1e-6)
-    assert m["tis/capped_fraction"] == pytest.approx(1 / 3)
+    assert corr["rollout_corr/weight_mean"] == pytest.approx(sum(w) / 3, rel=1e-6)
+    assert corr["rollout_corr/truncated_tokens"] == pytest.approx(1 / 3)
     assert m["rollout/logp_diff_mean"] == pytest.approx((0.3 + 0.2 + 1.0) / 3, rel=1e-6)
     assert m["rollout/logp_diff_max"] == pytest.approx(1.0)
     assert m["entropy"] == pytest.approx(2.0)
@@ -203,7 +208,7 @@ def test_grpo_config_errors_before_work():
     from pathlib import Path
 
     from megatron_pz.config import ConfigError
-    from megatron_pz.train.config import load_run_config
+    from megatron_pz.run_config import load_run_config
 
     tiny = Path(__file__).resolve().parents[1] / "examples" / "tiny_cpu.yaml"
     cfg = load_run_config(tiny)

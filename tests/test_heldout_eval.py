@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from megatron_pz.eval.heldout import HeldoutEvalConfig, compare, eval_response_budget, item_values, summary_metrics
+from megatron_pz.eval.records import compare, item_values, summary_metrics
+from megatron_pz.rollout.budget import eval_response_budget
+from megatron_pz.run_config import HeldoutEvalConfig
 from megatron_pz.eval.intervals import bootstrap, paired_difference
 
 def test_bootstrap_mean_matches_scipy_percentile_interval():
@@ -75,7 +77,7 @@ def test_eval_response_budget_counts_what_the_evaluation_generates():
     """An RLP run's evaluation generates at train.eval_max_new_tokens and its thoughts' budget, never at
     PretrainZero's 4096-token defaults (the SmolLM2 RLP run whose vLLM KV cache was sized for them)."""
     from megatron_pz.rollout.budget import rollout_context_length
-    from megatron_pz.train.config import load_run_config
+    from megatron_pz.run_config import load_run_config
 
     cfg = load_run_config(None, ["model.architecture={model_type: qwen3}", "objective.name=rlp",
                                  "objective.rlp_thought_max_tokens=32", "train.max_prompt_tokens=512",

@@ -12,9 +12,9 @@ import pytest
 from megatron_pz.memory_plan import (GIB, Layout, ParamSpec, Shapes, check_at_startup, chunk_params, ddp_buffer,
                                      max_sequence_length, owned_elements, plan_run)
 from megatron_pz.model import load_hf_config
-from megatron_pz.plan_cli import plan_config
+from megatron_pz.memory_plan.cli import plan_config
 from megatron_pz.config import ConfigError
-from megatron_pz.train.config import load_run_config
+from megatron_pz.run_config import load_run_config
 from multiproc import run_torchrun
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -174,7 +174,7 @@ def test_plan_terms_follow_their_knobs():
 def test_train_refuses_an_unfit_plan_before_any_work(monkeypatch):
     import torch.distributed as dist
 
-    from megatron_pz.train.trainer import Run
+    from megatron_pz.train.run import Run
 
     monkeypatch.setenv("WORLD_SIZE", "1")
     cfg = load_run_config(ROOT / "examples" / "tiny_cpu.yaml", ["train.max_tokens_per_micro_batch=100000000"])

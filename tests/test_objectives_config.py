@@ -3,7 +3,7 @@
 import pytest
 
 from megatron_pz.config import ConfigError, from_dict
-from megatron_pz.objectives.base import build_objective
+from megatron_pz.objectives.composite import build_objective
 from megatron_pz.objectives.baselines import NextTokenReasoningObjective, RandomRLPTObjective
 from megatron_pz.objectives.config import OBJECTIVE_NAMES, ObjectiveConfig
 from megatron_pz.objectives.pretrainzero import PretrainZeroObjective

@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from megatron_pz.objectives.base import build_objective
+from megatron_pz.objectives.composite import build_objective
 from megatron_pz.objectives.config import ObjectiveConfig
 from megatron_pz.objectives.hf_scorer import HFScorer
 from megatron_pz.objectives.prompts import build_generator_prompt, build_predictor_prompt

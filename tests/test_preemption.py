@@ -64,8 +64,8 @@ def checkpoint_step(run_dir):
 
 def planned_checkpoint_bytes() -> int:
     from megatron_pz.memory_plan.checkpoint_time import plan_checkpoint
-    from megatron_pz.plan_cli import hf_config_for_planning
-    from megatron_pz.train.config import load_run_config
+    from megatron_pz.memory_plan.cli import hf_config_for_planning
+    from megatron_pz.run_config import load_run_config
 
     cfg = load_run_config(CONFIG, ARGS)
     return plan_checkpoint(cfg, hf_config_for_planning(cfg)[0], world=2, device="cpu", ranks_per_node=2).total

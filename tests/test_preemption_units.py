@@ -1,7 +1,7 @@
 """The pieces of preemption handling one by one: the run-dir lock, the stop flag, the launcher's and the
-SLURM job's exit codes, the early-warning lead of the shipped SLURM scripts, and launch.sh's signal
-handling (with stand-ins for srun/scontrol/squeue: no SLURM here). The 2-rank end-to-end runs are in
-tests/test_preemption.py."""
+SLURM job's exit codes, the early-warning lead of the shipped SLURM scripts and the time limit it needs,
+signals during start-up. The 2-rank end-to-end runs are in tests/test_preemption.py; the sbatch scripts on a
+real SLURM in tests/test_slurm.py."""
 
 from __future__ import annotations
 
@@ -18,6 +18,8 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+
+from multiproc import free_port
 
 from megatron_pz.config import ConfigError
 from megatron_pz.runtime import run_lock
@@ -80,8 +82,14 @@ def test_a_reused_pid_is_not_the_holder(tmp_path):
 def test_slurm_decides_for_a_holder_in_a_slurm_job(tmp_path, monkeypatch):
     bin_dir = tmp_path / "bin"
     stand_in(bin_dir, "squeue", """
-        # squeue -h -j ID -o %T
-        case "$3" in 111) echo RUNNING ;; 222) echo "slurm_load_jobs error: Invalid job id specified" >&2; exit 1 ;; esac
+        # squeue -h [--states=all] -j ID -o %T, as SLURM 22.05 answers (measured on tests/slurm_cluster.py): a job
+        # that ended is listed with its end state under --states=all only; a job slurmctld forgot is an error
+        [[ "$2" == --states=all ]] && all=1 && shift
+        case "$3" in
+          111) echo RUNNING ;;
+          222) [[ -n "${all:-}" ]] && echo FAILED ;;
+          444) echo "slurm_load_jobs error: Invalid job id specified" >&2; exit 1 ;;
+        esac
     """)
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
     monkeypatch.setenv("SLURM_JOB_ID", "333")
@@ -91,9 +99,13 @@ def test_slurm_decides_for_a_holder_in_a_slurm_job(tmp_path, monkeypatch):
     write_lock(run_dir, host="node7", pid=12, slurm_job_id="111")  # another host, a running job
     with pytest.raises(run_lock.RunDirLocked, match="pid 12 on host node7, SLURM job 111"):
         run_lock.acquire(run_dir)
-    write_lock(run_dir, host="node7", pid=12, slurm_job_id="222")  # a job SLURM no longer lists
+    write_lock(run_dir, host="node7", pid=12, slurm_job_id="222")  # a job that failed
     lock = run_lock.acquire(run_dir)
-    assert "SLURM job 222 is no longer in the queue" in lock.took_over
+    assert "SLURM job 222 is no longer running (FAILED)" in lock.took_over
+    lock.release()
+    write_lock(run_dir, host="node7", pid=12, slurm_job_id="444")  # a job SLURM no longer lists
+    lock = run_lock.acquire(run_dir)
+    assert "SLURM job 444 is no longer in the queue" in lock.took_over
     lock.release()
     write_lock(run_dir, host="node7", pid=12, slurm_job_id="333", slurm_restart_count=1)  # this job, requeued
     lock = run_lock.acquire(run_dir)
@@ -130,6 +142,8 @@ def test_launcher_exit_code():
     fail = lambda code: SimpleNamespace(exitcode=code)  # noqa: E731
     assert exit_code({0: fail(EXIT_STOPPED), 1: fail(EXIT_STOPPED)}) == EXIT_STOPPED
     assert exit_code({0: fail(2), 1: fail(2)}) == 2
+    assert exit_code({0: fail(2), 1: fail(-15)}) == 2  # refused; the agent stopped the other rank first
+    assert exit_code({0: fail(2), 1: fail(1)}) == 1
     assert exit_code({0: fail(EXIT_STOPPED), 1: fail(-15)}) == 1  # a rank killed: not a clean stop
     assert exit_code({0: fail(-9)}) == 1
 
@@ -147,13 +161,63 @@ def test_job_outcome(tmp_path, monkeypatch):
     assert job_outcome(tmp_path, 1, {**env, "SLURM_RESTART_COUNT": "2"})[:2] == (1, False)  # an earlier attempt's
 
 
+def test_a_requeue_loop_without_progress_stops(tmp_path, monkeypatch):
+    """The early warning requeues an attempt that finished a step past where it began, not one that did not
+    (a time limit that leaves no time to train would otherwise requeue forever)."""
+    monkeypatch.setenv("SLURM_JOB_ID", "42")
+    monkeypatch.delenv("SLURM_RESTART_COUNT", raising=False)  # a first attempt: SLURM leaves it unset
+    env = {"SLURM_JOB_ID": "42"}
+    write_stop_record(tmp_path, signal.SIGUSR1, 7, "ckpt/iter_0000007", False, 3.0)
+    assert job_outcome(tmp_path, EXIT_STOPPED, env, start_step=6)[:2] == (EXIT_STOPPED, True)
+    code, requeue, line = job_outcome(tmp_path, EXIT_STOPPED, env, start_step=7)  # resumed at 7, abandoned 8
+    assert (code, requeue) == (EXIT_STOPPED, False)
+    assert "before finishing an RL step (attempt 1 began at step 7" in line
+    assert "longer --time or a shorter --signal" in line
+    write_stop_record(tmp_path, signal.SIGUSR1, None, None, False, 0.0)  # stopped before step 1
+    assert job_outcome(tmp_path, EXIT_STOPPED, env, start_step=0)[:2] == (EXIT_STOPPED, False)
+    out = subprocess.run([sys.executable, "-m", "megatron_pz.runtime.requeue", str(tmp_path), "75", "0"],
+                         env={**ENV, **env}, capture_output=True, text=True)  # scontrol is never called
+    assert out.returncode == EXIT_STOPPED and "not requeued" in out.stdout, out.stderr
+
+
+def test_slurm_times_and_the_time_limit_check():
+    from megatron_pz.memory_plan.checkpoint_time import slurm_seconds, time_limit_problem
+
+    cases = {"10": 600, "1:58": 118, "48:00:00": 172800, "2-00:00:00": 172800, "1-2": 93600, "1-2:03": 93780,
+             "0:30": 30, "UNLIMITED": None, "INFINITE": None}
+    assert {k: slurm_seconds(k) for k in cases} == cases
+    with pytest.raises(ValueError):
+        slurm_seconds("INVALID")
+    assert time_limit_problem(3441, 2840, 600) is None
+    problem = time_limit_problem(600, 2840, 600)  # the issue's job: --time=10 with the 30B's lead
+    assert "leaves 600 s" in problem and "--signal=B:USR1@2840" in problem and "(600 s, preemption.startup_seconds)"\
+        in problem and "--time=59 or more" in problem
+
+
+def test_plan_refuses_a_time_limit_shorter_than_the_warning_and_start_up(capsys, monkeypatch):
+    from megatron_pz.cli import main
+
+    monkeypatch.delenv("MODEL_DIR", raising=False)
+    config = str(ROOT / "examples" / "pretrainzero_qwen3_30b_a3b.yaml")
+    assert main(["plan", config, "--nodes", "4", "--time-limit", "10"]) == 2
+    out = capsys.readouterr()
+    assert "SLURM early warning: #SBATCH --signal=B:USR1@2840" in out.out  # the plan's lines come first
+    assert "megatron-pz plan: error: the job's time limit leaves 600 s" in out.err and "--time=59 or more" in out.err
+    assert main(["plan", config, "--nodes", "4", "--time-limit", "48:00:00"]) == 0
+    assert "time limit: 172800 s; the early warning comes 169960 s after the start" in capsys.readouterr().out
+    assert main(["plan", config, "--nodes", "4", "--time-limit", "soon"]) == 2
+    assert "--time-limit 'soon': not a SLURM time" in capsys.readouterr().err
+
+
 def test_preemption_config_is_checked():
-    from megatron_pz.train.config import load_run_config
+    from megatron_pz.run_config import load_run_config
 
     with pytest.raises(ConfigError, match="preemption.save_bytes_per_s must be > 0"):
         load_run_config(ROOT / "examples" / "tiny_cpu.yaml", ["preemption.save_bytes_per_s=0"])
     with pytest.raises(ConfigError, match="preemption.save_margin must be >= 1"):
         load_run_config(ROOT / "examples" / "tiny_cpu.yaml", ["preemption.save_margin=0.5"])
+    with pytest.raises(ConfigError, match="preemption.startup_seconds must be >= 0"):
+        load_run_config(ROOT / "examples" / "tiny_cpu.yaml", ["preemption.startup_seconds=-1"])
 
 
 # ------------------------------------------------------------------ SLURM scripts
@@ -169,16 +233,16 @@ def script_configs(script: Path) -> list[str]:
 
 @pytest.mark.parametrize("script", sorted((ROOT / "slurm").glob("pretrainzero_*.sh")), ids=lambda p: p.stem)
 def test_slurm_scripts_ask_for_the_planned_early_warning(script, monkeypatch):
-    from megatron_pz.plan_cli import checkpoint_lines
+    from megatron_pz.memory_plan.cli import checkpoint_lines
 
     monkeypatch.delenv("MODEL_DIR", raising=False)
     text = script.read_text()
-    lead = int(re.search(r"#SBATCH --signal=USR1@(\d+)\n", text).group(1))
+    lead = int(re.search(r"#SBATCH --signal=B:USR1@(\d+)\n", text).group(1))  # to the batch shell (launch.sh)
     nodes = int(re.search(r"#SBATCH --nodes=(\d+)", text).group(1))
     assert "#SBATCH --requeue" in text and "#SBATCH --open-mode=append" in text
     for config in script_configs(script):
         lines = checkpoint_lines(str(ROOT / config), [], nodes=nodes, gpus_per_node=8)
-        planned = int(re.search(r"--signal=USR1@(\d+)", lines[1]).group(1))
+        planned = int(re.search(r"--signal=B:USR1@(\d+)", lines[1]).group(1))
         assert lead >= planned, (config, lead, planned)
         assert f"{lead} s before the time limit" in text
 
@@ -195,54 +259,84 @@ def test_plan_prints_checkpoint_size_and_lead(capsys, monkeypatch):
     assert size, out.stdout
     gib, seconds = float(size.group(1)), int(size.group(2))
     assert abs(seconds - gib * 2**30 / 1e9) <= 0.06 * 2**30 / 1e9 + 0.5  # bytes per node / bytes per second
-    lead = int(re.search(r"--signal=USR1@(\d+)", out.stdout).group(1))
+    lead = int(re.search(r"--signal=B:USR1@(\d+)", out.stdout).group(1))
     # phase + margin x write, rounded up to 10 s
     assert -(-(100 + 2 * (seconds - 0.5)) // 10) * 10 <= lead <= -(-(100 + 2 * (seconds + 0.5)) // 10) * 10
 
 
-def test_launch_sh_waits_through_signals_and_requeues_on_the_early_warning(tmp_path):
-    """launch.sh with stand-ins for srun and scontrol: the "ranks" stop on SIGUSR1 (stop record, exit 75)
-    while the batch shell itself gets SIGTERM and SIGUSR1; it waits for them and requeues the job."""
-    bin_dir, run_dir = tmp_path / "bin", tmp_path / "run"
-    (run_dir / "init").mkdir(parents=True)
-    (run_dir / "init" / "latest_checkpointed_iteration.txt").write_text("0")  # HF import already done
-    calls = tmp_path / "calls"
-    stand_in(bin_dir, "scontrol", f"""
-        echo "scontrol $*" >> {calls}
-        [[ "$1" == show ]] && echo node1
-        exit 0
-    """)
-    stand_in(bin_dir, "python", f"exec {sys.executable} \"$@\"\n")
-    stand_in(bin_dir, "srun", f"""
-        echo "srun $*" >> {calls}
-        trap '' TERM USR1
-        for _ in $(seq 600); do [[ -f {tmp_path / "signalled"} ]] && break; sleep 0.1; done  # the "ranks" run on
-        {sys.executable} -c "import signal; from megatron_pz.runtime.preemption import write_stop_record; \\
-write_stop_record('{run_dir}', signal.SIGUSR1, 5, 'checkpoints/iter_0000005', False, 1.0)"
-        exit 75
-    """)
-    env = {**ENV, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "CONFIG": "examples/tiny_cpu.yaml",
-           "MODEL_DIR": str(tmp_path / "model"), "RUN_DIR": str(run_dir), "SLURM_JOB_NODELIST": "node1",
-           "SLURM_NNODES": "1", "SLURM_JOB_ID": "77", "SLURM_RESTART_COUNT": "0", "SLURM_SUBMIT_DIR": str(ROOT)}
-    # a shell cannot trap signals it was started ignoring: start it with the default dispositions whatever
-    # this test process inherited or set
-    proc = subprocess.Popen(["bash", str(ROOT / "slurm" / "launch.sh")], env=env, cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            preexec_fn=lambda: [signal.signal(s, signal.SIG_DFL) for s in (signal.SIGTERM, signal.SIGUSR1)])
-    deadline = time.time() + 180  # launch.sh prints the memory plan first (a minute on a loaded machine)
-    while not (calls.exists() and "srun" in calls.read_text()) and time.time() < deadline:
-        time.sleep(0.05)  # the step runs (the trap is set before it starts)
-    proc.send_signal(signal.SIGTERM)
-    time.sleep(0.2)
-    proc.send_signal(signal.SIGUSR1)
-    time.sleep(0.2)
-    (tmp_path / "signalled").touch()  # only now do the "ranks" finish (a loaded machine cannot reorder it)
-    out, _ = proc.communicate(timeout=60)
+def test_the_launcher_holds_stop_signals_before_it_imports_torch():
+    """What runs before the launcher blocks the stop signals (the package imports and the module) imports no
+    torch: a signal in that window ends the launcher, so it must stay milliseconds, not torch's 1-2 s."""
+    code = ("import sys, megatron_pz.runtime.launcher, megatron_pz.runtime.requeue, megatron_pz.runtime.run_lock; "
+            "print(sorted(m for m in ('torch', 'numpy', 'psutil') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], env=ENV, capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+@pytest.mark.slow
+def test_a_stop_signal_during_start_up_is_held_by_the_launcher_and_its_ranks(tmp_path):
+    """SIGUSR1 to the launcher while it imports torch (no rank yet), then SIGTERM to the launcher and its ranks
+    while they "import" (before their handlers are up, as SLURM signals every process of a step): neither is
+    fatal. The launcher holds the first until the ranks exist; the ranks start with both blocked and take them
+    when they install their handlers (tests/workers/held_signals.py); every rank exits 75, and so does the
+    launcher."""
+    proc = subprocess.Popen([sys.executable, "-m", "megatron_pz.runtime.launcher", "--nproc_per_node=2", "--nnodes=1",
+                             "--master_addr=127.0.0.1", f"--master_port={free_port()}", "--max_restarts=0",
+                             str(ROOT / "tests" / "workers" / "held_signals.py"), str(tmp_path)],
+                            env={**ENV, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    try:
+        usr1 = 1 << (signal.SIGUSR1 - 1)
+        deadline = time.time() + 60
+        while not (int(_status(proc.pid).get("SigBlk", "0"), 16) & usr1) and time.time() < deadline:
+            time.sleep(0.002)  # from its first statement on, before torch is imported
+        os.kill(proc.pid, signal.SIGUSR1)
+        while len(list(tmp_path.glob("started.*"))) < 2 and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.02)
+        ranks = [int(p.read_text()) for p in sorted(tmp_path.glob("started.*"))]
+        for pid in [proc.pid, *ranks]:
+            os.kill(pid, signal.SIGTERM)
+        (tmp_path / "go").touch()  # only now do the ranks install their handlers
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == EXIT_STOPPED, out
-    assert "launch.sh: stop signal; waiting for the ranks" in out
-    assert "requeueing job 77" in out
-    log = calls.read_text()
-    assert "scontrol requeue 77" in log and "megatron_pz.runtime.launcher" in log
+    assert "launcher: SIGUSR1 before any rank started: held for the ranks" in out
+    for rank in (0, 1):
+        seen = json.loads((tmp_path / f"seen.{rank}").read_text())
+        assert seen["blocked_at_start"] == ["SIGTERM", "SIGUSR1"] and seen["received"] == ["SIGTERM", "SIGUSR1"], seen
+
+
+def _status(pid: int) -> dict:
+    try:
+        text = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return {}
+    return dict(line.split(":\t", 1) for line in text.splitlines() if ":\t" in line)
+
+
+def test_a_stop_signal_never_leaves_the_run_lock_behind(tmp_path):
+    """`python -m megatron_pz.runtime.run_lock RUN_DIR -- COMMAND` (launch.sh's HF import): SIGUSR1 to the whole
+    step (SLURM's early warning, scancel --signal=USR1) is ignored by both; SIGTERM ends COMMAND, and the lock is
+    released (a lock left by a live-looking pid would refuse every later job on this host)."""
+    ready = tmp_path / "ready"
+    holder = subprocess.Popen([sys.executable, "-m", "megatron_pz.runtime.run_lock", str(tmp_path / "run"), "--",
+                               sys.executable, "-c", f"import time; open({str(ready)!r}, 'w').close(); time.sleep(60)"],
+                              env=ENV, start_new_session=True)
+    try:
+        deadline = time.time() + 60
+        while not ready.exists() and time.time() < deadline:
+            time.sleep(0.02)
+        os.killpg(holder.pid, signal.SIGUSR1)  # every process of the group, as SLURM signals a job step
+        time.sleep(1.0)
+        assert holder.poll() is None and (tmp_path / "run" / "run.lock").exists()
+        os.killpg(holder.pid, signal.SIGTERM)
+        assert holder.wait(timeout=30) == 128 + signal.SIGTERM
+    finally:
+        if holder.poll() is None:
+            os.killpg(holder.pid, signal.SIGKILL)
+    assert not (tmp_path / "run" / "run.lock").exists()
 
 
 def test_a_rank_is_stopped_when_its_agent_dies(tmp_path):

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from megatron_pz.objectives.base import build_objective
+from megatron_pz.objectives.composite import build_objective
 from megatron_pz.objectives.config import ObjectiveConfig
 from megatron_pz.objectives.hf_scorer import HFScorer
 from megatron_pz.objectives.prompts import RLP_THINK_CLOSE, RLP_THINK_OPEN

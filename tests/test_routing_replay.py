@@ -14,7 +14,7 @@ import torch
 from megatron_pz.config import ConfigError
 from megatron_pz.model.provider import load_hf_config
 from megatron_pz.rollout.config import RolloutConfig, resolve_routing_replay
-from megatron_pz.rollout.routes import NATIVE, RouteShape, check_routes, route_dtype, routes_from_vllm
+from megatron_pz.model.routes import NATIVE, RouteShape, check_routes, route_dtype, routes_from_vllm
 from multiproc import REPO_ROOT, run_torchrun
 
 MOE = dict(model_type="qwen3_moe", vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
@@ -131,7 +131,7 @@ def test_micro_batches_carry_routes_with_native_where_a_token_has_none():
 
 def test_experiences_carry_checked_routes_into_the_update():
     from megatron_pz.rl.types import Experience
-    from megatron_pz.train.trainer import experiences_to_sequences
+    from megatron_pz.train.update import experiences_to_sequences
 
     shape = RouteShape.from_hf(moe())
     ok = Experience([1, 2, 3], [4, 5], 1.0, "g", "generator", routes=good_routes(4, shape))
@@ -169,7 +169,7 @@ def test_routing_replay_resolves_per_model_engine_and_device():
 
 
 def test_the_30b_moe_run_replays_routes_on_gpu(monkeypatch, tmp_path):
-    from megatron_pz.train.config import load_run_config
+    from megatron_pz.run_config import load_run_config
 
     monkeypatch.setenv("MODEL_DIR", str(tmp_path / "model"))
     monkeypatch.setenv("DATA_DIR", str(tmp_path / "data"))
@@ -180,7 +180,7 @@ def test_the_30b_moe_run_replays_routes_on_gpu(monkeypatch, tmp_path):
 
 
 def test_yaml_off_reads_as_off():
-    from megatron_pz.train.config import load_run_config
+    from megatron_pz.run_config import load_run_config
 
     cfg = load_run_config(REPO_ROOT / "examples" / "tiny_cpu.yaml", ["rollout.routing_replay=off"])
     assert cfg.rollout.routing_replay == "off"  # YAML 1.1 reads a bare off as false
@@ -206,7 +206,7 @@ def test_router_settings_replay_cannot_honour_are_refused():
 
 def test_memory_plan_counts_the_stored_routes_and_the_replay_targets():
     from megatron_pz.memory_plan import GIB, max_sequence_length, plan_run
-    from megatron_pz.train.config import load_run_config
+    from megatron_pz.run_config import load_run_config
 
     overrides = ["model.architecture.model_type=qwen3_moe", "model.architecture.num_experts=8",
                  "model.architecture.num_experts_per_tok=2", "model.architecture.moe_intermediate_size=64",

@@ -7,7 +7,7 @@ import pytest
 
 from megatron_pz.config import ConfigError, validate_parallel_sizes
 from megatron_pz.model import load_hf_config
-from megatron_pz.train.config import load_run_config
+from megatron_pz.run_config import load_run_config
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "examples").glob("*.yaml"))

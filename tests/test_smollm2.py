@@ -98,7 +98,7 @@ def test_rl_step_on_vllm_and_export_carry_the_model(smollm2, tmp_path, real_vllm
     equal the actor's), the update moves the weights, and the exported folder's held-out NLL under plain
     transformers equals the run's own Megatron figures item by item, before (import) and after (export)."""
     from megatron_pz.eval.folder import read_records
-    from megatron_pz.eval.heldout import item_values
+    from megatron_pz.eval.records import item_values
 
     work, _ = smollm2
     run = tmp_path / "run"

@@ -216,3 +216,7 @@ def test_hf_engine_is_refreshed_after_every_update(tmp_path, cache):
         assert rl_on[step]["rollout/weight_syncs"] == step
     assert rl_off[1]["rollout/logp_diff_mean"] < 1e-5  # before any update both are the same weights
     assert rl_off[2]["rollout/logp_diff_mean"] > 1e-3 and rl_off[3]["rollout/logp_diff_mean"] > 1e-3
+    # the rollout correction's mismatch metrics (colocated: lag 0) see the same: ~0 refreshed, grown when stale
+    assert all(rl_on[step]["rollout_corr/lag0/k3"] < 1e-9 for step in (1, 2, 3))
+    assert rl_off[3]["rollout_corr/lag0/k3"] > 1e-7 and rl_off[3]["rollout_corr/k1"] == rl_off[3]["rollout_corr/lag0/k1"]
+    assert rl_off[3]["rollout_corr/lag0/ratio_p1"] < 1.0 < rl_off[3]["rollout_corr/lag0/ratio_p99"]

@@ -43,7 +43,7 @@ def test_memory_plan_counts_vllm_on_cpu_in_every_phase():
     KV term is the engine's own number; on a GPU it sleeps and the share is gpu_memory_utilization."""
     from megatron_pz.memory_plan import plan_run
     from megatron_pz.rollout.budget import vllm_max_model_len
-    from megatron_pz.train.config import load_run_config
+    from megatron_pz.run_config import load_run_config
 
     cfg = load_run_config(REPO_ROOT / "examples" / "tiny_cpu.yaml", ["rollout.engine=vllm"])
     hf = load_hf_config(dict(cfg.model.architecture))

@@ -9,7 +9,7 @@ import numpy as np
 from megatron_pz.data.dataset import Passage, SpanCandidate
 from megatron_pz.objectives.base import encode
 from megatron_pz.objectives.pretrainzero import build_generator_prompt, build_predictor_prompt
-from megatron_pz.train.config import RunConfig
+from megatron_pz.run_config import RunConfig
 from megatron_pz.train.warm_start import format_rows, warm_start_rows
 from test_objectives_support import tiny_tokenizer
 

@@ -144,7 +144,7 @@ def planned_peak(cfg, device: torch.device) -> str:
     """What ``megatron-pz plan`` predicts for this run (compare with this check's measured peak on CUDA;
     on CPU the measurement is the process's RSS, which also holds Python, torch and the data)."""
     from megatron_pz.memory_plan import device_memory, plan_run
-    from megatron_pz.train.trainer import resolve_hf_config
+    from megatron_pz.model.provider import resolve_hf_config
 
     plan = plan_run(cfg, resolve_hf_config(cfg), 1, device_memory(device.type), device.type)
     phases = ", ".join(f"{p.name} {p.total / 2**20:.0f}" for p in plan.phases)
@@ -323,7 +323,7 @@ def routing_replay_runs(replayed: Path, native: Path) -> str:
 
 def smoke_model(name: str, overrides: list[str], args, report: Report, device: torch.device) -> None:
     from megatron_pz.convert.megatron_to_hf import export_hf_checkpoint
-    from megatron_pz.train.config import load_run_config
+    from megatron_pz.run_config import load_run_config
     from megatron_pz.train.trainer import train
 
     run_dir = args.out / name

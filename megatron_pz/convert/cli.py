@@ -13,6 +13,11 @@ import socket
 import subprocess
 import sys
 
+from megatron_pz.config import ConfigError
+
+# HELP_FAST: `megatron-pz --help` imports every subcommand's module, so the code a subcommand drives is imported
+# when the command runs (checkpoints, conversion, weights), not when the parser is built.
+
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser("convert", help="convert between Hugging Face and Megatron checkpoints")
@@ -20,7 +25,11 @@ def register(subparsers) -> None:
 
     imp = sub.add_parser("hf-to-megatron", help="HF safetensors folder -> Megatron distributed checkpoint")
     imp.add_argument("--hf", required=True, help="Hugging Face model folder (config.json + safetensors)")
-    imp.add_argument("--out", required=True, help="checkpoint root to write (iter_0000000 inside)")
+    imp.add_argument("--out", required=True, help="checkpoint root to write (iter_0000000 inside): a new folder, "
+                                                  "e.g. RUN_DIR/init, or a previous import")
+    imp.add_argument("--into-existing", action="store_true",
+                     help="write iter_0000000 into a folder that holds a run's checkpoints (its latest pointer "
+                          "stays where it is: it never moves backwards)")
     imp.add_argument("--tp", type=int, default=1)
     imp.add_argument("--pp", type=int, default=1)
     imp.add_argument("--ep", type=int, default=1)
@@ -34,7 +43,8 @@ def register(subparsers) -> None:
     exp.add_argument("--out", required=True, help="HF folder to write")
     exp.add_argument("--max-shard-size-mb", type=int, default=2048)
     exp.add_argument("--device", default="cpu", help="cpu (default) | cuda | auto")
-    exp.add_argument("--overwrite", action="store_true")
+    exp.add_argument("--overwrite", action="store_true",
+                     help="replace a previous export in --out (refused if --out holds anything else)")
     exp.set_defaults(func=_run_export)
 
     gg = sub.add_parser("gguf-to-hf", help="GGUF file (llama.cpp) -> HF folder, logits checked against transformers")
@@ -54,27 +64,37 @@ def _free_port() -> int:
 
 
 def _run_import(args) -> int:
-    from megatron_pz.convert.hf_to_megatron import import_hf_checkpoint, world_size_for
+    from megatron_pz.checkpoint_integrity import read_pointer  # lazy: see HELP_FAST
+    from megatron_pz.convert.hf_to_megatron import import_hf_checkpoint, world_size_for  # lazy: see HELP_FAST
+    from megatron_pz.convert.targets import check_import_target  # lazy: see HELP_FAST
 
     world = world_size_for(args.tp, args.pp, args.ep)
+    for name in ("tp", "pp", "ep"):
+        if getattr(args, name) < 1:
+            raise ConfigError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    check_import_target(args.hf, args.out, args.into_existing)  # before any rank starts
     if world > 1 and "RANK" not in os.environ:
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={world}", "--nnodes=1",
+        cmd = [sys.executable, "-m", "megatron_pz.runtime.launcher", f"--nproc_per_node={world}", "--nnodes=1",
                "--master_addr=127.0.0.1", f"--master_port={_free_port()}", "--max_restarts=0",
                "-m", "megatron_pz.cli", "convert", "hf-to-megatron", "--hf", str(args.hf), "--out", str(args.out),
                "--tp", str(args.tp), "--pp", str(args.pp), "--ep", str(args.ep), "--dtype", args.dtype,
-               "--device", args.device]
+               "--device", args.device] + (["--into-existing"] if args.into_existing else [])
         return subprocess.call(cmd)
     if "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) != world:
-        raise SystemExit(f"hf-to-megatron with tp={args.tp} pp={args.pp} ep={args.ep} needs {world} ranks, "
-                         f"launched with WORLD_SIZE={os.environ.get('WORLD_SIZE')}")
-    path = import_hf_checkpoint(args.hf, args.out, args.tp, args.pp, args.ep, dtype=args.dtype, device=args.device)
+        raise ConfigError(f"hf-to-megatron with --tp {args.tp} --pp {args.pp} --ep {args.ep} needs {world} ranks, "
+                          f"launched with WORLD_SIZE={os.environ.get('WORLD_SIZE')}",
+                          remedy="start it as a plain process: it launches its ranks itself")
+    path = import_hf_checkpoint(args.hf, args.out, args.tp, args.pp, args.ep, dtype=args.dtype, device=args.device,
+                                into_existing=args.into_existing)
     if int(os.environ.get("RANK", "0")) == 0:
-        print(f"wrote {path}")
+        latest, _ = read_pointer(path.parent)
+        kept = f" (the latest pointer stays at step {latest}: it never moves backwards)" if latest else ""
+        print(f"wrote {path}{kept}")
     return 0
 
 
 def _run_export(args) -> int:
-    from megatron_pz.convert.megatron_to_hf import export_hf_checkpoint
+    from megatron_pz.convert.megatron_to_hf import export_hf_checkpoint  # lazy: see HELP_FAST
 
     path = export_hf_checkpoint(args.ckpt, args.out, max_shard_bytes=args.max_shard_size_mb * 1024**2,
                                 device=args.device, overwrite=args.overwrite)
@@ -83,7 +103,7 @@ def _run_export(args) -> int:
 
 
 def _run_gguf(args) -> int:
-    from megatron_pz.convert.gguf_to_hf import convert_gguf_to_hf, resolve_gguf
+    from megatron_pz.convert.gguf_to_hf import convert_gguf_to_hf, resolve_gguf  # lazy: see HELP_FAST
 
     record = convert_gguf_to_hf(resolve_gguf(args.gguf, args.package), args.out, args.dtype, args.overwrite)
     check = record["check"]

@@ -39,6 +39,7 @@ import torch
 
 from megatron_pz.config import ConfigError
 from megatron_pz.convert.hf_io import HFShardWriter
+from megatron_pz.model.provider import SUPPORTED_ARCHITECTURES
 
 log = logging.getLogger(__name__)
 
@@ -110,8 +111,6 @@ def convert_gguf_to_hf(gguf_path, out, dtype: str = "float32", overwrite: bool =
     ``out`` untouched, when the written folder's logits differ from transformers' GGUF load.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from megatron_pz.model.provider import SUPPORTED_ARCHITECTURES
 
     gguf_path, out = Path(gguf_path), Path(out)
     if not gguf_path.is_file():

@@ -12,7 +12,6 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Optional
 
 import torch
 
@@ -21,11 +20,6 @@ from megatron_pz.convert.mapping import IGNORABLE_HF_TENSORS, expected_hf_tensor
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
-TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
-    "tokenizer.model", "added_tokens.json", "chat_template.jinja", "chat_template.json",
-    "generation_config.json",
-)
 
 
 class CheckpointFormatError(ConfigError):
@@ -201,16 +195,3 @@ class HFShardWriter:
         index = {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
         (self.folder / INDEX_NAME).write_text(json.dumps(index, indent=2))
         return sorted(weight_map)
-
-
-def copy_tokenizer_files(src: Optional[str | Path], dst: str | Path) -> list[str]:
-    """Copy the tokenizer/generation files that exist in ``src`` (any of :data:`TOKENIZER_FILES`)."""
-    if src is None or not Path(src).is_dir():
-        return []
-    copied = []
-    Path(dst).mkdir(parents=True, exist_ok=True)
-    for name in TOKENIZER_FILES:
-        if (Path(src) / name).is_file():
-            shutil.copy2(Path(src) / name, Path(dst) / name)
-            copied.append(name)
-    return copied

@@ -8,13 +8,20 @@ tensors of the parameters it owns, keeps its shard, and the ranks together write
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Optional
 
 import torch.distributed as dist
 
+from megatron_pz.checkpoint import save_checkpoint
 from megatron_pz.config import ConfigError, ModelConfig, ParallelConfig, RuntimeConfig, validate_parallel_sizes
 from megatron_pz.convert.hf_io import CheckpointFormatError, HFCheckpointReader, check_against_config
+from megatron_pz.convert.targets import check_import_target
+from megatron_pz.convert.weights import WeightMismatchError, load_hf_tensors
+from megatron_pz.errors import during_work
+from megatron_pz.model.provider import build_model, load_hf_config
+from megatron_pz.runtime import initialize
 
 log = logging.getLogger(__name__)
 
@@ -41,16 +48,18 @@ def build_model_from_hf(hf_dir, parallel: ParallelConfig, dtype: str = "auto", d
 
     Collective. Returns ``(model, hf_config)``. Every tensor of the folder must be used by some rank.
     """
-    from megatron_pz.convert.weights import WeightMismatchError, load_hf_tensors
-    from megatron_pz.model.provider import build_model, load_hf_config
-    from megatron_pz.runtime import initialize
-
     hf_dir = Path(hf_dir)
     hf_config = load_hf_config(hf_dir)
     reader = HFCheckpointReader(hf_dir)
     skipped = check_against_config(reader, hf_config)  # same verdict on every rank, before any collective
+    validate_parallel_sizes(parallel, hf_config, int(os.environ.get("WORLD_SIZE", "1")))
+    with during_work():
+        return _build_and_fill(hf_dir, hf_config, reader, skipped, parallel, dtype, device)
+
+
+def _build_and_fill(hf_dir: Path, hf_config, reader: HFCheckpointReader, skipped: list[str], parallel: ParallelConfig,
+                    dtype: str, device: str):
     info = initialize(parallel, RuntimeConfig(device=device))
-    validate_parallel_sizes(parallel, hf_config, info.world_size)
     # every parameter is overwritten below (unused/missing tensors are errors), so skip the random init
     model = build_model(hf_config, ModelConfig(params_dtype=params_dtype_of(hf_config, dtype), spec="auto",
                                                init_weights=False),
@@ -69,15 +78,17 @@ def build_model_from_hf(hf_dir, parallel: ParallelConfig, dtype: str = "auto", d
 
 
 def import_hf_checkpoint(hf_dir, out_dir, tp: int = 1, pp: int = 1, ep: int = 1, dtype: str = "auto",
-                         device: str = "auto") -> Path:
+                         device: str = "auto", into_existing: bool = False) -> Path:
     """Convert ``hf_dir`` into ``out_dir/iter_0000000`` at the given layout; return that directory.
 
+    ``out_dir`` must be new, empty or a previous import; a run's checkpoints only with ``into_existing``,
+    and then their latest pointer stays (:func:`megatron_pz.convert.targets.check_import_target`).
     Call on every rank of the world (or in a plain process for tp=pp=ep=1).
     """
-    from megatron_pz.checkpoint import save_checkpoint
-
+    check_import_target(hf_dir, out_dir, into_existing)
     model, hf_config = build_model_from_hf(hf_dir, ParallelConfig(tp=tp, pp=pp, ep=ep), dtype, device)
-    path = save_checkpoint(out_dir, 0, [model], hf_config=hf_config, tokenizer_dir=hf_dir)
+    with during_work():
+        path = save_checkpoint(out_dir, 0, [model], hf_config=hf_config, tokenizer_dir=hf_dir)
     if dist.get_rank() == 0:
         log.info("imported %s into %s (tp=%d pp=%d ep=%d)", hf_dir, path, tp, pp, ep)
     return path

@@ -16,6 +16,7 @@ from typing import Optional
 import torch
 
 from megatron_pz.config import ConfigError, num_experts_of
+from megatron_pz.model.provider import moe_layer_pattern
 
 # How a full Megatron tensor is split over tensor-parallel ranks.
 COLUMN = "column"  # dim 0 (qkv per query group, embedding/output vocab rows, expert fc1 rows)
@@ -87,8 +88,6 @@ def _split_layer_prefix(name: str) -> tuple[str, Optional[int], str]:
 
 
 def is_moe_layer(hf_config, layer: int) -> bool:
-    from megatron_pz.model.provider import moe_layer_pattern
-
     pattern = moe_layer_pattern(hf_config)
     return bool(pattern and pattern[layer])
 

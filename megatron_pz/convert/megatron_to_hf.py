@@ -14,28 +14,34 @@ from pathlib import Path
 
 import torch
 
+from megatron_pz.checkpoint import (TOKENIZER_DIR, load_checkpoint, read_hf_config, read_metadata,
+                                    resolve_checkpoint_dir)
 from megatron_pz.config import ConfigError, ModelConfig, ParallelConfig, RuntimeConfig
+from megatron_pz.convert.hf_io import CheckpointFormatError, HFShardWriter
+from megatron_pz.convert.mapping import expected_hf_tensors
+from megatron_pz.convert.targets import check_export_target, remove_previous_export
+from megatron_pz.convert.weights import megatron_to_hf_tensors
+from megatron_pz.data.tokenizer import copy_tokenizer_files
+from megatron_pz.errors import during_work
+from megatron_pz.model.provider import SUPPORTED_ARCHITECTURES, build_model
+from megatron_pz.runtime import initialize
 
 
 def export_hf_checkpoint(ckpt, out, max_shard_bytes: int = 2 * 1024**3, device: str = "auto",
                          overwrite: bool = False) -> Path:
-    from megatron_pz.checkpoint import TOKENIZER_DIR, load_checkpoint, read_hf_config, read_metadata, \
-        resolve_checkpoint_dir
-    from megatron_pz.convert.hf_io import CheckpointFormatError, HFShardWriter, copy_tokenizer_files
-    from megatron_pz.convert.mapping import expected_hf_tensors
-    from megatron_pz.convert.weights import megatron_to_hf_tensors
-    from megatron_pz.model.provider import SUPPORTED_ARCHITECTURES, build_model
-    from megatron_pz.runtime import initialize
-
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ConfigError("megatron-to-hf runs in a single process (it reshards to TP=PP=EP=1); "
                           "do not launch it under torchrun")
     out = Path(out)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise ConfigError(f"--out {out} exists and is not empty (pass --overwrite to replace it)")
-    ckpt_dir = resolve_checkpoint_dir(ckpt)
+    check_export_target(ckpt, out, overwrite)  # nothing that is not a previous export is ever replaced
+    ckpt_dir = resolve_checkpoint_dir(ckpt)  # complete, or the error names the newest complete one
     meta = read_metadata(ckpt_dir)
     hf_config = read_hf_config(ckpt_dir)
+    with during_work():
+        return _export(ckpt_dir, meta, hf_config, out, max_shard_bytes, device)
+
+
+def _export(ckpt_dir: Path, meta: dict, hf_config, out: Path, max_shard_bytes: int, device: str) -> Path:
     info = initialize(ParallelConfig(), RuntimeConfig(device=device))
     dtype = meta.get("params_dtype") or "float32"
     # every parameter is overwritten by the checkpoint, so skip the random init (it touches every page)
@@ -62,6 +68,6 @@ def export_hf_checkpoint(ckpt, out, max_shard_bytes: int = 2 * 1024**3, device: 
     hf_config.save_pretrained(tmp)
     copy_tokenizer_files(ckpt_dir / TOKENIZER_DIR, tmp)
     if out.exists():
-        shutil.rmtree(out)
+        remove_previous_export(out)  # checked above: it holds nothing else
     os.replace(tmp, out)
     return out

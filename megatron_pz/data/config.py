@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
+from megatron_pz.errors import ConfigError
+
 
 @dataclass
 class DataConfig:
@@ -23,3 +25,14 @@ class DataConfig:
     default_cache_dir: Optional[str] = None  # None: ~/.cache/megatron-pz
     default_vocab_size: int = 4096
     default_passage_tokens: int = 256
+
+    def validate(self) -> None:
+        if not 0.0 <= self.heldout_fraction < 1.0:
+            raise ConfigError(f"data.heldout_fraction must be in [0, 1), got {self.heldout_fraction}")
+        for name in ("max_passage_tokens", "default_passage_tokens", "max_span_words", "max_span_tokens"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"data.{name} must be >= 1, got {value}")
+        if self.default_vocab_size < 300:
+            raise ConfigError(f"data.default_vocab_size must be >= 300 (256 bytes + specials + merges), "
+                              f"got {self.default_vocab_size}")

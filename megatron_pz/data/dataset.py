@@ -9,19 +9,23 @@ from __future__ import annotations
 
 import json
 import mmap
+import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 
+from megatron_pz.errors import BadInput
+
 from .preprocess import FORMAT_VERSION
 from .spans import NUM_WORD_FIELDS, candidate_arrays
 
 SPLITS = ("all", "train", "heldout", "validation")
+REBUILD = "preprocess the data again (this folder was damaged or only partly copied)"
 
 
-class DatasetFormatError(ValueError):
+class DatasetFormatError(BadInput, ValueError):
     """A preprocessed folder is missing a file or disagrees with its manifest; names the file."""
 
 
@@ -61,8 +65,6 @@ class PassageDataset:
         max_span_tokens: Optional[int] = None,
         validation_fraction: float = 0.0,
     ):
-        from megatron.core.datasets.indexed_dataset import IndexedDataset
-
         if split not in SPLITS:
             raise ValueError(f"split={split!r}, expected one of {SPLITS}")
         if not 0.0 <= heldout_fraction < 1.0:
@@ -70,32 +72,14 @@ class PassageDataset:
         if not 0.0 <= validation_fraction < 1.0 - heldout_fraction:
             raise ValueError(f"validation_fraction={validation_fraction}, expected 0 <= f < 1 - heldout_fraction")
         self.path = Path(path)
-        manifest_path = self.path / "manifest.json"
-        if not manifest_path.is_file():
-            raise DatasetFormatError(
-                f"{manifest_path}: missing; not a finished preprocess output (rerun preprocess to resume)"
-            )
-        self.manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-        if self.manifest.get("format_version") != FORMAT_VERSION:
-            raise DatasetFormatError(
-                f"{manifest_path}: format_version {self.manifest.get('format_version')}, expected {FORMAT_VERSION}"
-            )
+        self.manifest = read_manifest(self.path)
         files = self.manifest["files"]
         built_k = self.manifest["options"]["max_span_words"]
         self.max_span_words = built_k if max_span_words is None else min(max_span_words, built_k)
         self.max_span_tokens = max_span_tokens  # None: any length
         total = self.manifest["counts"]["passages"]
-        for key in ("passages", "words"):
-            for suffix in (".bin", ".idx"):
-                if not (self.path / (files[key] + suffix)).is_file():
-                    raise DatasetFormatError(f"{self.path / (files[key] + suffix)}: missing")
-        self.tokens = IndexedDataset(str(self.path / files["passages"]))
-        self.words = IndexedDataset(str(self.path / files["words"]))
-        for key, ds in (("passages", self.tokens), ("words", self.words)):
-            if len(ds) != total:
-                raise DatasetFormatError(
-                    f"{self.path / (files[key] + '.idx')}: {len(ds)} documents, manifest says {total}"
-                )
+        self.tokens = open_indexed(self.path, self.manifest, "passages")
+        self.words = open_indexed(self.path, self.manifest, "words")
         self._shards = self.manifest["shards"]
         self._shard_first = np.array([s["first_passage"] for s in self._shards], dtype=np.int64)
         self._line_offsets = [self._index_shard(s) for s in self._shards]
@@ -195,6 +179,91 @@ class PassageDataset:
             page=rec["page"],
             part=rec["part"],
         )
+
+
+def read_manifest(path: Path) -> dict:
+    """The manifest of a preprocessed folder (a folder without one is not a finished preprocess output)."""
+    manifest_path = path / "manifest.json"
+    if not path.is_dir():
+        raise DatasetFormatError("no such folder", path, "build it with `megatron-pz preprocess ... --out` that folder")
+    if not manifest_path.is_file():
+        raise DatasetFormatError("missing; not a finished preprocess output", manifest_path,
+                                 "rerun the same `megatron-pz preprocess` command to finish (it resumes)")
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DatasetFormatError(f"unreadable ({exc})", manifest_path, "rerun `megatron-pz preprocess` into a new folder")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise DatasetFormatError(f"format_version {manifest.get('format_version')}, expected {FORMAT_VERSION}",
+                                 manifest_path, "preprocess the data again with this version")
+    return manifest
+
+
+def open_indexed(path: Path, manifest: dict, key: str):
+    """The ``IndexedDataset`` of ``manifest["files"][key]``, once :func:`check_indexed` has found it whole."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    return IndexedDataset(str(check_indexed(path, manifest, key)))
+
+
+# megatron-core 0.16.1, indexed_dataset.DType: the dtype code an .idx header holds -> bytes per element
+_DTYPE_BYTES = {1: 1, 2: 1, 3: 2, 4: 4, 5: 8, 6: 8, 7: 4, 8: 2}
+
+
+def check_indexed(path: Path, manifest: dict, key: str) -> Path:
+    """The ``.idx``/``.bin`` pair of ``manifest["files"][key]`` is whole: both there, the index as long as its
+    header says, the ``.bin`` exactly as long as the index describes (a short one would fail only when its
+    last passage is drawn), as many documents as the manifest counts. Returns the pair's path prefix.
+
+    The index is read as megatron-core 0.16.1 writes it (``indexed_dataset._IndexWriter``: 9-byte magic,
+    version 1, dtype code, sequence and document counts, then int32 lengths, int64 pointers, int64 document
+    indices), without importing megatron (seconds of a refused start-up) and before ``IndexedDataset`` opens
+    it: that fails on a short index naming no file, and complains again when the half-built object is freed."""
+    prefix = path / manifest["files"][key]
+    idx, bin_ = prefix.with_name(prefix.name + ".idx"), prefix.with_name(prefix.name + ".bin")
+    for file in (idx, bin_):
+        if not file.is_file():
+            raise DatasetFormatError("missing", file, REBUILD)
+    with open(idx, "rb") as f:
+        header = f.read(34)
+    if (len(header) < 34 or header[:9] != b"MMIDIDX\x00\x00" or struct.unpack("<Q", header[9:17])[0] != 1
+            or header[17] not in _DTYPE_BYTES):
+        raise DatasetFormatError("not an index of megatron-core's IndexedDataset (bad header)", idx, REBUILD)
+    sequences, documents = struct.unpack("<QQ", header[18:34])
+    expected = 34 + sequences * (4 + 8) + documents * 8
+    if idx.stat().st_size != expected:
+        raise DatasetFormatError(f"{idx.stat().st_size} bytes, its header describes {expected}", idx, REBUILD)
+    total = manifest["counts"]["passages"]
+    if sequences != total:
+        raise DatasetFormatError(f"{sequences} documents, manifest says {total}", idx, REBUILD)
+    expected = 0
+    if sequences:
+        length = np.fromfile(idx, dtype=np.int32, count=1, offset=34 + 4 * (sequences - 1))[0]
+        pointer = np.fromfile(idx, dtype=np.int64, count=1, offset=34 + 4 * sequences + 8 * (sequences - 1))[0]
+        expected = int(pointer) + int(length) * _DTYPE_BYTES[header[17]]
+    if bin_.stat().st_size != expected:
+        raise DatasetFormatError(f"{bin_.stat().st_size} bytes, but {idx.name} describes {expected}", bin_, REBUILD)
+    return prefix
+
+
+def check_dataset(path: str | Path) -> dict:
+    """The start-up check of a preprocessed folder, without reading its passages: manifest, indexed files
+    (sizes against their index), text shards (sizes against the manifest), split keys, tokenizer. Returns
+    the manifest."""
+    path = Path(path)
+    manifest = read_manifest(path)
+    for key in ("passages", "words"):
+        check_indexed(path, manifest, key)
+    for shard in manifest["shards"]:
+        file = path / shard["file"]
+        size = file.stat().st_size if file.is_file() else None
+        if size != shard["bytes"]:
+            raise DatasetFormatError("missing" if size is None else f"{size} bytes, manifest says {shard['bytes']}",
+                                     file, REBUILD)
+    for file in (path / manifest["files"]["split_keys"], path / manifest["files"]["tokenizer"] / "tokenizer.json"):
+        if not file.is_file():
+            raise DatasetFormatError("missing", file, "preprocess the data again")
+    return manifest
 
 
 def train_and_heldout(path: str | Path, data_cfg) -> tuple["PassageDataset", "PassageDataset"]:

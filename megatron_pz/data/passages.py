@@ -63,13 +63,38 @@ def cut_passages(
     offs = offs.reshape(-1, 2)
     anchors = token_anchors(text, offs)
     starts = np.array([s for s, _ in sentences])
-    ends = np.array([e for _, e in sentences])
+    owner = sentence_of_tokens(anchors, starts, np.array([e for _, e in sentences]))
+    per_sentence = np.bincount(owner[owner >= 0], minlength=len(sentences))
+    kept = merge_short_groups(pack_sentences(per_sentence, budget, counts), per_sentence, budget, counts)
+    if not kept:
+        return []
+    token_index = np.arange(len(ids_arr))
+    spans = []  # p0, p1, t0, t1, first sentence of each passage
+    for group in kept:
+        first_s, last_s = group[0], group[-1]
+        mine = token_index[(owner >= first_s) & (owner <= last_s)]
+        spans.append((sentences[first_s][0], sentences[last_s][1], int(mine[0]), int(mine[-1]) + 1, first_s))
+    spans_arr = np.array(spans, dtype=np.int64)
+    in_passage = np.zeros(len(sentences), dtype=np.int64)
+    in_passage[[s for group in kept for s in group]] = 1
+    tables = word_tables(text, idf, spans_arr, starts, np.cumsum(in_passage), anchors, offs[:, 1])
+    return [
+        CutPassage(text=text[p0:p1], token_ids=ids_arr[t0:t1], words=words)
+        for (p0, p1, t0, t1, _), words in zip(spans, tables)
+    ]
+
+
+def sentence_of_tokens(anchors: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
+    """The sentence that owns each token (the one holding its first non-space character), -1 for none."""
     owner = np.searchsorted(starts, anchors, side="right") - 1
     owned = (anchors >= 0) & (owner >= 0)
     owned[owned] &= anchors[owned] < ends[owner[owned]]
-    owner = np.where(owned, owner, -1)
-    per_sentence = np.bincount(owner[owned], minlength=len(sentences))
+    return np.where(owned, owner, -1)
 
+
+def pack_sentences(per_sentence: np.ndarray, budget: PassageBudget, counts: dict) -> list[list[int]]:
+    """Consecutive sentences (by index) packed until the next would pass ``target_tokens``; a sentence over
+    ``max_tokens`` is dropped (counted) and ends the group before it."""
     groups: list[list[int]] = []
     current: list[int] = []
     current_tokens = 0
@@ -89,11 +114,17 @@ def cut_passages(
         current_tokens += n
     if current:
         groups.append(current)
+    return groups
 
-    sizes = [int(per_sentence[g].sum()) for g in groups]
+
+def merge_short_groups(groups: list[list[int]], per_sentence: np.ndarray, budget: PassageBudget,
+                       counts: dict) -> list[list[int]]:
+    """Groups under ``min_tokens`` join the previous kept group when it is contiguous and stays within
+    ``max_tokens``, else are dropped (counted)."""
     kept: list[list[int]] = []
     kept_sizes: list[int] = []
-    for group, size in zip(groups, sizes):
+    for group in groups:
+        size = int(per_sentence[group].sum())
         if size < budget.min_tokens:
             contiguous = kept and kept[-1][-1] + 1 == group[0]
             if contiguous and kept_sizes[-1] + size <= budget.max_tokens:
@@ -104,20 +135,4 @@ def cut_passages(
             continue
         kept.append(group)
         kept_sizes.append(size)
-
-    if not kept:
-        return []
-    token_index = np.arange(len(ids_arr))
-    spans = []  # p0, p1, t0, t1, first sentence of each passage
-    for group in kept:
-        first_s, last_s = group[0], group[-1]
-        mine = token_index[(owner >= first_s) & (owner <= last_s)]
-        spans.append((sentences[first_s][0], sentences[last_s][1], int(mine[0]), int(mine[-1]) + 1, first_s))
-    spans_arr = np.array(spans, dtype=np.int64)
-    in_passage = np.zeros(len(sentences), dtype=np.int64)
-    in_passage[[s for group in kept for s in group]] = 1
-    tables = word_tables(text, idf, spans_arr, starts, np.cumsum(in_passage), anchors, offs[:, 1])
-    return [
-        CutPassage(text=text[p0:p1], token_ids=ids_arr[t0:t1], words=words)
-        for (p0, p1, t0, t1, _), words in zip(spans, tables)
-    ]
+    return kept

@@ -26,7 +26,6 @@ import multiprocessing
 import os
 import shutil
 import signal
-import sys
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -36,6 +35,8 @@ import numpy as np
 
 from .clean import CleanResult, clean_page
 from .passages import PassageBudget, cut_passages
+from megatron_pz.errors import PzError, guarded
+
 from .sources import InputError, RawPage, expand_inputs, iter_pages, sha256_of
 from .spans import NUM_WORD_FIELDS, IdfTable, count_candidates, document_frequencies
 from .tokenizer import copy_tokenizer, load_tokenizer
@@ -294,7 +295,7 @@ def _fit(out: Path, cfg: PreprocessConfig, pages, pool, progress: bool) -> list[
 
     # nltk (1.3 s of imports) is loaded here, not at module level: a run whose dataset is already built
     # checks the manifest and never splits a sentence
-    from .sentences import load_punkt, save_punkt, train_punkt
+    from .sentences import load_punkt, save_punkt, train_punkt  # nltk: see above
 
     if pool is None:
         results = map(_clean_indexed, head)
@@ -471,9 +472,10 @@ def run_from_args(args: argparse.Namespace) -> int:
             args.inputs, args.out, args.tokenizer, workers=args.workers,
             progress=not args.no_progress, **options,
         )
-    except (InputError, ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+    except (ValueError, FileNotFoundError) as err:  # the inputs, the tokenizer, the output folder
+        if isinstance(err, PzError):
+            raise
+        raise InputError(str(err)) from err
     print(json.dumps(manifest["counts"], indent=1))
     return 0
 
@@ -481,4 +483,4 @@ def run_from_args(args: argparse.Namespace) -> int:
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="preprocess_wiki", description=__doc__.split("\n")[0])
     add_arguments(parser)
-    return run_from_args(parser.parse_args(argv))
+    return guarded("preprocess", run_from_args, parser.parse_args(argv))

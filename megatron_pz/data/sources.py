@@ -22,8 +22,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
+from megatron_pz.errors import BadInput
 
-class InputError(ValueError):
+
+class InputError(BadInput, ValueError):
     """An input file cannot be read as what its name says; the message names the file and position."""
 
 

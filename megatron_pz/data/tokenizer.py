@@ -11,9 +11,15 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Optional, Sequence
 
 EOS_TOKEN = "<|endoftext|>"
+# What a tokenizer folder may hold (and a checkpoint or an exported HF folder carries along with the weights)
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
+    "tokenizer.model", "added_tokens.json", "chat_template.jinja", "chat_template.json",
+    "generation_config.json",
+)
 
 
 def train_bpe_tokenizer(
@@ -88,3 +94,16 @@ def copy_tokenizer(tokenizer, out_dir: str | os.PathLike) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def copy_tokenizer_files(src: Optional[str | Path], dst: str | Path) -> list[str]:
+    """Copy the tokenizer/generation files that exist in ``src`` (any of :data:`TOKENIZER_FILES`)."""
+    if src is None or not Path(src).is_dir():
+        return []
+    copied = []
+    Path(dst).mkdir(parents=True, exist_ok=True)
+    for name in TOKENIZER_FILES:
+        if (Path(src) / name).is_file():
+            shutil.copy2(Path(src) / name, Path(dst) / name)
+            copied.append(name)
+    return copied

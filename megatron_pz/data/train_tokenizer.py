@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from typing import Optional
+
+from megatron_pz.errors import PzError, guarded
 
 from .sources import InputError
 from .tokenizer import train_bpe_tokenizer
@@ -26,9 +27,10 @@ def run_from_args(args: argparse.Namespace) -> int:
         out = train_bpe_tokenizer(
             article_texts(args.inputs, args.max_pages, skipped), args.vocab_size, args.out, args.extra_text
         )
-    except (InputError, ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+    except (ValueError, FileNotFoundError) as err:  # the inputs, the tokenizer, the output folder
+        if isinstance(err, PzError):
+            raise
+        raise InputError(str(err)) from err
     print(json.dumps({"tokenizer": str(out), "vocab_size": args.vocab_size, "skipped": skipped}))
     return 0
 
@@ -36,4 +38,4 @@ def run_from_args(args: argparse.Namespace) -> int:
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="train_tokenizer", description=__doc__.split("\n")[0])
     add_arguments(parser)
-    return run_from_args(parser.parse_args(argv))
+    return guarded("train-tokenizer", run_from_args, parser.parse_args(argv))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from megatron_pz.data.dataset import check_dataset
 from megatron_pz.eval.mask_accuracy import SPAN_SOURCES
 
 
@@ -40,9 +41,10 @@ def register(subparsers) -> None:
 
 
 def _run(args) -> int:
-    from megatron_pz.config import ConfigError
-    from megatron_pz.eval.lm_eval_runner import run_lm_eval, write_json_atomic
-    from megatron_pz.eval.mask_accuracy import run_mask_accuracy
+    # lazy: `megatron-pz --help` imports every subcommand's module; the work's own imports wait for the command
+    from megatron_pz.config import ConfigError  # lazy: see above
+    from megatron_pz.eval.lm_eval_runner import run_lm_eval, write_json_atomic  # lazy: see above
+    from megatron_pz.eval.mask_accuracy import run_mask_accuracy  # lazy: see above
 
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     if args.run_config:
@@ -53,6 +55,13 @@ def _run(args) -> int:
         raise ConfigError("eval: give --tasks and/or --mask-accuracy (or --run-config)")
     if args.mask_accuracy and not args.data:
         raise ConfigError("eval --mask-accuracy needs --data (a preprocessed passages folder)")
+    if not (Path(args.model) / "config.json").is_file():
+        raise ConfigError(f"--model {args.model}: no config.json there",
+                          remedy="give a Hugging Face folder (`megatron-pz convert megatron-to-hf --out` writes one)")
+    if args.mask_accuracy:
+        check_dataset(args.data)
+    if args.limit is not None and not args.limit > 0:
+        raise ConfigError(f"--limit must be > 0 (examples per task, or a fraction below 1), got {args.limit}")
     summary: dict = {"model": args.model}
     if tasks:
         batch = int(args.batch_size) if args.batch_size.isdigit() else args.batch_size
@@ -71,8 +80,8 @@ def _run(args) -> int:
 
 
 def _run_heldout(args) -> int:
-    from megatron_pz.eval.folder import evaluate_folder, format_comparison, read_records
-    from megatron_pz.train.config import load_run_config
+    from megatron_pz.eval.folder import evaluate_folder, format_comparison, read_records  # lazy: see above
+    from megatron_pz.run_config import load_run_config  # lazy: see above
 
     cfg = load_run_config(args.run_config, args.overrides)
     before = read_records(args.compare) if args.compare else None  # a bad path fails before the evaluation

@@ -1,7 +1,7 @@
 """Evaluate a Hugging Face folder on a run's held-out items, and print before/after tables with intervals.
 
 ``megatron-pz eval --model HF_DIR --run-config CONFIG.yaml`` runs exactly the evaluation a training run
-runs before and after RL (:func:`megatron_pz.train.evaluate.evaluate`: the greedy PretrainZero tasks of
+runs before and after RL (:func:`megatron_pz.eval.heldout.evaluate`: the greedy PretrainZero tasks of
 ``train.eval_passages`` held-out passages, and the ``eval:`` section's figures), on the same items
 (the config's data folder, held-out split, seeds), but through plain ``transformers``
 (:class:`~megatron_pz.eval.transformers_backend.TransformersBackend`) instead of the run's engine and
@@ -13,16 +13,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from megatron_pz.eval.heldout import compare
+from megatron_pz.config import ConfigError
+from megatron_pz.data.dataset import PassageDataset
+from megatron_pz.eval.heldout import build_eval_items, evaluate
+from megatron_pz.eval.records import compare
+from megatron_pz.eval.transformers_backend import TransformersBackend
 
 
 def evaluate_folder(model_dir, cfg, batch_size: int = 16) -> tuple[dict, list[dict]]:
     """(eval/* metrics with intervals, every item's record) of ``model_dir`` on ``cfg``'s held-out items."""
-    from megatron_pz.config import ConfigError
-    from megatron_pz.data.dataset import PassageDataset
-    from megatron_pz.eval.transformers_backend import TransformersBackend
-    from megatron_pz.train.evaluate import build_eval_items, evaluate
-
     if not cfg.data.path:
         raise ConfigError("eval --run-config: the config must name its data folder (data.path)")
     d = cfg.data

@@ -1,279 +1,112 @@
-r"""Held-out figures that can see a change, per item, so that every figure gets a 95 % interval.
+"""In-run evaluation on held-out passages, with the run's own rollout engine (greedy).
 
-:mod:`megatron_pz.train.evaluate` scores the PretrainZero tasks greedily (predictor accuracy on masked
-span candidates and on single words, generator valid-mask rate). This module adds what a run needs to
-tell whether the method changed the model, and what it did not train:
-
-* ``nll``: next-token negative log-likelihood of held-out passages, no thought, teacher forced (every
-  objective: is language modelling intact?). Per passage: summed NLL and token count; the figure is
-  NLL per token (ratio of sums), perplexity its exponential.
-* ``info_gain`` (RLP's training signal, RLP eq. 5 with the evaluated model as its own no-think
-  reference): at a fixed held-out position t of each passage, G thoughts sampled by the policy after
-  ``x_<t <think>`` at RLP's temperature, closed with ``</think>`` when they hit their budget, then
-  log p(x_t | x_<t, <think> c </think>) - log p(x_t | x_<t), averaged over the G thoughts. Also the
-  share of thoughts that close by themselves.
-* ``generator_reward`` (PretrainZero eq. 9 on held-out passages): the greedy generator mask of each
-  passage (from the greedy evaluation) gets G sampled predictions; reward 1 - acc, 0 at acc 0, and
-  ``invalid_mask_reward`` for an invalid mask.
-
-Each is a list of JSON records (one per item, ``{"eval": kind, "passage": index, ...}``) appended to the
-run's ``eval_samples.jsonl`` beside the greedy task records; :func:`item_values` reads any of those
-records back as per-item values keyed by item, which :mod:`megatron_pz.eval.intervals` turns into
-intervals and paired before/after differences. The items are fixed by the held-out split and
-``eval.seed`` (and the sampled thoughts and predictions by the seed too), so two evaluations of two
-models see the same items and the same random streams.
-
-Everything goes through two interfaces: an engine (``generate``, a
-:class:`~megatron_pz.rollout.base.RolloutEngine`) and a scorer (``token_logprobs``, a
-:class:`~megatron_pz.objectives.base.Scorer`): the run's rollout engine and Megatron actor during
-training, :class:`~megatron_pz.eval.transformers_backend.TransformersBackend` for an exported folder.
+- mask accuracy: the predictor task on fixed (seeded) random span candidates, and on fixed random
+  single words (any valid mask), the same items at every evaluation, so before and after RL compare;
+- generator valid-mask rate: does the generator's ``\\mask{}`` parse and pass validation.
+Each data-parallel rank evaluates its slice; the counts are summed over ranks.
 """
 
 from __future__ import annotations
 
-import random
-from dataclasses import dataclass
-from typing import Optional
+import contextlib
 
-from megatron_pz.objectives.answers import extract_boxed
-from megatron_pz.objectives.base import encode, sample, token_list
-from megatron_pz.objectives.config import ObjectiveConfig
-from megatron_pz.objectives.pretrainzero import (
-    build_predictor_prompt,
-    generator_reward,
-    mask_passage,
-    predictor_reward,
-)
-from megatron_pz.objectives.prompts import RLP_THINK_CLOSE, RLP_THINK_OPEN
-from megatron_pz.objectives.rlp import scoring_sequence
+import torch
+import torch.distributed as dist
+
+from megatron_pz.eval.records import heldout_records, summary_metrics
+from megatron_pz.eval.mask_accuracy import build_mask_items, mask_prediction_accuracy
+from megatron_pz.objectives.base import encode
+from megatron_pz.objectives.pretrainzero import build_generator_prompt, parse_mask, validate_mask
+from megatron_pz.rollout.base import SamplingParams
 
 
-@dataclass
-class HeldoutEvalConfig:
-    """The ``eval:`` section of a run (ours): which held-out figures beyond the greedy task accuracy are
-    measured at every evaluation, and on how many items. 0 turns a figure off."""
+def _greedy(engine, tokenizer, max_new_tokens: int, stop: list, chat_template: bool = False):
+    def generate(prompts: list[str]) -> list[str]:
+        ids = [encode(tokenizer, p, chat_template) for p in prompts]
+        params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0, stop=list(stop), n=1, seed=0)
+        return [group[0].text for group in engine.generate(ids, params)]
 
-    nll_passages: int = 0  # held-out passages scored for next-token NLL (no thought)
-    info_gain_positions: int = 0  # held-out passages with one RLP position each
-    info_gain_thoughts: int = 4  # thoughts sampled per position (their mean gain is the item's value)
-    # tokens of an evaluation thought (None: objective.rlp_thought_max_tokens of the run's RLP config)
-    info_gain_thought_tokens: Optional[int] = None
-    generator_reward_samples: int = 0  # predictions sampled per greedy held-out mask (0: no generator reward)
-    seed: int = 0  # items and random streams; the same for every evaluation of every model
-
-    def validate(self) -> None:
-        from megatron_pz.config import ConfigError
-
-        for key in ("nll_passages", "info_gain_positions", "generator_reward_samples"):
-            if getattr(self, key) < 0:
-                raise ConfigError(f"eval.{key} must be >= 0, got {getattr(self, key)}")
-        if self.info_gain_thoughts < 1:
-            raise ConfigError(f"eval.info_gain_thoughts must be >= 1, got {self.info_gain_thoughts}")
-        if self.info_gain_thought_tokens is not None and self.info_gain_thought_tokens < 1:
-            raise ConfigError(f"eval.info_gain_thought_tokens must be >= 1 (or null), got {self.info_gain_thought_tokens}")
+    return generate
 
 
-def eval_response_budget(cfg) -> int:
-    """Longest response the held-out evaluation generates (``cfg``: the RunConfig): the greedy tasks'
-    ``train.eval_max_new_tokens``, the generator reward's predictions (``objective.predictor_max_tokens``)
-    and the information gain's thoughts (+2: ``</think>`` and the target its scoring appends), each only
-    when it runs."""
-    e, o = cfg.eval, cfg.objective
-    longest = cfg.train.eval_max_new_tokens
-    if e.generator_reward_samples:
-        longest = max(longest, o.predictor_max_tokens)
-    if e.info_gain_positions:
-        longest = max(longest, (e.info_gain_thought_tokens or rlp_settings(o).rlp_thought_max_tokens) + 2)
-    return longest
+def build_eval_items(heldout, cfg) -> dict[str, list]:
+    """The fixed, seeded held-out mask items of each kind (``cfg``: the RunConfig); built once per run."""
+    t, o = cfg.train, cfg.objective
+    return {source: build_mask_items(heldout, spans_per_passage=1, max_passages=t.eval_passages, seed=o.seed,
+                                     spans=source, rules=o)[0]
+            for source in ("candidates", "words")}
 
 
-def rlp_settings(objective: ObjectiveConfig) -> ObjectiveConfig:
-    """The RLP leaf of the run's objective (its temperature, thought budget, minimum context), or RLP's
-    defaults when no phase or component of the run is RLP."""
-    for leaf in objective.leaves():
-        if leaf.name == "rlp":
-            return leaf
-    return ObjectiveConfig(name="rlp")
+def _rollout_phase(rollout):
+    """One rollout phase of a :class:`~megatron_pz.rollout.phase.RolloutPhases` (wake, sync, ..., sleep);
+    a bare engine (tests) is used as it is."""
+    if hasattr(rollout, "generating"):
+        return rollout.generating()
+    return contextlib.nullcontext(rollout)
 
 
-# ------------------------------------------------------------------ next-token NLL (no thought)
+def evaluate(rollout, tokenizer, heldout, items: dict[str, list], cfg, dp_rank: int, dp_size: int, scorer=None
+             ) -> tuple[dict[str, float], list[dict]]:
+    """``rollout``: the run's :class:`~megatron_pz.rollout.phase.RolloutPhases` (or a bare engine);
+    ``cfg`` is the RunConfig, ``items`` from :func:`build_eval_items`; returns (eval/* metrics
+    identical on every rank, this rank's samples). All generation happens in one rollout phase, which
+    ends before the counts are summed over ranks.
+
+    ``eval/mask_accuracy`` masks the preprocessor's span candidates (content words: the hard task);
+    ``eval/word_mask_accuracy`` masks any single word the run's validity rules accept (function
+    words included unless ``content_words_only``: what the generator may legally pick).
+    """
+    with _rollout_phase(rollout) as engine:
+        totals, samples = generate_eval(engine, tokenizer, heldout, items, cfg, dp_rank, dp_size)
+        # the figures of the `eval:` section (NLL, RLP information gain, generator reward), per item
+        records = heldout_records(engine, scorer, tokenizer, heldout, cfg, samples, dp_rank, dp_size)
+    totals = torch.tensor(totals, dtype=torch.float64)
+    if dist.is_initialized():
+        from megatron.core import parallel_state as ps
+
+        totals /= ps.get_tensor_model_parallel_world_size() * ps.get_pipeline_model_parallel_world_size() \
+            * ps.get_context_parallel_world_size()
+        dist.all_reduce(totals)
+        if ps.get_data_parallel_world_size() > 1:  # every item's record, for the intervals
+            gathered: list = [None] * ps.get_data_parallel_world_size()
+            dist.all_gather_object(gathered, records, group=ps.get_data_parallel_group())
+            records = [r for part in gathered for r in part]
+    return {**eval_metrics(totals.tolist()), **summary_metrics(records)}, samples + records
 
 
-def nll_records(scorer, passages) -> list[dict]:
-    """Per passage: summed next-token NLL of tokens 1..n-1 given their prefix, and how many tokens."""
-    if not passages:
-        return []
-    logps = scorer.token_logprobs([token_list(p) for p in passages])
-    return [{"eval": "nll", "passage": p.index, "nll": -float(sum(lp)), "tokens": len(lp)}
-            for p, lp in zip(passages, logps)]
+def eval_metrics(totals: list[float]) -> dict[str, float]:
+    """eval/* metrics from the counts of :func:`generate_eval` summed over every slice of the items."""
+    # a rate over no items is not 0: it is left out (the CLI prints n/a), the counts are kept
+    metrics = {"eval/num_spans": totals[1], "eval/num_words": totals[3]}
+    for name, (hits, count) in {"eval/mask_accuracy": totals[0:2], "eval/word_mask_accuracy": totals[2:4],
+                                "eval/generator_valid_mask_rate": totals[4:6]}.items():
+        if count > 0:
+            metrics[name] = hits / count
+    return metrics
 
 
-# ------------------------------------------------------------------ RLP information gain
-
-
-def info_gain_positions(passages, objective: ObjectiveConfig, seed: int) -> list[tuple[int, list[int], int, int]]:
-    """(passage index, x_<t, x_t, t) per passage long enough: t drawn from (seed, passage) only."""
-    rlp = rlp_settings(objective)
-    out = []
-    for p in passages:
-        ids = token_list(p)
-        if len(ids) <= rlp.rlp_min_context_tokens:
-            continue
-        t = random.Random(f"eval/{seed}/{p.index}").randrange(rlp.rlp_min_context_tokens, len(ids))
-        out.append((p.index, ids[:t], ids[t], t))
-    return out
-
-
-def info_gain_records(engine, scorer, tokenizer, positions, objective: ObjectiveConfig, cfg: HeldoutEvalConfig
-                      ) -> list[dict]:
-    """One record per position: the mean over policy-sampled thoughts of log p(x_t | x_<t, thought) -
-    log p(x_t | x_<t), both under the evaluated model."""
-    if not positions:
-        return []
-    rlp = rlp_settings(objective)
-    open_ids, close_ids = encode(tokenizer, RLP_THINK_OPEN), encode(tokenizer, RLP_THINK_CLOSE)
-    prompts = [context + open_ids for _, context, _, _ in positions]
-    budget = cfg.info_gain_thought_tokens or rlp.rlp_thought_max_tokens
-    outputs = sample(engine, prompts, cfg.info_gain_thoughts, budget, rlp.rlp_temperature, rlp.top_p,
-                     [RLP_THINK_CLOSE], seed=cfg.seed)
-    sequences, closed = [], []
-    for (_, _, target, _), prompt, completions in zip(positions, prompts, outputs):
-        for c in completions:
-            shut = c.text.rstrip().endswith(RLP_THINK_CLOSE)
-            closed.append(shut)
-            sequences.append(scoring_sequence(prompt, c.token_ids, shut, close_ids, target))
-    with_thought = [lp[-1] for lp in scorer.token_logprobs(sequences)]
-    without = [lp[-1] for lp in scorer.token_logprobs([context + [target] for _, context, target, _ in positions])]
-    g = cfg.info_gain_thoughts
-    records = []
-    for k, (index, _, target, t) in enumerate(positions):
-        mine = with_thought[k * g:(k + 1) * g]
-        records.append({"eval": "info_gain", "passage": index, "position": t, "target": target,
-                        "gain": sum(mine) / g - without[k], "no_thought_logprob": without[k],
-                        "thought_logprobs": mine, "closed": sum(closed[k * g:(k + 1) * g]) / g,
-                        "thought_tokens": sum(len(c.token_ids) for c in outputs[k]) / g,
-                        "thought": outputs[k][0].text})
-    return records
-
-
-# ------------------------------------------------------------------ PretrainZero generator reward
-
-
-def generator_reward_records(engine, tokenizer, passages, spans: list[Optional[str]], valid: list[bool],
-                             objective: ObjectiveConfig, cfg: HeldoutEvalConfig) -> list[dict]:
-    """PretrainZero eq. 9 for each passage's greedy mask ``spans[i]`` (``valid[i]``: it passed validation):
-    ``cfg.generator_reward_samples`` predictions at the predictor's temperature and budget."""
-    masked = [(i, mask_passage(p.text, spans[i], objective.replace_all, objective.whole_words_only))
-              for i, p in enumerate(passages) if valid[i]]
-    prompts = [encode(tokenizer, build_predictor_prompt(text, objective.prompt_style), objective.chat_template)
-               for _, text in masked]
-    outputs = sample(engine, prompts, cfg.generator_reward_samples, objective.predictor_max_tokens,
-                     objective.predictor_temperature, objective.top_p, objective.predictor_stop, seed=cfg.seed)
-    predicted = {i: [predictor_reward(c.text, spans[i], objective.normalize_answer) for c in completions]
-                 for (i, _), completions in zip(masked, outputs)}
-    records = []
-    for i, p in enumerate(passages):
-        rewards = predicted.get(i)
-        reward = generator_reward(rewards) if rewards is not None else objective.invalid_mask_reward
-        records.append({"eval": "generator_reward", "passage": p.index, "span": spans[i], "reward": reward,
-                        "predictor_acc": sum(rewards) / len(rewards) if rewards else None})
-    return records
-
-
-# ------------------------------------------------------------------ records -> per-item values
-
-
-METRICS = {
-    # name: (record kind(s), value of a record, weight of a record or None)
-    "mask_accuracy": (("candidates",), lambda r: r["reward"], None),
-    "word_mask_accuracy": (("words",), lambda r: r["reward"], None),
-    "predictor_answer_rate": (("candidates", "words"), lambda r: float(extract_boxed(r["response"]) is not None), None),
-    "generator_valid_mask_rate": (("generator",), lambda r: float(r["verdict"] == "ok"), None),
-    "generator_reward": (("generator_reward",), lambda r: r["reward"], None),
-    "info_gain": (("info_gain",), lambda r: r["gain"], None),
-    "thought_closed_rate": (("info_gain",), lambda r: r["closed"], None),
-    "nll_per_token": (("nll",), lambda r: r["nll"], lambda r: r["tokens"]),
-}
-
-
-def item_key(record: dict) -> tuple:
-    return (record["eval"], record.get("passage"), record.get("span"), record.get("position"))
-
-
-def item_values(records: list[dict]) -> dict[str, dict[tuple, tuple[float, Optional[float]]]]:
-    """metric -> {item key: (value, weight)} from eval records (one evaluation's)."""
-    out: dict[str, dict] = {}
-    for name, (kinds, value, weight) in METRICS.items():
-        mine = {item_key(r): (float(value(r)), float(weight(r)) if weight else None)
-                for r in records if r.get("eval") in kinds}
+def generate_eval(engine, tokenizer, heldout, items, cfg, dp_rank: int, dp_size: int) -> tuple[list[float], list[dict]]:
+    """Greedy answers of slice ``dp_rank`` of ``dp_size`` of the eval items: (counts, samples); the counts
+    are [span hits, spans, word hits, words, valid masks, generator passages]."""
+    t, o = cfg.train, cfg.objective
+    generate_answer = _greedy(engine, tokenizer, t.eval_max_new_tokens, o.predictor_stop, o.chat_template)
+    totals, samples = [], []
+    for source in ("candidates", "words"):
+        mine = items[source][dp_rank::dp_size]
+        correct = 0.0
         if mine:
-            out[name] = mine
-    return out
-
-
-# ------------------------------------------------------------------ one evaluation, and its summary
-
-
-def heldout_records(engine, scorer, tokenizer, heldout, cfg, greedy_records: list[dict], dp_rank: int = 0,
-                    dp_size: int = 1) -> list[dict]:
-    """This data-parallel slice's records of every figure ``cfg.eval`` turns on (``cfg``: the RunConfig).
-    ``greedy_records``: this slice's greedy task records (their generator masks get the generator reward)."""
-    from megatron_pz.objectives.pretrainzero import parse_mask
-
-    e, o = cfg.eval, cfg.objective
-    if scorer is None and (e.nll_passages or e.info_gain_positions):
-        raise ValueError("eval.nll_passages / eval.info_gain_positions need a scorer (the actor, or a folder's model)")
-    first = lambda n: [heldout[i] for i in range(min(n, len(heldout)))][dp_rank::dp_size]  # noqa: E731
-    records: list[dict] = []
-    if e.nll_passages:
-        records += nll_records(scorer, first(e.nll_passages))
-    if e.info_gain_positions:
-        positions = info_gain_positions(first(e.info_gain_positions), o, e.seed)
-        records += info_gain_records(engine, scorer, tokenizer, positions, o, e)
-    if e.generator_reward_samples:
-        generated = [r for r in greedy_records if r["eval"] == "generator"]
-        by_index = {heldout[i].index: i for i in range(min(cfg.train.eval_passages, len(heldout)))}
-        passages = [heldout[by_index[r["passage"]]] for r in generated]
-        spans = [parse_mask(r["response"], o.mask_pick) for r in generated]
-        records += generator_reward_records(engine, tokenizer, passages, spans, [r["verdict"] == "ok" for r in generated],
-                                            o, e)
-    return records
-
-
-def summary_metrics(records: list[dict], prefix: str = "eval/") -> dict[str, float]:
-    """Each figure of ``records`` (every item of one evaluation) with its 95 % interval:
-    ``eval/<name>``, ``eval/<name>_low``, ``eval/<name>_high`` (perplexity beside NLL per token)."""
-    import math
-
-    from megatron_pz.eval.intervals import bootstrap
-
-    out: dict[str, float] = {}
-    for name, items in item_values(records).items():
-        values = [v for v, _ in items.values()]
-        weights = [w for _, w in items.values()] if name == "nll_per_token" else None
-        ci = bootstrap(values, weights)
-        out.update({f"{prefix}{name}": ci.value, f"{prefix}{name}_low": ci.low, f"{prefix}{name}_high": ci.high})
-        if name == "nll_per_token":
-            out[f"{prefix}perplexity"] = math.exp(ci.value)
-    return out
-
-
-def compare(before: list[dict], after: list[dict]) -> dict[str, dict]:
-    """Per figure measured in both: before and after with their intervals, and after - before on the items
-    both evaluated (paired bootstrap). Items are matched by key, so the same item sets give exact pairs."""
-    from megatron_pz.eval.intervals import bootstrap, paired_difference
-
-    b_items, a_items = item_values(before), item_values(after)
-    table = {}
-    for name in b_items.keys() & a_items.keys():
-        keys = sorted(b_items[name].keys() & a_items[name].keys(), key=repr)
-        if not keys:
-            continue
-        ratio = name == "nll_per_token"
-        bv = [b_items[name][k][0] for k in keys]
-        av = [a_items[name][k][0] for k in keys]
-        bw = [b_items[name][k][1] for k in keys] if ratio else None
-        aw = [a_items[name][k][1] for k in keys] if ratio else None
-        table[name] = {"before": bootstrap(bv, bw), "after": bootstrap(av, aw),
-                       "difference": paired_difference(bv, av, bw, aw), "items": len(keys)}
-    return table
+            result = mask_prediction_accuracy(mine, generate_answer, normalize=o.normalize_answer,
+                                              batch=max(1, len(mine)))
+            correct = result["accuracy"] * result["num_spans"]
+            samples += [{"eval": source, **sample} for sample in result["samples"]]
+        totals += [correct, float(len(mine))]
+    passages = [heldout[i] for i in range(min(t.eval_passages, len(heldout)))][dp_rank::dp_size]
+    valid = 0.0
+    if passages:
+        texts = _greedy(engine, tokenizer, t.eval_max_new_tokens, o.generator_stop, o.chat_template)(
+            [build_generator_prompt(p.text, o.prompt_style) for p in passages])
+        verdicts = [validate_mask(p.text, parse_mask(x, o.mask_pick), o)[1] for p, x in zip(passages, texts)]
+        valid = float(sum(v == "ok" for v in verdicts))
+        samples += [{"eval": "generator", "passage": p.index, "response": x, "verdict": v}
+                    for p, x, v in zip(passages, texts, verdicts)]
+    return totals + [valid, float(len(passages))], samples

@@ -37,7 +37,8 @@ def build_mask_items(passages, spans_per_passage: int = 1, max_passages: Optiona
     included (what the generator may legally mask). Both are drawn by a seeded RNG per passage, so every
     evaluation of a run scores the same items.
     """
-    from megatron_pz.objectives.pretrainzero import build_predictor_prompt, mask_passage, valid_single_words
+    # lazy (this and the other two below): eval/cli.py imports this module for `megatron-pz --help`
+    from megatron_pz.objectives.pretrainzero import build_predictor_prompt, mask_passage, valid_single_words  # lazy
 
     rules = rules or ObjectiveConfig()
 
@@ -92,7 +93,7 @@ def hf_greedy_generator(model_dir, device: str = "cpu", dtype: str = "float32",
 def mask_prediction_accuracy(items: list[MaskItem], generate: Callable[[list[str]], list[str]],
                              normalize: bool = False, batch: int = 8) -> dict:
     """Exact-match accuracy of ``generate`` on the items (the training predictor reward)."""
-    from megatron_pz.objectives.pretrainzero import predictor_reward
+    from megatron_pz.objectives.pretrainzero import predictor_reward  # lazy: see build_mask_items
 
     if not items:
         raise ConfigError("mask accuracy: no held-out passage with a usable span candidate")
@@ -113,8 +114,8 @@ def run_mask_accuracy(model_dir, data_path, output=None, spans_per_passage: int 
                       max_passages: Optional[int] = 100, heldout_fraction: float = 0.02,
                       max_new_tokens: int = 32, normalize: bool = False, seed: int = 0,
                       device: str = "cpu", dtype: str = "float32", spans: str = "candidates") -> dict:
-    from megatron_pz.data.dataset import PassageDataset
-    from megatron_pz.eval.lm_eval_runner import write_json_atomic
+    from megatron_pz.data.dataset import PassageDataset  # lazy: see build_mask_items
+    from megatron_pz.eval.lm_eval_runner import write_json_atomic  # lazy: see build_mask_items
 
     passages = PassageDataset(data_path, split="heldout", heldout_fraction=heldout_fraction)
     items, counts = build_mask_items(passages, spans_per_passage, max_passages, seed, spans=spans)

@@ -1,6 +1,6 @@
 """A Hugging Face folder behind the two interfaces the held-out evaluation drives, on plain ``transformers``.
 
-The held-out evaluation (:mod:`megatron_pz.eval.heldout`, :mod:`megatron_pz.train.evaluate`) talks to a
+The held-out evaluation (:mod:`megatron_pz.eval.heldout`, :mod:`megatron_pz.eval.records`) talks to a
 :class:`~megatron_pz.rollout.base.RolloutEngine` (``generate``) and a
 :class:`~megatron_pz.objectives.base.Scorer` (``token_logprobs``). During a run those are the run's
 rollout engine and the Megatron actor; for an exported folder they are this class: the folder loaded

@@ -8,7 +8,10 @@ import math
 from dataclasses import dataclass
 from typing import Optional
 
-_DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+from megatron_pz.config import num_experts_of
+from megatron_pz.model.provider import moe_layer_pattern
+
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
 # ====================================================================== parameter layout
@@ -75,9 +78,6 @@ class Shapes:
 
     @classmethod
     def from_hf(cls, hf) -> "Shapes":
-        from megatron_pz.config import num_experts_of
-        from megatron_pz.model.provider import moe_layer_pattern
-
         heads = hf.num_attention_heads
         experts = num_experts_of(hf)
         pattern = moe_layer_pattern(hf) or [0] * hf.num_hidden_layers
@@ -336,7 +336,7 @@ def worst_model_state(s: Shapes, lay: Layout, pp_rank: int, spec: str, grouped_g
 
 
 
-def _total_params(s: Shapes) -> int:
+def total_params(s: Shapes) -> int:
     """All parameters of the model (no parallelism), for the rollout engine's copy."""
     lay = Layout(world=1, tp=1, pp=1, ep=1, cp=1, etp=1, vp=None, sequence_parallel=False)
     return sum(p.numel for p in chunk_params(s, lay, 0, "local", False))

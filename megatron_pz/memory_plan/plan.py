@@ -6,10 +6,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
+from megatron_pz.config import ConfigError
+from megatron_pz.disagg.protocol import WorkSplit
+from megatron_pz.disagg.roles import split_of
 from megatron_pz.memory_plan.activations import Term, scoring_terms, training_activation_terms
-from megatron_pz.memory_plan.model_state import (_DTYPE_BYTES, Layout, Shapes, _total_params, chunk_params,
-                                                 layout_of, worst_model_state)
+from megatron_pz.memory_plan.model_state import (DTYPE_BYTES, Layout, Shapes, chunk_params, layout_of, total_params,
+                                                 worst_model_state)
 from megatron_pz.memory_plan.routes import routing_replay_terms
+from megatron_pz.rollout.budget import vllm_kv_cache_bytes, vllm_max_model_len
 from megatron_pz.rollout.config import engine_captures_routes
 
 GIB = 2**30
@@ -84,10 +88,11 @@ class MemoryPlan:
         return "\n".join(lines)
 
 
-def _dtype_bytes(model_cfg, device: str) -> int:
+def params_dtype_bytes(model_cfg, device: str) -> int:
+    """Bytes per parameter of the actor (`model.params_dtype`; auto: bf16 on GPU, fp32 on CPU)."""
     if model_cfg.params_dtype == "auto":
         return 2 if device == "cuda" else 4
-    return _DTYPE_BYTES[model_cfg.params_dtype]
+    return DTYPE_BYTES[model_cfg.params_dtype]
 
 
 def max_sequence_length(cfg) -> int:
@@ -100,70 +105,20 @@ def max_sequence_length(cfg) -> int:
 def plan_run(cfg, hf, world: int, device_bytes: float, device: str = "cuda",
              min_margin: float = DEFAULT_MIN_MARGIN) -> MemoryPlan:
     """Budget every pipeline stage of ``cfg`` on ``world`` ranks; keep the stage with the highest peak."""
-    s = Shapes.from_hf(hf)
     lay = layout_of(cfg.parallel, world)
     # auto: Transformer Engine on GPU (installed with the gpu extras), the local spec on CPU
     spec = cfg.model.spec if cfg.model.spec != "auto" else ("te" if device == "cuda" else "local")
-    p = _dtype_bytes(cfg.model, device)
-    opt = cfg.optimizer
+    p = params_dtype_bytes(cfg.model, device)
     seq = max_sequence_length(cfg)
     tokens = cfg.train.max_tokens_per_micro_batch
     r = cfg.rollout
-    routes_captured = bool(s.experts) and engine_captures_routes(r, device)
-    best = None
-    stage_totals = []
-    for stage in range(lay.pp):
-        st = worst_model_state(s, lay, stage, spec, cfg.model.moe_grouped_gemm, p, opt.use_distributed_optimizer,
-                               opt.overlap_grad_reduce)
-        resident = [
-            Term("weights" + (" (DDP param buffer)" if opt.use_distributed_optimizer else ""), st.weights,
-                 "parallel.tp/pp/ep"),
-            Term("gradient buffer (fp32, grad_reduce_in_fp32)", st.grads, "parallel.tp/pp/ep"),
-            Term("optimizer: fp32 main params" + (" (1/DP shard)" if opt.use_distributed_optimizer else ""),
-                 st.main_params, "optimizer.use_distributed_optimizer, more DP ranks"),
-            Term("optimizer: Adam moments" + (" (1/DP shard)" if opt.use_distributed_optimizer else ""), st.moments,
-                 "optimizer.use_distributed_optimizer, more DP ranks"),
-        ]
-        if device != "cuda":
-            resident.append(Term("host process: Python, torch, Megatron-Core, transformers, data (measured)",
-                                 CPU_HOST_PROCESS_BYTES))
-        if cfg.objective.name == "rlp":
-            teacher = sum(sum(q.numel for q in chunk_params(s, lay, stage, spec, cfg.model.moe_grouped_gemm, v))
-                          for v in range(lay.vp or 1)) * p
-            resident.append(Term("RLP EMA teacher weights", teacher, "parallel.tp/pp/ep"))
-        if r.disaggregated:  # the engine lives on the rollout ranks; a training rank packs one bucket at a time
-            rollout_terms, asleep_terms, host, problems = [bridge_bucket_term(r, "packed for the push")], [], [], []
-        else:
-            rollout_terms, asleep_terms, host, problems = rollout_engine_terms(cfg, s, lay, stage, device_bytes, p,
-                                                                               seq, hf, on_cpu=device != "cuda")
-        train_terms = list(resident) + asleep_terms
-        if cfg.model.fp8:
-            train_terms.append(Term("FP8 weight copies (row + column-wise, 1 byte each)", 2 * st.fp8_gemm_weights,
-                                    "model.fp8"))
-        train_terms += training_activation_terms(s, lay, stage, tokens, min(seq, tokens), spec, p,
-                                                 bool(cfg.model.fp8), cfg.model.recompute)
-        largest_grad = max((q.numel for v in range(lay.vp or 1)
-                            for q in chunk_params(s, lay, stage, spec, cfg.model.moe_grouped_gemm, v)), default=0)
-        train_terms.append(Term("largest weight gradient before it joins the buffer (transient)", largest_grad * p))
-        score_terms = list(resident) + asleep_terms + scoring_terms(s, lay, stage, tokens, spec, p)
-        if routes_captured:  # MoE routing replay: targets per micro-batch (device), the step's routes (host)
-            replay_train, replay_host = routing_replay_terms(cfg, s, lay, stage, tokens, seq,
-                                                             recompute_routers=cfg.model.recompute == "full")
-            replay_score, _ = routing_replay_terms(cfg, s, lay, stage, tokens, seq, recompute_routers=False)
-            train_terms += replay_train
-            score_terms += replay_score
-            host = host + replay_host
-        phases = [Phase("weight push" if r.disaggregated else "rollout", list(resident) + rollout_terms),
-                  Phase("scoring", score_terms), Phase("training", train_terms)]
-        candidate = MemoryPlan(device_bytes=device_bytes, min_margin=min_margin, world=world, layout=lay,
-                               stage=stage, phases=phases, host_terms=host, problems=problems,
-                               role="training ranks" if r.disaggregated else "")
-        stage_totals.append(f"stage {stage}: " + ", ".join(f"{ph.name} {ph.total / GIB:.1f}" for ph in phases))
-        if best is None or candidate.peak > best.peak:
-            best = candidate
+    stages = [plan_stage(cfg, hf, lay, stage, spec, p, device_bytes, device, min_margin, world)
+              for stage in range(lay.pp)]
+    best = max(stages, key=lambda plan: plan.peak)  # the first stage of the highest peak
     if lay.pp > 1:
         best.notes.append("GiB per pipeline stage (the table shows the stage with the highest peak): "
-                          + "; ".join(stage_totals))
+                          + "; ".join(f"stage {plan.stage}: " + ", ".join(f"{ph.name} {ph.total / GIB:.1f}"
+                                                                         for ph in plan.phases) for plan in stages))
     if r.engine == "vllm" and not r.disaggregated and device == "cuda":
         best.notes.append(f"scoring and training assume the vLLM engine sleeps (level {r.sleep_level}) after each "
                           "generation (VLLMRolloutEngine.sleep/wake); awake, it keeps its whole share")
@@ -173,6 +128,63 @@ def plan_run(cfg, hf, world: int, device_bytes: float, device: str = "cuda",
                       f"ETP {lay.etp}, expert-DP {lay.expert_dp}; spec {spec}, params {p} bytes, "
                       f"micro-batch {tokens} tokens, sequences <= {seq}")
     return best
+
+
+def plan_stage(cfg, hf, lay: Layout, stage: int, spec: str, p: int, device_bytes: float, device: str,
+               min_margin: float, world: int) -> MemoryPlan:
+    """One pipeline stage's phases: the model state that stays (weights, gradient buffer, optimizer, RLP's
+    teacher), plus the rollout engine (or the bridge's bucket), scoring and training activations, and MoE
+    routing replay's targets."""
+    s = Shapes.from_hf(hf)
+    opt, r = cfg.optimizer, cfg.rollout
+    seq = max_sequence_length(cfg)
+    tokens = cfg.train.max_tokens_per_micro_batch
+    st = worst_model_state(s, lay, stage, spec, cfg.model.moe_grouped_gemm, p, opt.use_distributed_optimizer,
+                           opt.overlap_grad_reduce)
+    resident = [
+        Term("weights" + (" (DDP param buffer)" if opt.use_distributed_optimizer else ""), st.weights,
+             "parallel.tp/pp/ep"),
+        Term("gradient buffer (fp32, grad_reduce_in_fp32)", st.grads, "parallel.tp/pp/ep"),
+        Term("optimizer: fp32 main params" + (" (1/DP shard)" if opt.use_distributed_optimizer else ""),
+             st.main_params, "optimizer.use_distributed_optimizer, more DP ranks"),
+        Term("optimizer: Adam moments" + (" (1/DP shard)" if opt.use_distributed_optimizer else ""), st.moments,
+             "optimizer.use_distributed_optimizer, more DP ranks"),
+    ]
+    if device != "cuda":
+        resident.append(Term("host process: Python, torch, Megatron-Core, transformers, data (measured)",
+                             CPU_HOST_PROCESS_BYTES))
+    if cfg.objective.name == "rlp":
+        teacher = sum(sum(q.numel for q in chunk_params(s, lay, stage, spec, cfg.model.moe_grouped_gemm, v))
+                      for v in range(lay.vp or 1)) * p
+        resident.append(Term("RLP EMA teacher weights", teacher, "parallel.tp/pp/ep"))
+    if r.disaggregated:  # the engine lives on the rollout ranks; a training rank packs one bucket at a time
+        rollout_terms, asleep_terms, host, problems = [bridge_bucket_term(r, "packed for the push")], [], [], []
+    else:
+        rollout_terms, asleep_terms, host, problems = rollout_engine_terms(cfg, s, lay, stage, device_bytes, p,
+                                                                           seq, hf, on_cpu=device != "cuda")
+    train_terms = list(resident) + asleep_terms
+    if cfg.model.fp8:
+        train_terms.append(Term("FP8 weight copies (row + column-wise, 1 byte each)", 2 * st.fp8_gemm_weights,
+                                "model.fp8"))
+    train_terms += training_activation_terms(s, lay, stage, tokens, min(seq, tokens), spec, p,
+                                             bool(cfg.model.fp8), cfg.model.recompute)
+    largest_grad = max((q.numel for v in range(lay.vp or 1)
+                        for q in chunk_params(s, lay, stage, spec, cfg.model.moe_grouped_gemm, v)), default=0)
+    train_terms.append(Term("largest weight gradient before it joins the buffer (transient)", largest_grad * p))
+    score_terms = list(resident) + asleep_terms + scoring_terms(s, lay, stage, tokens, spec, p)
+    if bool(s.experts) and engine_captures_routes(r, device):  # MoE routing replay: targets per micro-batch
+        # (device) and the step's routes (host)
+        replay_train, replay_host = routing_replay_terms(cfg, s, lay, stage, tokens, seq,
+                                                         recompute_routers=cfg.model.recompute == "full")
+        replay_score, _ = routing_replay_terms(cfg, s, lay, stage, tokens, seq, recompute_routers=False)
+        train_terms += replay_train
+        score_terms += replay_score
+        host = host + replay_host
+    phases = [Phase("weight push" if r.disaggregated else "rollout", list(resident) + rollout_terms),
+              Phase("scoring", score_terms), Phase("training", train_terms)]
+    return MemoryPlan(device_bytes=device_bytes, min_margin=min_margin, world=world, layout=lay, stage=stage,
+                      phases=phases, host_terms=host, problems=problems,
+                      role="training ranks" if r.disaggregated else "")
 
 
 def rollout_engine_terms(cfg, s: Shapes, lay: Layout, stage: int, device_bytes: float, p: int, seq: int,
@@ -195,11 +207,9 @@ def rollout_engine_terms(cfg, s: Shapes, lay: Layout, stage: int, device_bytes: 
     problems: list[str] = []
     host: list[Term] = []
     if r.engine == "vllm":
-        from megatron_pz.rollout.budget import vllm_kv_cache_bytes, vllm_max_model_len
-
-        total_params = _total_params(s)
-        vllm_bytes = _DTYPE_BYTES.get(r.dtype, p)  # auto: the actor's dtype
-        weights = total_params * vllm_bytes / r.tensor_parallel_size
+        n_params = total_params(s)
+        vllm_bytes = DTYPE_BYTES.get(r.dtype, p)  # auto: the actor's dtype
+        weights = n_params * vllm_bytes / r.tensor_parallel_size
         kv = vllm_kv_cache_bytes(r, hf, vllm_max_model_len(cfg), on_cpu, vllm_bytes) if hf is not None else None
         if kv is not None:
             sized = ("rollout.kv_cache_memory_bytes" if r.kv_cache_memory_bytes
@@ -230,7 +240,7 @@ def rollout_engine_terms(cfg, s: Shapes, lay: Layout, stage: int, device_bytes: 
         # rollout/hf_engine.py: the first rank of each model-parallel group holds a full transformers copy
         # in the actor's dtype and a DynamicCache of every layer for max_batch_size sequences; asleep, the
         # copy moves to host memory (``model.to("cpu")``) and the cache is gone.
-        weights = _total_params(s) * p
+        weights = total_params(s) * p
         kv = 2 * s.layers * s.groups * s.head_dim * p * r.max_batch_size * seq
         host.append(Term("hf engine weights while asleep (host memory)", weights, "rollout.engine"))
         return [Term("hf engine weights (full copy)", weights, "rollout.engine"),
@@ -245,7 +255,7 @@ def rollout_engine_terms(cfg, s: Shapes, lay: Layout, stage: int, device_bytes: 
 
 def bridge_bucket_term(r, what: str) -> Term:
     """One weight bucket outside the engine (disaggregated): packed on a stage head, or received on a rollout
-    rank before the engine loads it (:mod:`megatron_pz.rollout.bridge`)."""
+    rank before the engine loads it (:mod:`megatron_pz.disagg.bridge`)."""
     return Term(f"bridge: one weight bucket ({what})", r.bucket_mb * 2**20, "rollout.bucket_mb")
 
 
@@ -256,7 +266,7 @@ def plan_rollout_ranks(cfg, hf, device_bytes: float, device: str = "cuda",
     (:func:`rollout_engine_terms`; the ``hf`` copy is in the actor's dtype, which the trainers send)."""
     s = Shapes.from_hf(hf)
     lay = layout_of(cfg.parallel, cfg.parallel.tp * cfg.parallel.pp * cfg.parallel.cp)
-    awake, _, _, problems = rollout_engine_terms(cfg, s, lay, 0, device_bytes, _dtype_bytes(cfg.model, device),
+    awake, _, _, problems = rollout_engine_terms(cfg, s, lay, 0, device_bytes, params_dtype_bytes(cfg.model, device),
                                                  max_sequence_length(cfg), hf, on_cpu=device != "cuda")
     terms = [t for t in awake if not t.name.startswith("weight-sync bucket")]
     terms.append(bridge_bucket_term(cfg.rollout, "received, then loaded"))
@@ -306,10 +316,6 @@ class SplitPlan:
 def plan_split(cfg, hf, job_world: int, device_bytes: float, device: str = "cuda",
                min_margin: float = DEFAULT_MIN_MARGIN, gpus_per_node: int = 8) -> SplitPlan:
     """Both roles of a disaggregated job of ``job_world`` GPUs (``rollout.ranks`` of them generate)."""
-    from megatron_pz.runtime.roles import split_of
-
-    from megatron_pz.rollout.protocol import WorkSplit
-
     trainers, rollout_ranks = split_of(cfg.rollout, job_world)
     training = plan_run(cfg, hf, trainers, device_bytes, device, min_margin)
     WorkSplit(cfg.train.passages_per_step, rollout_ranks, training.layout.dp)  # refuses passages that do not divide
@@ -391,8 +397,6 @@ def check_at_startup(cfg, hf, world: int, device: str, device_bytes: Optional[fl
     """``train``'s start-up check, before any model is built: print the plan (rank 0) and refuse an
     unfit one with its largest terms and their knobs (``runtime.memory_plan``: enforce | warn | off).
     ``rollout_rank``: the plan of a disaggregated run's rollout rank (``world`` is then ignored)."""
-    from megatron_pz.config import ConfigError
-
     mode = cfg.runtime.memory_plan
     if mode == "off":
         return None

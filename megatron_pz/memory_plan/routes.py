@@ -1,7 +1,7 @@
 """What MoE routing replay (R3) stores: the rollout's routes on the host, the replay targets on the device.
 
 * Host: every experience of a step keeps its routes until the update (``Experience.routes``,
-  :mod:`megatron_pz.rollout.routes`): ``tokens x MoE layers x top-k`` ids of 1 byte (<= 256 experts) or 2,
+  :mod:`megatron_pz.model.routes`): ``tokens x MoE layers x top-k`` ids of 1 byte (<= 256 experts) or 2,
   on every rank of the model-parallel group. Counted for the step's worst case: each sample of this
   rank's passages at the run's longest sequence.
 * Device: per micro-batch and local MoE router, ``[router tokens, top-k]`` int64 targets

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from megatron_pz.config import ConfigError
-from megatron_pz.rollout.routes import RouteShape
+from megatron_pz.model.routes import RouteShape
 
 
 def _unwrap(module):

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from megatron_pz.config import ConfigError, ModelConfig, ParallelConfig, num_experts_of
+from megatron_pz.model.sp_norm import use_sequence_parallel_norms
 
 SUPPORTED_ARCHITECTURES = {
     "qwen3": "Qwen3ForCausalLM",
@@ -65,6 +66,38 @@ def load_hf_config(source: Any, overrides: Optional[dict] = None):
     for key, value in (overrides or {}).items():
         setattr(cfg, key, value)
     return cfg
+
+
+def resolve_hf_config(cfg):
+    """The run's HF config (``cfg``: a RunConfig): ``model.hf_config`` or the inline ``model.architecture``, with
+    ``model.hf_overrides``; a folder whose shapes disagree with the ``model.architecture`` the YAML states is
+    refused, naming the field."""
+    source = cfg.model.hf_config or dict(cfg.model.architecture)
+    hf = load_hf_config(source, cfg.model.hf_overrides)
+    if cfg.model.hf_config and cfg.model.architecture:  # the YAML states the shapes it was sized for
+        for key, expected in cfg.model.architecture.items():
+            actual = getattr(hf, key, None)
+            if key != "model_type" and actual != expected and not (key == "num_experts" and
+                                                                    getattr(hf, "num_local_experts", None) == expected):
+                raise ConfigError(f"model.architecture.{key}={expected!r} but {cfg.model.hf_config} has {actual!r}")
+    return hf
+
+
+def causal_lm_architecture(hf_config) -> str:
+    """The ``transformers`` / vLLM class name of the config's causal LM (e.g. ``Qwen3ForCausalLM``).
+
+    A config given inline (``model.architecture``) has no ``architectures`` field; vLLM resolves the
+    model class from it, so it is derived here from ``model_type``.
+    """
+    listed = getattr(hf_config, "architectures", None)
+    if listed:
+        return listed[0]
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    name = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(getattr(hf_config, "model_type", None))
+    if name is None:
+        raise ConfigError(f"no causal-LM class is known for model_type={getattr(hf_config, 'model_type', None)!r}")
+    return name
 
 
 def rope_settings(hf_config) -> tuple[float, bool, float]:
@@ -271,12 +304,12 @@ def layer_spec(config, spec: str, vp_stage: Optional[int] = None, local_attentio
         block = get_gpt_layer_local_spec(qk_layernorm=config.qk_layernorm, normalization="RMSNorm")
         layers = [block]
     if not use_te and local_attention == "sdpa":
-        from megatron_pz.model.sdpa_attention import SdpaDotProductAttention
+        # lazy: it subclasses megatron-core's attention at import (4 s), which `megatron-pz --help` must not load
+        from megatron_pz.model.sdpa_attention import SdpaDotProductAttention  # lazy: see the line above
 
         for layer in layers:
             layer.submodules.self_attention.submodules.core_attention = SdpaDotProductAttention
     if not use_te and config.sequence_parallel:  # torch's norm refuses SP; this one all-reduces its grad
-        from megatron_pz.model.sp_norm import use_sequence_parallel_norms
 
         use_sequence_parallel_norms(block)
     return block

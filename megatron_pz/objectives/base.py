@@ -1,9 +1,10 @@
-"""The objective interface the trainer drives, the scorer it provides, and shared helpers.
+"""The objective interface the trainer drives, the scorer it provides, and helpers every objective shares.
 
 An objective turns a batch of passages into one GRPO update's worth of :class:`Experience`:
 it builds prompts, samples through any :class:`RolloutEngine`, scores the samples (rewards and
 advantages) and reports step metrics. It never touches parallelism: the trainer's
-:class:`Scorer` hides the Megatron forward passes behind two list-in/list-out calls.
+:class:`Scorer` hides the Megatron forward passes behind two list-in/list-out calls. The objectives are built
+(by name, and composed into schedules and mixtures) in :mod:`megatron_pz.objectives.composite`.
 """
 
 from __future__ import annotations
@@ -38,26 +39,6 @@ class Objective(Protocol):
     def collect(self, passages: list, engine: RolloutEngine, scorer: Scorer,
                 step: int) -> tuple[list[Experience], dict[str, float]]:
         ...
-
-
-def build_objective(cfg: ObjectiveConfig, tokenizer) -> Objective:
-    """The objective named by ``cfg.name``, with prompts encoded by ``tokenizer`` (a HF tokenizer)."""
-    cfg.validate()
-    if cfg.name == "pretrainzero":
-        from megatron_pz.objectives.pretrainzero import PretrainZeroObjective
-
-        return PretrainZeroObjective(cfg, tokenizer)
-    if cfg.name == "random_rlpt":
-        from megatron_pz.objectives.baselines import RandomRLPTObjective
-
-        return RandomRLPTObjective(cfg, tokenizer)
-    if cfg.name in ("random_ntr", "entropy_ntr", "rpt"):
-        from megatron_pz.objectives.baselines import NextTokenReasoningObjective
-
-        return NextTokenReasoningObjective(cfg, tokenizer)
-    from megatron_pz.objectives.rlp import RLPObjective
-
-    return RLPObjective(cfg, tokenizer)
 
 
 # ------------------------------------------------------------------ shared helpers

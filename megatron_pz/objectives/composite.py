@@ -13,14 +13,30 @@
 Each also forwards the two halves of a step (``generate`` on a rollout rank, ``score`` on the trainers;
 :mod:`megatron_pz.objectives.split`) to its parts, for rollouts on their own ranks.
 
-:func:`build_training_objective` builds the right one from ``ObjectiveConfig``.
+:func:`build_objective` builds one objective by name; :func:`build_training_objective` builds what the trainer
+drives (a schedule, a mixture or one objective, tagged) from ``ObjectiveConfig``.
 """
 
 from __future__ import annotations
 
 from megatron_pz.objectives import split
+from megatron_pz.objectives.baselines import NextTokenReasoningObjective, RandomRLPTObjective
 from megatron_pz.objectives.config import ObjectiveConfig
+from megatron_pz.objectives.pretrainzero import PretrainZeroObjective
+from megatron_pz.objectives.rlp import RLPObjective
 from megatron_pz.rl.types import Experience
+
+
+def build_objective(cfg: ObjectiveConfig, tokenizer):
+    """The one objective named by ``cfg.name``, with prompts encoded by ``tokenizer`` (a HF tokenizer)."""
+    cfg.validate()
+    if cfg.name == "pretrainzero":
+        return PretrainZeroObjective(cfg, tokenizer)
+    if cfg.name == "random_rlpt":
+        return RandomRLPTObjective(cfg, tokenizer)
+    if cfg.name in ("random_ntr", "entropy_ntr", "rpt"):
+        return NextTokenReasoningObjective(cfg, tokenizer)
+    return RLPObjective(cfg, tokenizer)
 
 
 def component_labels(configs: list[ObjectiveConfig]) -> list[str]:
@@ -61,8 +77,6 @@ class TaggedObjective:
 
 class MixtureObjective:
     def __init__(self, configs: list[ObjectiveConfig], weights: list[float], tokenizer):
-        from megatron_pz.objectives.base import build_objective
-
         norm = sum(weights)
         self.weights = [w / norm for w in weights]
         self.labels = component_labels(configs)
@@ -101,8 +115,6 @@ class MixtureObjective:
 
 def build_single(cfg: ObjectiveConfig, tokenizer):
     """One phase: a mixture when it has components, else the one objective (tagged)."""
-    from megatron_pz.objectives.base import build_objective
-
     if cfg.mixture:
         return MixtureObjective([cfg.derive(c.overrides, f"objective.mixture[{i}].overrides", False)
                                  for i, c in enumerate(cfg.mixture)], [c.weight for c in cfg.mixture], tokenizer)

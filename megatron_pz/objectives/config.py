@@ -17,8 +17,11 @@ normalize_answer, the leading-whitespace rule, the minimum context lengths, adv_
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Optional
+
+from megatron_pz.config import ConfigError, from_dict
+from megatron_pz.objectives.prompts import PROMPT_STYLES
 
 OBJECTIVE_NAMES = ("pretrainzero", "random_rlpt", "random_ntr", "entropy_ntr", "rpt", "rlp")
 LOSS_AGGS = ("token_mean", "seq_mean_token_mean")
@@ -157,8 +160,6 @@ class ObjectiveConfig:
     mixture: list[ObjectiveComponent] = field(default_factory=list)
 
     def validate(self) -> None:
-        from megatron_pz.config import ConfigError
-
         if self.name not in OBJECTIVE_NAMES:
             raise ConfigError(f"objective.name must be one of {OBJECTIVE_NAMES}, got {self.name!r}")
         for key in ("generator_group", "predictor_group", "ntr_group"):
@@ -168,8 +169,6 @@ class ObjectiveConfig:
             raise ConfigError(f"objective.rlp_group must be >= 2 (advantage uses G/(G-1)), got {self.rlp_group}")
         if self.max_mask_occurrences < 2:
             raise ConfigError(f"objective.max_mask_occurrences must be >= 2, got {self.max_mask_occurrences}")
-        from megatron_pz.objectives.prompts import PROMPT_STYLES
-
         if self.prompt_style not in PROMPT_STYLES:
             raise ConfigError(f"objective.prompt_style must be one of {PROMPT_STYLES}, got {self.prompt_style!r}")
         if self.loss_agg != "paper" and self.loss_agg not in LOSS_AGGS:
@@ -182,9 +181,17 @@ class ObjectiveConfig:
             raise ConfigError(f"objective.entropy_top_fraction must be in (0, 1], got {self.entropy_top_fraction}")
         if not 0.0 <= self.ema_tau <= 1.0:
             raise ConfigError(f"objective.ema_tau must be in [0, 1], got {self.ema_tau}")
-        for key in ("ntr_min_context_tokens", "rlp_min_context_tokens"):
+        for key in ("ntr_min_context_tokens", "rlp_min_context_tokens", "generator_max_tokens", "predictor_max_tokens",
+                    "ntr_max_tokens", "rlp_thought_max_tokens", "rpt_max_answer_tokens"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"objective.{key} must be >= 1, got {getattr(self, key)}")
+        for key in ("generator_temperature", "predictor_temperature", "ntr_temperature", "rlp_temperature"):
+            if not getattr(self, key) > 0.0:
+                raise ConfigError(f"objective.{key} must be > 0 (log-probs are taken at it), got {getattr(self, key)}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ConfigError(f"objective.top_p must be in (0, 1], got {self.top_p}")
+        if not self.adv_eps >= 0.0:
+            raise ConfigError(f"objective.adv_eps must be >= 0, got {self.adv_eps}")
         if self.schedule and self.mixture:
             raise ConfigError("objective.schedule and objective.mixture exclude each other at the top level; "
                               "put the mixture in a phase's overrides")
@@ -202,10 +209,6 @@ class ObjectiveConfig:
 
     def derive(self, overrides: dict, where: str, allow_mixture: bool) -> "ObjectiveConfig":
         """This section with ``overrides`` applied (a phase's or a component's config), validated."""
-        from dataclasses import asdict
-
-        from megatron_pz.config import ConfigError, from_dict
-
         if not isinstance(overrides, dict):
             raise ConfigError(f"{where} must be a mapping of objective keys, got {overrides!r}")
         forbidden = {"schedule"} | (set() if allow_mixture else {"mixture"})
@@ -232,7 +235,7 @@ class ObjectiveConfig:
         """Longest response this single objective samples or scores in training (in tokens): both
         PretrainZero roles, Random RLPT's predictor, RLP's thought plus the ``</think>`` and target token
         its scoring appends, the next-token baselines' response. (The held-out evaluation's own budgets:
-        :func:`megatron_pz.eval.heldout.eval_response_budget`.)"""
+        :func:`megatron_pz.rollout.budget.eval_response_budget`.)"""
         if self.name == "pretrainzero":
             return max(self.generator_max_tokens, self.predictor_max_tokens)
         if self.name == "random_rlpt":
@@ -244,6 +247,11 @@ class ObjectiveConfig:
     def longest_response(self) -> int:
         """:meth:`response_budget` over every phase and mixture component this section runs."""
         return max(leaf.response_budget() for leaf in self.leaves())
+
+    def rlp_settings(self) -> "ObjectiveConfig":
+        """The RLP leaf of this objective (its temperature, thought budget, minimum context), or RLP's
+        defaults when no phase or component is RLP (what the held-out information gain samples with)."""
+        return next((leaf for leaf in self.leaves() if leaf.name == "rlp"), None) or ObjectiveConfig(name="rlp")
 
     def uses_rlp(self) -> bool:
         """True iff some phase or component is RLP (the EMA teacher is built only then)."""

@@ -25,6 +25,7 @@ import random
 import re
 from collections import Counter
 from dataclasses import dataclass
+from typing import Optional
 
 from megatron_pz.objectives.answers import extract_boxed, normalize_answer, parse_mask  # noqa: F401
 from megatron_pz.objectives.base import (
@@ -177,6 +178,90 @@ def prediction_metrics(groups: list[list[Experience]]) -> dict[str, float]:
     return out
 
 
+# ------------------------------------------------------------------ the generator's side
+
+
+@dataclass
+class GeneratedMasks:
+    """The generator's samples of one step, parsed and validated: each sample's span, the verdict counts, and the
+    prediction task of each valid mask."""
+
+    tasks: list[MaskTask]
+    task_of: dict[tuple[int, int], int]  # (passage i, sample j) -> index in ``tasks``
+    spans: dict[tuple[int, int], Optional[str]]  # (passage i, sample j) -> the parsed span (None: unparseable)
+    reasons: Counter  # validate_mask's verdict -> count
+
+
+def masks_to_tasks(passages: list, gen_outputs, cfg: ObjectiveConfig, step: int) -> GeneratedMasks:
+    """Parse and validate every generated mask; the valid ones become prediction tasks (PZ §3.3, §4.4)."""
+    masks = GeneratedMasks([], {}, {}, Counter())
+    for i, (p, completions) in enumerate(zip(passages, gen_outputs)):
+        for j, c in enumerate(completions):
+            span = parse_mask(c.text, cfg.mask_pick)
+            ok, reason = validate_mask(p.text, span, cfg)
+            masks.reasons[reason] += 1
+            masks.spans[i, j] = span
+            if ok:
+                masked = mask_passage(p.text, span, cfg.replace_all, cfg.whole_words_only,
+                                      occurrence_rng(cfg, step, p.index, j))
+                masks.task_of[i, j] = len(masks.tasks)
+                masks.tasks.append(MaskTask(f"pred/{step}/{i}/{p.index}/{j}", span, masked, p.index))
+    return masks
+
+
+def generator_experiences(passages: list, gen_prompts, gen_outputs, masks: GeneratedMasks,
+                          pred_groups: list[list[Experience]], cfg: ObjectiveConfig, step: int
+                          ) -> tuple[list[Experience], list[float]]:
+    """The generator's samples rewarded by their masks' difficulty (:func:`generator_reward`, PZ eqs. 8-9; an
+    invalid mask gets ``invalid_mask_reward``), one GRPO group per passage; and the difficulty 1 - acc of each
+    valid mask."""
+    generator_exps: list[Experience] = []
+    difficulties = []
+    for i, (p, prompt, completions) in enumerate(zip(passages, gen_prompts, gen_outputs)):
+        rewards, infos = [], []
+        for j in range(len(completions)):
+            k = masks.task_of.get((i, j))
+            if k is None:
+                rewards.append(cfg.invalid_mask_reward)
+                infos.append({"span": masks.spans[i, j], "valid": False, "passage_index": p.index})
+                continue
+            acc = mean(e.reward for e in pred_groups[k])
+            difficulties.append(1.0 - acc)
+            rewards.append(generator_reward([e.reward for e in pred_groups[k]]))
+            infos.append({"span": masks.spans[i, j], "valid": True, "predictor_acc": acc,
+                          "passage_index": p.index})
+        exps = to_experiences(prompt, completions, rewards, f"gen/{step}/{i}/{p.index}", "generator", infos,
+                              cfg.generator_temperature)
+        if cfg.dynamic_sampling_generator and len(set(rewards)) == 1:
+            for e in exps:
+                e.trainable = False
+        generator_exps += exps
+    return generator_exps, difficulties
+
+
+def collect_metrics(experiences: list[Experience], generator_exps: list[Experience], masks: GeneratedMasks,
+                 pred_groups: list[list[Experience]], difficulties: list[float], pred_metrics: dict[str, float]
+                 ) -> dict[str, float]:
+    """A PretrainZero step's metrics: mask validity and difficulty, each role's rewards and lengths, the
+    predictor's accuracy, groups without reward variance."""
+    n_gen = len(generator_exps)
+    metrics = {
+        "generator/valid_mask_rate": masks.reasons["ok"] / n_gen if n_gen else 0.0,
+        "generator/difficulty": mean(difficulties),
+        "generator/mask_words_mean": mean(len(t.span.split()) for t in masks.tasks),
+        **count_metrics("generator/masks", masks.reasons),
+        **role_metrics(experiences, "generator"),
+        **role_metrics(experiences, "predictor"),
+        **prediction_metrics(pred_groups),
+        **pred_metrics,
+    }
+    gen_rewards_by_group: dict[str, set] = {}
+    for e in generator_exps:
+        gen_rewards_by_group.setdefault(e.group, set()).add(e.reward)
+    metrics["generator/zero_variance_groups"] = float(sum(len(r) == 1 for r in gen_rewards_by_group.values()))
+    return metrics
+
+
 # ------------------------------------------------------------------ the objective
 
 
@@ -186,71 +271,18 @@ class PretrainZeroObjective:
         self.tokenizer = tokenizer
 
     def collect(self, passages: list, engine, scorer, step: int) -> tuple[list[Experience], dict[str, float]]:
+        """One step (PZ §3.3): the generator masks each passage (``generator_group`` samples), every valid mask
+        becomes a prediction task (``predictor_group`` samples, exact-match reward), each mask is rewarded by
+        how hard it was; GRPO advantages within each group."""
         cfg = self.cfg
         gen_prompts = [encode(self.tokenizer, build_generator_prompt(p.text, cfg.prompt_style), cfg.chat_template)
                        for p in passages]
         gen_outputs = sample(engine, gen_prompts, cfg.generator_group, cfg.generator_max_tokens,
                              cfg.generator_temperature, cfg.top_p, cfg.generator_stop, seed=cfg.seed + 2 * step)
-
-        # parse and validate every generated mask; valid ones become prediction tasks
-        tasks: list[MaskTask] = []
-        task_of: dict[tuple[int, int], int] = {}  # (passage i, sample j) -> task index
-        spans: dict[tuple[int, int], str | None] = {}
-        reasons: Counter = Counter()
-        for i, (p, completions) in enumerate(zip(passages, gen_outputs)):
-            for j, c in enumerate(completions):
-                span = parse_mask(c.text, cfg.mask_pick)
-                ok, reason = validate_mask(p.text, span, cfg)
-                reasons[reason] += 1
-                spans[i, j] = span
-                if ok:
-                    masked = mask_passage(p.text, span, cfg.replace_all, cfg.whole_words_only,
-                                          occurrence_rng(cfg, step, p.index, j))
-                    task_of[i, j] = len(tasks)
-                    tasks.append(MaskTask(f"pred/{step}/{i}/{p.index}/{j}", span, masked, p.index))
-
-        pred_groups, pred_metrics = run_predictions(tasks, cfg, self.tokenizer, engine, step)
-
-        generator_exps: list[Experience] = []
-        difficulties = []
-        for i, (p, prompt, completions) in enumerate(zip(passages, gen_prompts, gen_outputs)):
-            rewards, infos = [], []
-            for j in range(len(completions)):
-                k = task_of.get((i, j))
-                if k is None:
-                    rewards.append(cfg.invalid_mask_reward)
-                    infos.append({"span": spans[i, j], "valid": False, "passage_index": p.index})
-                    continue
-                acc = mean(e.reward for e in pred_groups[k])
-                difficulties.append(1.0 - acc)
-                rewards.append(generator_reward([e.reward for e in pred_groups[k]]))
-                infos.append({"span": spans[i, j], "valid": True, "predictor_acc": acc,
-                              "passage_index": p.index})
-            exps = to_experiences(prompt, completions, rewards, f"gen/{step}/{i}/{p.index}", "generator", infos,
-                                  cfg.generator_temperature)
-            if cfg.dynamic_sampling_generator and len(set(rewards)) == 1:
-                for e in exps:
-                    e.trainable = False
-            generator_exps += exps
-
-        predictor_exps = [e for g in pred_groups for e in g]
-        experiences = generator_exps + predictor_exps
+        masks = masks_to_tasks(passages, gen_outputs, cfg, step)
+        pred_groups, pred_metrics = run_predictions(masks.tasks, cfg, self.tokenizer, engine, step)
+        generator_exps, difficulties = generator_experiences(passages, gen_prompts, gen_outputs, masks, pred_groups,
+                                                             cfg, step)
+        experiences = generator_exps + [e for g in pred_groups for e in g]
         fill_group_advantages(experiences, cfg.std_scale, cfg.adv_eps)
-
-        n_gen = len(generator_exps)
-        valid_spans = [t.span for t in tasks]
-        metrics = {
-            "generator/valid_mask_rate": reasons["ok"] / n_gen if n_gen else 0.0,
-            "generator/difficulty": mean(difficulties),
-            "generator/mask_words_mean": mean(len(s.split()) for s in valid_spans),
-            **count_metrics("generator/masks", reasons),
-            **role_metrics(experiences, "generator"),
-            **role_metrics(experiences, "predictor"),
-            **prediction_metrics(pred_groups),
-            **pred_metrics,
-        }
-        gen_rewards_by_group: dict[str, set] = {}
-        for e in generator_exps:
-            gen_rewards_by_group.setdefault(e.group, set()).add(e.reward)
-        metrics["generator/zero_variance_groups"] = float(sum(len(r) == 1 for r in gen_rewards_by_group.values()))
-        return experiences, metrics
+        return experiences, collect_metrics(experiences, generator_exps, masks, pred_groups, difficulties, pred_metrics)

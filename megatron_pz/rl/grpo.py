@@ -3,12 +3,15 @@ r"""GRPO: group-normalised advantages and the clipped policy-gradient loss (toke
 Formulas (per response token t of sample i, mask m_t):
 
     A_i      = (r_i - mean_g r) / (std_g r + eps)      (std_scale=True; else r_i - mean_g r)
-    rho_t    = exp(logp_t - logp_old_t)
+    rho_t    = exp(logp_t - logp_prox_t)      logp_prox = logp_old (decoupled) or logp_rollout (bypass)
     pg_t     = -min(rho_t A_t, clip(rho_t, 1 - clip_low, 1 + clip_high) A_t)     (clip-higher, DAPO)
     pg_t     = min(pg_t, -c A_t) where A_t < 0                                    (dual clip, c = dual_clip)
-    w_t      = min(exp(logp_old_t - logp_rollout_t), tis_cap), detached           (truncated IS)
+    w_t      = rollout-correction IS weight, detached; default min(exp(logp_old_t - logp_rollout_t), 2)
     kl_t     = exp(ref_t - logp_t) - (ref_t - logp_t) - 1                         (k3 estimator)
     loss_sum = sum_t m_t a_t (w_t pg_t + kl_coef kl_t)
+
+The proximal log-probs, the weights w and the rejected tokens (out of m) are the rollout correction's
+(:mod:`megatron_pz.rl.rollout_correction`); without one, logp_prox = logp_old and w = 1.
 
 ``a_t`` is the aggregation weight (:func:`aggregation_weights`; 1 for DAPO's token mean).
 ``loss_sum`` is *not* divided here: the trainer divides the sum over all micro-batches and
@@ -30,6 +33,8 @@ from collections import defaultdict
 from typing import Hashable, Mapping, Optional, Sequence
 
 import torch
+
+from megatron_pz.rl.rollout_correction import RolloutCorrection
 
 
 def group_advantages(rewards, groups: Sequence[Hashable], std_scale: bool = True,
@@ -98,7 +103,9 @@ def grpo_loss(
     ref_logprobs: Optional[torch.Tensor] = None,
     kl_coef: float = 0.0,
     rollout_logprobs: Optional[torch.Tensor] = None,
-    tis_cap: Optional[float] = None,
+    correction: Optional[RolloutCorrection] = None,
+    rejected: Optional[torch.Tensor] = None,
+    token_lags: Optional[torch.Tensor] = None,
     entropy: Optional[torch.Tensor] = None,
     dual_clip: Optional[float] = None,
     token_weights: Optional[torch.Tensor] = None,
@@ -110,11 +117,19 @@ def grpo_loss(
     call's masked tokens (weight them by ``num_tokens`` when aggregating), except ``*_max``.
     ``dual_clip``: c > 1 bounds the loss of negative-advantage tokens (None: off).
     ``token_weights``: the aggregation weights a_t (None: all 1, DAPO's token mean).
+    ``correction`` (with ``rollout_logprobs``): the rollout correction; ``rejected`` marks response tokens it
+    rejected before the update (already out of ``loss_mask``), ``token_lags`` each token's weight-version lag;
+    its counters join the metrics under ``rc_raw/`` (sums, read by
+    :func:`~megatron_pz.rl.rollout_correction.correction_metrics`).
     """
     mask = loss_mask.to(logprobs.dtype)
     adv = _as_token_tensor(advantages, logprobs)
     old = old_logprobs.detach()
-    log_ratio = logprobs - old
+    corrected = None
+    if rollout_logprobs is not None and correction is not None:
+        corrected = correction.apply(old, rollout_logprobs, mask, rejected, token_lags)
+    proximal = old if corrected is None else corrected.proximal
+    log_ratio = logprobs - proximal
     ratio = torch.exp(log_ratio)
     surr_unclipped = ratio * adv
     surr_clipped = torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high) * adv
@@ -136,12 +151,9 @@ def grpo_loss(
         diff = (old - rollout).abs()
         metrics["rollout/logp_diff_mean"] = masked_mean(diff)
         metrics["rollout/logp_diff_max"] = float((diff * mask).max()) if mask.any() else 0.0
-        if tis_cap is not None:
-            raw = torch.exp(old - rollout)
-            weight = torch.clamp(raw, max=tis_cap)
-            per_token = per_token * weight
-            metrics["tis/weight_mean"] = masked_mean(weight)
-            metrics["tis/capped_fraction"] = masked_mean((raw > tis_cap).to(mask.dtype))
+    if corrected is not None:
+        per_token = per_token * corrected.weights  # 1 where the correction weighs nothing (weights: none)
+        metrics.update(corrected.sums)
     if ref_logprobs is not None and kl_coef != 0.0:
         delta = ref_logprobs.detach() - logprobs
         k3 = torch.exp(delta) - delta - 1.0

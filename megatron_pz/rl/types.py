@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 
 @dataclass
@@ -35,5 +35,15 @@ class Experience:
     mix_weight: float = 1.0
     info: dict = field(default_factory=dict)  # parsed answer, mask text, correctness...
     # MoE routing replay (R3): the rollout's experts for prompt + response[:-1], [tokens, moe_layers, topk]
-    # uint8/uint16 on the host (megatron_pz.rollout.routes); every Megatron forward on this sample uses them
+    # uint8/uint16 on the host (megatron_pz.model.routes); every Megatron forward on this sample uses them
     routes: Optional[Any] = None
+    # response tokens that enter the loss (1.0) or not (0.0); None: all of them. Rollout-correction rejection
+    # (megatron_pz.rl.rollout_correction.reject_before_update) cuts tokens here before the update's token counts
+    # are taken, and marks them in ``rejected``, so they leave the loss's numerator and denominator alike
+    token_mask: Optional[list[float]] = None
+    rejected: Optional[list[float]] = None
+    # weight-version lag at the update that trains on it: the trainer's version minus the version that sampled
+    # the token (0: colocated, the weights being trained sampled it; disaggregated: step - the batch's version).
+    # One int for the whole response, or one per response token (tokens sampled under several versions); a
+    # sample's lag is its oldest token's. The rollout-correction metrics are keyed by it.
+    lag: Union[int, list[int]] = 0

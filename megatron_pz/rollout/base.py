@@ -32,7 +32,7 @@ class Completion:
     logprobs: Optional[list[float]] = None  # per generated token, from the rollout engine
     finish_reason: str = "length"  # stop | eos | length
     # MoE: the experts each prompt + response token but the last went to, [tokens, moe_layers, topk]
-    # uint8/uint16 (megatron_pz.rollout.routes); None for dense models or an engine that cannot capture
+    # uint8/uint16 (megatron_pz.model.routes); None for dense models or an engine that cannot capture
     routes: Optional[Any] = None
 
 

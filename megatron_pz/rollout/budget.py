@@ -15,18 +15,30 @@ VLLM_CPU_BLOCK_SIZE = 128
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
+def eval_response_budget(cfg) -> int:
+    """Longest response the held-out evaluation generates (``cfg``: the RunConfig): the greedy tasks'
+    ``train.eval_max_new_tokens``, the generator reward's predictions (``objective.predictor_max_tokens``)
+    and the information gain's thoughts (+2: ``</think>`` and the target its scoring appends), each only
+    when it runs."""
+    e, o = cfg.eval, cfg.objective
+    longest = cfg.train.eval_max_new_tokens
+    if e.generator_reward_samples:
+        longest = max(longest, o.predictor_max_tokens)
+    if e.info_gain_positions:
+        longest = max(longest, (e.info_gain_thought_tokens or o.rlp_settings().rlp_thought_max_tokens) + 2)
+    return longest
+
+
 def rollout_context_length(cfg) -> int:
     """Prompt + longest response this run generates (vLLM's ``max_model_len`` unless
     ``rollout.max_model_len`` is set; without it vLLM sizes its KV cache for the model's full context).
 
     The responses are every phase / component's (``ObjectiveConfig.longest_response``) and the held-out
-    evaluation's (:func:`megatron_pz.eval.heldout.eval_response_budget`). Not the PretrainZero budgets of
+    evaluation's (:func:`eval_response_budget`). Not the PretrainZero budgets of
     an objective that never runs them: an RLP run's evaluation used to size vLLM's KV cache for
     ``generator_max_tokens`` (4096 by default) although its greedy tasks stop at ``train.eval_max_new_tokens``
     (a SmolLM2 RLP run with 32-token thoughts asked for 64 x 4,616 tokens, 13 GiB, and was OOM-killed).
     """
-    from megatron_pz.eval.heldout import eval_response_budget
-
     longest = max(cfg.objective.longest_response(), eval_response_budget(cfg))
     return cfg.train.max_prompt_tokens + longest + 8
 

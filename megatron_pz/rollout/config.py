@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from megatron_pz.config import ConfigError
+from megatron_pz.config import ConfigError, num_experts_of
 
 ENGINES = ("megatron", "hf", "vllm")
 VLLM_DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -132,8 +132,6 @@ class RolloutConfig:
 
 def check_engine_for_model(cfg: RolloutConfig, hf_config) -> None:
     """What the chosen engine cannot run, refused before any work (the hf engine builds later)."""
-    from megatron_pz.config import num_experts_of
-
     if cfg.engine == "hf" and num_experts_of(hf_config):
         raise ConfigError("rollout.engine=hf supports dense models only: transformers 5 fuses MoE experts "
                           "in memory while the weight sync sends them one by one (use megatron or vllm)")
@@ -161,8 +159,6 @@ def resolve_routing_replay(cfg: RolloutConfig, hf_config, device: str) -> str:
 
     auto: r3 for an MoE model whose engine captures routes, off otherwise (dense, or vLLM's CPU build).
     """
-    from megatron_pz.config import num_experts_of
-
     cfg.validate()
     moe = bool(num_experts_of(hf_config))
     captures = engine_captures_routes(cfg, device)

@@ -23,43 +23,17 @@ tokens, whatever the batching or the data-parallel layout (padding changes logit
 from __future__ import annotations
 
 import inspect
-
 from typing import Optional, Sequence
 
 import torch
 
-from megatron_pz.config import ConfigError
 from megatron_pz.rollout.base import Completion, SamplingParams
+from megatron_pz.rollout.common import (StopChecker, eos_ids_of, param_dtype_and_device, request_batches, row_seed,
+                                        seeded_generator, validate_request)
+from megatron_pz.rollout.config import RolloutConfig, check_engine_for_model
 from megatron_pz.rollout.groups import model_parallel_generation_group
-from megatron_pz.rollout.megatron_engine import (
-    MegatronRolloutEngine,
-    StopChecker,
-    _seeded_generator,
-    eos_ids_of,
-    request_batches,
-    validate_request,
-)
 from megatron_pz.rollout.sampling import SamplingSpec, sample_tokens
-from megatron_pz.rollout.weight_sync import HFModelTarget, iter_model_buckets, load_buckets
-
-row_seed = MegatronRolloutEngine._row_seed  # one stream per (seed, prompt, sample index), shared by both
-
-
-def causal_lm_architecture(hf_config) -> str:
-    """The ``transformers`` / vLLM class name of the config's causal LM (e.g. ``Qwen3ForCausalLM``).
-
-    A config given inline (``model.architecture``) has no ``architectures`` field; vLLM resolves the
-    model class from it, so it is derived here from ``model_type``.
-    """
-    listed = getattr(hf_config, "architectures", None)
-    if listed:
-        return listed[0]
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
-    name = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(getattr(hf_config, "model_type", None))
-    if name is None:
-        raise ConfigError(f"no causal-LM class is known for model_type={getattr(hf_config, 'model_type', None)!r}")
-    return name
+from megatron_pz.rollout.weight_sync import HFModelTarget, iter_model_buckets, load_buckets, stale_weights
 
 
 def build_hf_model(hf_config, dtype: torch.dtype = torch.float32, device="cpu") -> torch.nn.Module:
@@ -100,7 +74,7 @@ def decode_batch(model, prompts: list[list[int]], spec: SamplingSpec, max_new_to
     logits = model(input_ids=tokens, attention_mask=mask, position_ids=positions, **cache,
                    use_cache=True, logits_to_keep=1).logits[:, -1]
     while True:
-        generators = [_seeded_generator(seed, len(generated[r]), device) for r, seed in enumerate(row_seeds)]
+        generators = [seeded_generator(stream, len(generated[r]), device) for r, stream in enumerate(row_seeds)]
         sampled, lps = sample_tokens(logits, 0, vocab_size, spec, generators, None)
         next_tokens = sampled.clone()
         sampled, lps = sampled.tolist(), lps.tolist()
@@ -163,8 +137,6 @@ class HFRolloutEngine:
 
     def __init__(self, tokenizer, hf_config, max_batch_size: int = 32, seed: int = 1234, bucket_mb: int = 512,
                  dtype: torch.dtype = torch.float32, device="cpu"):
-        from megatron_pz.rollout.config import RolloutConfig, check_engine_for_model
-
         check_engine_for_model(RolloutConfig(engine="hf"), hf_config)
         self.tokenizer = tokenizer
         self.hf_config = hf_config
@@ -228,8 +200,6 @@ class HFRolloutEngine:
 
     def stale_weights(self, model_chunks) -> list[str]:
         """Names whose tensor differs (bit for bit) from the actor's export; collective like a sync."""
-        from megatron_pz.rollout.weight_sync import stale_weights
-
         return stale_weights(self.model, model_chunks, self.hf_config, self.bucket_bytes)
 
 
@@ -238,9 +208,7 @@ def check_refresh(model_chunks, tokenizer, hf_config, prompt_ids: list[int], max
     device and dtype is synced from ``model_chunks``, must then hold the actor's export bit for bit, must
     generate from a greedy prompt, and must still hold the same weights after a sleep/wake round trip.
     Collective over the model-parallel group. Returns what it saw; raises on a failed check."""
-    from megatron_pz.rollout.factory import _param_dtype_and_device
-
-    dtype, device = _param_dtype_and_device(model_chunks)
+    dtype, device = param_dtype_and_device(model_chunks)
     engine = HFRolloutEngine(tokenizer, hf_config, dtype=dtype, device=device)
     engine.update_weights(model_chunks)
     stale = engine.stale_weights(model_chunks)

@@ -34,7 +34,7 @@ Cost note (CPU, local spec): Megatron's static KV path caches keys *before* RoPE
 for GQA, re-expands) the whole cache at every step, an O(length) elementwise cost per layer that
 Hugging Face's cache avoids; it dominates the gap measured by ``bench/bench_rollout.py``.
 
-MoE routes (R3): built with a :class:`~megatron_pz.rollout.routes.RouteShape`, the engine records every
+MoE routes (R3): built with a :class:`~megatron_pz.model.routes.RouteShape`, the engine records every
 router's choices while it decodes (:mod:`megatron_pz.rollout.route_recorder`) and each completion carries
 the routes of its prompt and response tokens (all but the last sampled one, which is never fed back).
 
@@ -46,15 +46,15 @@ before top-k / top-p) for each sampled token; see :mod:`megatron_pz.rollout.samp
 from __future__ import annotations
 
 import contextlib
-import hashlib
 from typing import Iterable, Optional, Sequence
 
 import torch
 import torch.distributed as dist
 
+from megatron_pz.model.routes import RouteShape, check_routes
 from megatron_pz.rollout.base import Completion, SamplingParams
+from megatron_pz.rollout.common import StopChecker, eos_ids_of, request_batches, row_seed, seeded_generator, validate_request
 from megatron_pz.rollout.route_recorder import RouteRecorder
-from megatron_pz.rollout.routes import RouteShape, check_routes
 from megatron_pz.rollout.sampling import SamplingSpec, sample_tokens
 
 
@@ -62,76 +62,6 @@ def _unwrap(module):
     while hasattr(module, "module"):
         module = module.module
     return module
-
-
-def eos_ids_of(tokenizer, hf_config) -> set[int]:
-    """EOS ids from the tokenizer and the HF config (Qwen configs list several)."""
-    ids: set[int] = set()
-    for source in (getattr(tokenizer, "eos_token_id", None), getattr(hf_config, "eos_token_id", None)):
-        if source is None:
-            continue
-        ids.update([int(source)] if isinstance(source, int) else [int(x) for x in source])
-    return ids
-
-
-def request_batches(prompts: Sequence[Sequence[int]], n: int, max_batch_size: int
-                    ) -> tuple[list[tuple[int, int, list[int]]], list[list[int]]]:
-    """The rows of one ``generate`` call, ``(prompt index, sample index, prompt)`` for each of the ``n``
-    samples of each prompt, and batches of at most ``max_batch_size`` row indices, shortest prompts
-    first (neighbours in length share a batch: less padding and cache length)."""
-    items = [(i, j, list(map(int, p))) for i, p in enumerate(prompts) for j in range(n)]
-    order = sorted(range(len(items)), key=lambda k: len(items[k][2]))
-    return items, [order[s: s + max_batch_size] for s in range(0, len(order), max_batch_size)]
-
-
-def validate_request(prompts: Sequence[Sequence[int]], params: SamplingParams, vocab_size: int) -> None:
-    """Reject bad requests before any forward pass, naming the offending field."""
-    if params.n < 1:
-        raise ValueError(f"SamplingParams.n must be >= 1, got {params.n}")
-    if params.max_new_tokens < 1:
-        raise ValueError(f"SamplingParams.max_new_tokens must be >= 1, got {params.max_new_tokens}")
-    if params.temperature < 0:
-        raise ValueError(f"SamplingParams.temperature must be >= 0, got {params.temperature}")
-    if not 0.0 < params.top_p <= 1.0:
-        raise ValueError(f"SamplingParams.top_p must be in (0, 1], got {params.top_p}")
-    if params.top_k < 0:
-        raise ValueError(f"SamplingParams.top_k must be >= 0 (0 = off), got {params.top_k}")
-    if any(not s for s in params.stop):
-        raise ValueError("SamplingParams.stop may not contain empty strings")
-    for i, prompt in enumerate(prompts):
-        if len(prompt) == 0:
-            raise ValueError(f"prompt {i} is empty; every prompt needs at least one token")
-        bad = [t for t in prompt if not 0 <= int(t) < vocab_size]
-        if bad:
-            raise ValueError(f"prompt {i} has token ids outside [0, {vocab_size}): {bad[:5]}")
-
-
-class StopChecker:
-    """Finds stop strings in the decoded tail of a growing completion.
-
-    Only the last few tokens are decoded per step (a stop string ends inside the newest token the first
-    time it appears); the full text is decoded once, when a stop is seen, to cut it right after the
-    earliest complete stop string. The completion keeps the stop text; its token ids keep the whole
-    token that completed it (as vLLM does).
-    """
-
-    def __init__(self, tokenizer, stop: Sequence[str]):
-        self.tokenizer = tokenizer
-        self.stop = list(stop)
-        self.window = (max(len(s) for s in self.stop) + 4) if self.stop else 0
-
-    def decode(self, ids: Sequence[int]) -> str:
-        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
-
-    def hit(self, ids: Sequence[int]) -> bool:
-        if not self.stop:
-            return False
-        tail = self.decode(ids[-self.window:])
-        return any(s in tail for s in self.stop)
-
-    def cut(self, text: str) -> str:
-        ends = [text.find(s) + len(s) for s in self.stop if s in text]
-        return text[: min(ends)] if ends else text
 
 
 class MegatronRolloutEngine:
@@ -205,7 +135,7 @@ class MegatronRolloutEngine:
             num_batches = self._group_max(0, self.ep_group)
             with self._rollout_mode():
                 for b in range(num_batches):
-                    self._decode_batch([[0]], dummy, [self._row_seed(0, [0], b)], dummy=True)
+                    self._decode_batch([[0]], dummy, [row_seed(0, [0], b)], dummy=True)
 
     def generate(self, prompts: Sequence[list[int]], params: SamplingParams) -> list[list[Completion]]:
         validate_request(prompts, params, self.vocab_size)
@@ -221,18 +151,13 @@ class MegatronRolloutEngine:
                 if b < len(batches):
                     # one stream per (seed, prompt, sample index): what is sampled for a prompt does
                     # not depend on its batch-mates, the batch size or the data-parallel layout
-                    row_seeds = [self._row_seed(seed, items[k][2], items[k][1]) for k in batches[b]]
+                    row_seeds = [row_seed(seed, items[k][2], items[k][1]) for k in batches[b]]
                     done = self._decode_batch([items[k][2] for k in batches[b]], params, row_seeds)
                     for k, completion in zip(batches[b], done):
                         out[items[k][0]][items[k][1]] = completion
                 else:  # nothing left here, but EP peers still decode: keep stepping with them
-                    self._decode_batch([[0]], params, [self._row_seed(seed, [0], b)], dummy=True)
+                    self._decode_batch([[0]], params, [row_seed(seed, [0], b)], dummy=True)
         return out  # type: ignore[return-value]
-
-    @staticmethod
-    def _row_seed(seed: int, prompt: list[int], sample_index: int) -> int:
-        digest = hashlib.blake2b(repr((int(seed), sample_index, prompt)).encode(), digest_size=8).digest()
-        return int.from_bytes(digest, "little") % (2**62)
 
     # ------------------------------------------------------------------ decoding
 
@@ -368,8 +293,8 @@ class MegatronRolloutEngine:
             if is_last_stage:
                 # noise for row r's k-th sampled token comes from (row seed, k) only, so rows still
                 # reading their prompt, batch-mates and batch size leave a row's samples unchanged
-                step_generators = [_seeded_generator(row_seed, len(generated[r]), self.device)
-                                   for r, row_seed in enumerate(row_seeds)]
+                step_generators = [seeded_generator(stream, len(generated[r]), self.device)
+                                   for r, stream in enumerate(row_seeds)]
                 sampled, lps = sample_tokens(logits, vocab_start, self.vocab_size, spec, step_generators,
                                              self.tp_group)
                 packed = torch.stack([sampled.double(), lps.double()])
@@ -421,9 +346,3 @@ class MegatronRolloutEngine:
             n = len(prompt) + len(gen) - 1
             out.append(check_routes(buffer[r, :n].numpy(), self.route_shape, n, f"Megatron engine decode row {r}"))
         return out
-
-
-def _seeded_generator(row_seed: int, index: int, device) -> torch.Generator:
-    generator = torch.Generator(device=device)
-    generator.manual_seed((row_seed * 1_000_003 + index) % (2**63))
-    return generator

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_pz.model.moe_routers import local_routers
-from megatron_pz.rollout.routes import NATIVE, RouteShape
+from megatron_pz.model.routes import NATIVE, RouteShape
 
 
 class RouteRecorder:

@@ -32,6 +32,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from megatron_pz.rl.logprobs import logits_at_temperature
+
 
 @dataclass
 class SamplingSpec:
@@ -169,7 +171,5 @@ def reported_logprobs(logits: torch.Tensor, tokens: torch.Tensor, vocab_start: i
     (:func:`megatron_pz.rl.logprobs.logits_at_temperature`, one rule for every engine and the trainer).
     The Megatron and the ``hf`` engine both call this function. Collective over ``group``.
     """
-    from megatron_pz.rl.logprobs import logits_at_temperature
-
     scaled = logits_at_temperature(logits.float(), temperature)
     return _token_logits(scaled, tokens, vocab_start, group) - sharded_logsumexp(scaled, group)

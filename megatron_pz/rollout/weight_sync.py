@@ -21,6 +21,8 @@ from typing import Callable, Iterable, Iterator, Optional
 import torch
 import torch.distributed as dist
 
+from megatron_pz.convert.weights import megatron_to_hf_tensors
+
 _ALIGN = 16  # byte alignment of each tensor inside a bucket (so dtype views are aligned)
 
 
@@ -115,8 +117,6 @@ def pack_buckets(named_tensors: Iterable[tuple[str, torch.Tensor]], bucket_bytes
 
 def stage_tensors(model_chunks, hf_config) -> Iterator[tuple[str, torch.Tensor]]:
     """Full HF-named tensors of this pipeline stage (collective over its TP and EP groups)."""
-    from megatron_pz.convert.weights import megatron_to_hf_tensors
-
     return megatron_to_hf_tensors(model_chunks, hf_config)
 
 

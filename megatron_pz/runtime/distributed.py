@@ -26,6 +26,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from megatron_pz.config import CUDA_WORLD_BACKEND, ConfigError, ParallelConfig, RuntimeConfig
+from megatron_pz.runtime import cpu_compat
+from megatron_pz.runtime.host_memory import return_freed_tensors_to_the_system
+
 
 @dataclass
 class RuntimeInfo:
@@ -46,17 +50,12 @@ def resolve_device(requested: str = "auto") -> torch.device:
     return resolve_device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
-CUDA_WORLD_BACKEND = "cpu:gloo,cuda:nccl"
-
-
 def world_backend(device: torch.device, requested: str = "auto") -> str:
     """The backend string of the default process group for ``device`` (see the module docstring).
 
     ``requested`` is ``runtime.backend``: ``auto`` picks gloo on CPU and ``cpu:gloo,cuda:nccl`` on GPU;
     an explicit value must still serve CPU tensors (host-side metrics and flags run on CPU).
     """
-    from megatron_pz.config import ConfigError
-
     if requested == "auto":
         return CUDA_WORLD_BACKEND if device.type == "cuda" else "gloo"
     if device.type == "cpu" and requested != "gloo":
@@ -82,15 +81,10 @@ def initialize(parallel=None, runtime=None) -> RuntimeInfo:
     """
     from megatron.core import parallel_state, tensor_parallel
 
-    from megatron_pz.config import ParallelConfig, RuntimeConfig
-
     parallel = parallel or ParallelConfig()
     runtime = runtime or RuntimeConfig()
     device = resolve_device(runtime.device)
     if device.type == "cpu":
-        from megatron_pz.runtime import cpu_compat
-        from megatron_pz.runtime.host_memory import return_freed_tensors_to_the_system
-
         cpu_compat.apply()
         return_freed_tensors_to_the_system()  # freed activations leave the heap (runtime/host_memory.py)
     else:

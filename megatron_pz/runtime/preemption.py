@@ -14,6 +14,11 @@ calls of native code (gloo sockets, file writes) are restarted instead of failin
 checkpoint writer's forked helper processes inherit the handler, so a signal sent to every process of
 the job does not kill them mid-write (see :mod:`megatron_pz.checkpoint` for the writer's other helper).
 
+A rank started by :mod:`megatron_pz.runtime.launcher` begins with both signals blocked, so one that arrives while
+it imports, builds its model or loads a checkpoint is held by the kernel, not fatal; installing the handlers
+unblocks them, and the rank stops at its first agreement point ("before the run started" when nothing has
+run yet).
+
 A rank started by a torchrun agent also asks the kernel for SIGTERM when the agent dies
 (``PR_SET_PDEATHSIG``): without it, ``kill -9`` of the agent leaves the ranks training on, each in a
 session of its own, and writing into a run directory that a resubmitted job then writes too.
@@ -21,7 +26,8 @@ session of its own, and writing into a run directory that a resubmitted job then
 Used by the RL loop (:func:`megatron_pz.train.trainer.train`) and meant for any other loop that runs
 ranks of a job:
 
-* ``stop = install_stop_signals()`` once, first thing in the process;
+* ``stop = install_stop_signals()`` once, first thing in the process (under the launcher, until then the
+  stop signals are held, blocked);
 * ``stop.agreed(group)`` at the loop's consistent points (every rank of ``group`` calls it at the same
   point); when it returns a signal, write what must be kept and raise :class:`Stopped`
   (``stop_if_agreed(stop, where)`` when there is nothing to write);
@@ -41,6 +47,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from megatron_pz.config import ConfigError
+
 # sysexits.h EX_TEMPFAIL ("temporary failure; the user is invited to retry"): the run stopped on a signal
 # after writing a complete checkpoint (or with nothing new to write). Resubmitting continues it. Any
 # other non-zero code is a failure.
@@ -55,7 +63,7 @@ _PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 @dataclass
 class PreemptionConfig:
-    """How early SLURM must warn a job (``sbatch --signal=USR1@LEAD``), for ``megatron-pz plan``:
+    """How early SLURM must warn a job (``sbatch --signal=B:USR1@LEAD``), for ``megatron-pz plan``:
     ``LEAD = phase_seconds + save_margin x (checkpoint bytes per node / save_bytes_per_s)``
     (:mod:`megatron_pz.memory_plan.checkpoint_time`). Planning only: the ranks stop on any signal."""
 
@@ -67,13 +75,18 @@ class PreemptionConfig:
     # they agree to stop); a run logs both as time/rollout_s and time/train_s
     phase_seconds: float = 300.0
     save_margin: float = 2.0  # the write may take this many times the estimate
+    # from a job's start to its first RL step (plan, HF import on the first job, imports, model build, checkpoint
+    # load, rollout engine start-up): the time limit must leave this much before the early warning, or every
+    # attempt is warned before it trains (`megatron-pz plan --time-limit`, slurm/launch.sh); measure it as the
+    # seconds from a job's "launch.sh: job ... attempt" line to its first "[rl step" line
+    startup_seconds: float = 600.0
 
     def validate(self) -> None:
-        from megatron_pz.config import ConfigError
-
         for name in ("save_bytes_per_s", "phase_seconds"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"preemption.{name} must be > 0, got {getattr(self, name)}")
+        if not self.startup_seconds >= 0:
+            raise ConfigError(f"preemption.startup_seconds must be >= 0, got {self.startup_seconds}")
         if not self.save_margin >= 1.0:
             raise ConfigError(f"preemption.save_margin must be >= 1 (a factor on the write estimate), "
                               f"got {self.save_margin}")
@@ -91,6 +104,9 @@ class StopSignals:
             signal.siginterrupt(sig, False)
         if os.environ.get("TORCHELASTIC_RUN_ID"):  # a rank of a torchrun agent
             _die_with_parent(signal.SIGTERM)
+        # A rank of megatron_pz.runtime.launcher starts with the stop signals blocked (held by the kernel while
+        # it imports and builds): the handlers are in place now, so take them, and any that came meanwhile.
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
         return self
 
     def _on_signal(self, signum, _frame) -> None:
@@ -127,8 +143,10 @@ _installed: Optional[StopSignals] = None
 
 
 def install_stop_signals() -> StopSignals:
-    """Install the handlers once per process (later calls return the same object). Call it before any
-    work: before it, SIGUSR1's default action ends the process."""
+    """Install the handlers once per process (later calls return the same object), and unblock the stop
+    signals. Call it before any work: before it, SIGUSR1's default action ends the process, unless the
+    process started with the signals blocked (a rank of :mod:`megatron_pz.runtime.launcher`), which holds
+    them until this call."""
     global _installed
     if _installed is None:
         _installed = StopSignals().install()
@@ -159,10 +177,12 @@ def _die_with_parent(sig: signal.Signals) -> None:
 def write_stop_record(run_dir, sig: signal.Signals, step: Optional[int], checkpoint: Optional[str], abandoned: bool,
                       save_seconds: float) -> Path:
     """``run_dir/stop.json``: why and where the run stopped, for a person and for the SLURM script
-    (``python -m megatron_pz.runtime.requeue`` requeues on the early warning only). Written by rank 0
-    after the checkpoint is complete."""
+    (``python -m megatron_pz.runtime.requeue`` requeues on the early warning only): the signal, the exit
+    code the ranks leave with (:data:`EXIT_STOPPED`), the step of the checkpoint, the SLURM job and attempt.
+    Written by rank 0 after the checkpoint is complete."""
     record = {
-        "signal": sig.name, "step": step, "checkpoint": checkpoint, "abandoned_step": bool(abandoned),
+        "signal": sig.name, "exit_code": EXIT_STOPPED, "step": step, "checkpoint": checkpoint,
+        "abandoned_step": bool(abandoned),
         "save_seconds": round(float(save_seconds), 3), "host": socket.gethostname(), "pid": os.getpid(),
         "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
         "slurm_restart_count": os.environ.get("SLURM_RESTART_COUNT", "0") if os.environ.get("SLURM_JOB_ID") else None,

@@ -27,6 +27,7 @@ import atexit
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -35,12 +36,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
 
+from megatron_pz.errors import BadInput
+
 LOCK_FILE = "run.lock"
 _ALIVE_SLURM_STATES = {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "SUSPENDED", "RESIZING", "STAGE_OUT",
                        "SIGNALING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "RESV_DEL_HOLD", "STOPPED"}
 
 
-class RunDirLocked(RuntimeError):
+class RunDirLocked(BadInput, RuntimeError):
     """Another live process writes into this run directory; the message names it."""
 
 
@@ -69,12 +72,14 @@ class Holder:
 
 
 def slurm_job_state(job_id: str) -> Optional[str]:
-    """The job's state from ``squeue`` ("" when SLURM no longer lists it); None when squeue is not here."""
+    """The job's state from ``squeue`` ("" when SLURM no longer lists it); None when squeue is not here. With
+    ``--states=all``: a job that ended is listed with its end state (``FAILED``, ``CANCELLED``...) for
+    ``MinJobAge`` (300 s by default) after it ended; without it squeue prints nothing for such a job."""
     if shutil.which("squeue") is None:
         return None
     try:
-        out = subprocess.run(["squeue", "-h", "-j", str(job_id), "-o", "%T"], capture_output=True, text=True,
-                             timeout=30)
+        out = subprocess.run(["squeue", "-h", "--states=all", "-j", str(job_id), "-o", "%T"], capture_output=True,
+                             text=True, timeout=30)
     except (OSError, subprocess.TimeoutExpired):
         return None
     if out.returncode != 0:  # "Invalid job id specified": the job has left the queue
@@ -223,11 +228,17 @@ def acquire_on_rank0(run_dir) -> Optional[RunLock]:
 
 
 def main(argv=None) -> int:
-    """``python -m megatron_pz.runtime.run_lock RUN_DIR -- COMMAND ...``"""
+    """``python -m megatron_pz.runtime.run_lock RUN_DIR -- COMMAND ...``: COMMAND's exit code, 2 when the
+    directory is in use. A stop signal never leaves the lock behind: SIGTERM ends COMMAND (it has the default
+    action there) while this process outlives it and releases the lock; SIGUSR1 (SLURM's early warning) is
+    ignored by both, so a one-off preparation such as the HF import finishes instead of failing the job
+    (``slurm/launch.sh`` acts on the warning itself before the ranks start)."""
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) < 3 or argv[1] != "--":
         print("usage: python -m megatron_pz.runtime.run_lock RUN_DIR -- COMMAND [ARG ...]", file=sys.stderr)
         return 2
+    signal.signal(signal.SIGTERM, lambda *_: None)  # a handler: COMMAND gets the default action back at exec
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # inherited through exec: COMMAND ignores it too
     try:
         lock = acquire(argv[0])
     except RunDirLocked as exc:
@@ -236,7 +247,8 @@ def main(argv=None) -> int:
     if lock.took_over:
         print(f"run_lock: {lock.took_over}", file=sys.stderr)
     try:
-        return subprocess.run(argv[2:]).returncode
+        code = subprocess.run(argv[2:]).returncode
+        return 128 - code if code < 0 else code  # killed by signal N: 128 + N, as a shell reports it
     finally:
         lock.release()
 

@@ -23,10 +23,12 @@ from typing import Callable, Optional, Sequence
 import torch
 import torch.distributed as dist
 
+from megatron_pz.checkpoint import load_checkpoint
 from megatron_pz.config import ModelConfig, OptimizerConfig, ParallelConfig
 from megatron_pz.model.provider import build_model
-from megatron_pz.rollout.routes import NATIVE, RouteShape
+from megatron_pz.model.routes import NATIVE, RouteShape
 from megatron_pz.train.batching import MicroBatch, TokenSequence, make_micro_batches, round_up, sequence_multiple
+from megatron_pz.train.routing_replay import RoutingReplay
 
 LossFn = Callable[[MicroBatch, torch.Tensor], tuple[torch.Tensor, torch.Tensor, dict]]
 
@@ -75,6 +77,67 @@ def unwrap(chunk: torch.nn.Module) -> torch.nn.Module:
     return chunk
 
 
+def wrap_ddp(chunks: list, transformer_config, opt_cfg: OptimizerConfig) -> list:
+    """Megatron DDP around each chunk: fp32 gradient buffers, reduced (and gathered, with the distributed
+    optimizer) over the data-parallel group; only the first chunk is bucketed."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        overlap_grad_reduce=opt_cfg.overlap_grad_reduce,
+        overlap_param_gather=opt_cfg.overlap_param_gather,
+        use_distributed_optimizer=opt_cfg.use_distributed_optimizer,
+        average_in_collective=False,
+    )
+    return [DistributedDataParallel(config=transformer_config, ddp_config=ddp_config, module=c, disable_bucketing=i > 0)
+            for i, c in enumerate(chunks)]
+
+
+def build_optimizer(chunks: list, opt_cfg: OptimizerConfig, dtype: torch.dtype):
+    """Megatron's optimizer over the DDP chunks (distributed when ``optimizer.use_distributed_optimizer``)."""
+    from megatron.core.optimizer import OptimizerConfig as MegatronOptimizerConfig
+    from megatron.core.optimizer import get_megatron_optimizer
+
+    return get_megatron_optimizer(
+        MegatronOptimizerConfig(
+            optimizer=opt_cfg.name,
+            lr=opt_cfg.lr,
+            min_lr=opt_cfg.min_lr,
+            weight_decay=opt_cfg.weight_decay,
+            adam_beta1=opt_cfg.adam_beta1,
+            adam_beta2=opt_cfg.adam_beta2,
+            adam_eps=opt_cfg.adam_eps,
+            clip_grad=opt_cfg.clip_grad,
+            bf16=dtype == torch.bfloat16,
+            fp16=dtype == torch.float16,
+            params_dtype=dtype,
+            use_distributed_optimizer=opt_cfg.use_distributed_optimizer,
+        ),
+        chunks,
+    )
+
+
+def build_scheduler(optimizer, opt_cfg: OptimizerConfig, total_steps: int):
+    """The learning-rate schedule: linear warmup over ``optimizer.warmup_steps`` then ``optimizer.lr_schedule``
+    down to ``min_lr`` at ``total_steps`` (a constant schedule stays at ``lr``); constant weight decay."""
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    decay_steps = max(1, total_steps)
+    return OptimizerParamScheduler(
+        optimizer,
+        init_lr=0.0 if opt_cfg.warmup_steps else opt_cfg.lr,
+        max_lr=opt_cfg.lr,
+        min_lr=opt_cfg.min_lr if opt_cfg.lr_schedule != "constant" else opt_cfg.lr,
+        lr_warmup_steps=opt_cfg.warmup_steps,
+        lr_decay_steps=max(decay_steps, opt_cfg.warmup_steps + 1),
+        lr_decay_style=opt_cfg.lr_schedule,
+        start_wd=opt_cfg.weight_decay,
+        end_wd=opt_cfg.weight_decay,
+        wd_incr_steps=decay_steps,
+        wd_incr_style="constant",
+    )
+
+
 @dataclass
 class StepResult:
     metrics: dict[str, float]
@@ -89,12 +152,6 @@ class Actor:
     def __init__(self, hf_config, model_cfg: ModelConfig, parallel: ParallelConfig,
                  opt_cfg: OptimizerConfig, device: torch.device, total_steps: int,
                  max_sequence_length: Optional[int] = None, routing_replay: str = "off"):
-        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-        from megatron.core.distributed.finalize_model_grads import finalize_model_grads
-        from megatron.core.optimizer import OptimizerConfig as MegatronOptimizerConfig
-        from megatron.core.optimizer import get_megatron_optimizer
-        from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
-
         self.hf_config = hf_config
         self.parallel = parallel
         self.device = device
@@ -102,50 +159,9 @@ class Actor:
         self.transformer_config = unwrap(chunks[0]).config
         self.sequence_multiple = sequence_multiple_of(self.transformer_config)
         self.use_logits_window = True  # see logits_window
-        ddp_config = DistributedDataParallelConfig(
-            grad_reduce_in_fp32=True,
-            overlap_grad_reduce=opt_cfg.overlap_grad_reduce,
-            overlap_param_gather=opt_cfg.overlap_param_gather,
-            use_distributed_optimizer=opt_cfg.use_distributed_optimizer,
-            average_in_collective=False,
-        )
-        self.chunks = [
-            DistributedDataParallel(config=self.transformer_config, ddp_config=ddp_config, module=c,
-                                    disable_bucketing=i > 0)
-            for i, c in enumerate(chunks)
-        ]
-        dtype = self.transformer_config.params_dtype
-        self.optimizer = get_megatron_optimizer(
-            MegatronOptimizerConfig(
-                optimizer=opt_cfg.name,
-                lr=opt_cfg.lr,
-                min_lr=opt_cfg.min_lr,
-                weight_decay=opt_cfg.weight_decay,
-                adam_beta1=opt_cfg.adam_beta1,
-                adam_beta2=opt_cfg.adam_beta2,
-                adam_eps=opt_cfg.adam_eps,
-                clip_grad=opt_cfg.clip_grad,
-                bf16=dtype == torch.bfloat16,
-                fp16=dtype == torch.float16,
-                params_dtype=dtype,
-                use_distributed_optimizer=opt_cfg.use_distributed_optimizer,
-            ),
-            self.chunks,
-        )
-        decay_steps = max(1, total_steps)
-        self.scheduler = OptimizerParamScheduler(
-            self.optimizer,
-            init_lr=0.0 if opt_cfg.warmup_steps else opt_cfg.lr,
-            max_lr=opt_cfg.lr,
-            min_lr=opt_cfg.min_lr if opt_cfg.lr_schedule != "constant" else opt_cfg.lr,
-            lr_warmup_steps=opt_cfg.warmup_steps,
-            lr_decay_steps=max(decay_steps, opt_cfg.warmup_steps + 1),
-            lr_decay_style=opt_cfg.lr_schedule,
-            start_wd=opt_cfg.weight_decay,
-            end_wd=opt_cfg.weight_decay,
-            wd_incr_steps=decay_steps,
-            wd_incr_style="constant",
-        )
+        self.chunks = wrap_ddp(chunks, self.transformer_config, opt_cfg)
+        self.optimizer = build_optimizer(self.chunks, opt_cfg, self.transformer_config.params_dtype)
+        self.scheduler = build_scheduler(self.optimizer, opt_cfg, total_steps)
         # MoE: rollout routes replayed ("r3") or only compared ("off") in every forward; None when dense
         self.route_shape = RouteShape.from_hf(hf_config)
         if routing_replay not in ("off", "r3"):
@@ -154,9 +170,14 @@ class Actor:
             raise ValueError("routing_replay='r3' needs an MoE model; this one is dense")
         self.routing = None
         if self.route_shape is not None:
-            from megatron_pz.train.routing_replay import RoutingReplay
-
             self.routing = RoutingReplay(self.chunks, self.route_shape, replay=routing_replay == "r3")
+        self._wire_schedule_hooks(opt_cfg)
+
+    def _wire_schedule_hooks(self, opt_cfg: OptimizerConfig) -> None:
+        """What Megatron's pipeline schedule calls around the passes: gradient finalisation, loss scaling,
+        DDP's no-sync and, with overlapped parameter gathers, the parameter sync of each chunk."""
+        from megatron.core.distributed.finalize_model_grads import finalize_model_grads
+
         cfg = self.transformer_config
         cfg.finalize_model_grads_func = finalize_model_grads
         cfg.grad_scale_func = self.optimizer.scale_loss
@@ -172,8 +193,6 @@ class Actor:
         params of a bf16/fp16 model are copies taken when the optimizer was built, from the random init:
         without the refresh its first step wrote them back, and a bf16 run from an imported checkpoint
         trained the random init (SmolLM2 format warm start: loss 4.3 -> 11.1, ln(vocab) 10.8, in one step)."""
-        from megatron_pz.checkpoint import load_checkpoint
-
         load_checkpoint(path, self.chunks, restore_rng=False)
         self.optimizer.reload_model_params()
 

@@ -10,7 +10,7 @@ tokens, and the loss mask drops it. Padding waste is measured and reported with 
 Per-token fields are aligned with ``input_ids``: value ``[r, j]`` belongs to the prediction of token
 ``j`` from the prefix ``< j`` (column 0 is never predicted and is always masked).
 
-MoE routes (R3, :mod:`megatron_pz.rollout.routes`) ride along as ``MicroBatch.routes`` ``[b, s, moe_layers,
+MoE routes (R3, :mod:`megatron_pz.model.routes`) ride along as ``MicroBatch.routes`` ``[b, s, moe_layers,
 topk]`` int16, -1 where a token has no rollout route (routed natively); they stay on the host and the
 actor's :class:`~megatron_pz.train.routing_replay.RoutingReplay` copies each router's share to the device.
 """
@@ -22,7 +22,8 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from megatron_pz.rollout.routes import NATIVE
+from megatron_pz.config import FP8_TOKEN_ALIGN
+from megatron_pz.model.routes import NATIVE
 
 
 @dataclass
@@ -78,21 +79,13 @@ class MicroBatch:
 # decides whether splitting a micro-batch to cut padding pays; the token budget is a hard limit.
 MICRO_BATCH_COST_TOKENS = 256
 
-# Tokens a GEMM's row count must be a multiple of under Transformer Engine FP8, per recipe:
-# megatron-core 0.16.1 ``fp8_utils.get_fp8_align_size`` (16, 32 for mxfp8: TE's FP8 GEMMs want
-# 16-aligned dimensions, MXFP8 scales blocks of 32); blockwise scaling (TE's ``Float8BlockScaling``, the
-# DeepSeek-V3 recipe) scales 1x128 blocks, and the token dimension is a blocked dimension of the
-# weight-gradient GEMM, so 128. Not yet run by us on a GPU: read, not measured.
-FP8_TOKEN_ALIGN = {"delayed": 16, "tensorwise": 16, "mxfp8": 32, "blockwise": 128}
-
-
 def sequence_multiple(tp: int = 1, sequence_parallel: bool = False, cp: int = 1,
                       fp8_recipe: Optional[str] = None) -> int:
     """What every micro-batch width must be a multiple of for this model configuration.
 
     * sequence parallelism scatters the sequence dimension over the TP ranks: width % TP == 0;
     * context parallelism cuts the sequence into 2 x CP load-balanced chunks: width % (2 CP) == 0;
-    * FP8 needs each rank's token count aligned (:data:`FP8_TOKEN_ALIGN`); with SP a rank holds
+    * FP8 needs each rank's token count aligned (:data:`megatron_pz.config.FP8_TOKEN_ALIGN`); with SP a rank holds
       width / TP tokens per row, so the alignment is multiplied by TP.
     The factors multiply (each rank's shard must itself be aligned), which over-pads by at most one
     multiple per row.

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from megatron_pz.rl.logprobs import logits_at_temperature
 from megatron_pz.train.batching import MicroBatch
 
 
@@ -27,7 +28,6 @@ def token_logprobs_at_temperature(mb: MicroBatch, logits: torch.Tensor) -> torch
     temperature = mb.per_token.get("temperature")
     if temperature is None:
         return token_logprobs(mb, logits)
-    from megatron_pz.rl.logprobs import logits_at_temperature
 
     scaled = logits_at_temperature(logits[:, :-1].float(), temperature[:, 1:].unsqueeze(-1))
     return token_logprobs(mb, torch.nn.functional.pad(scaled, (0, 0, 0, 1)))

@@ -34,7 +34,7 @@ class MetricsLogger:
         "predictor/reward_mean", "rlp/reward_mean", "loss", "entropy", "generator/response_length_mean",
         "predictor/response_length_mean", "tokens_per_s", "time/rollout_s", "time/train_s", "padding_fraction",
         "eval/mask_accuracy", "eval/word_mask_accuracy", "eval/generator_valid_mask_rate",
-        "rollout/routing_agreement", "rollout/logp_diff_mean",
+        "rollout/routing_agreement", "rollout/logp_diff_mean", "rollout_corr/k3",
     )
 
     def __init__(self, run_dir: str | os.PathLike, tensorboard: bool = True, enabled: Optional[bool] = None):

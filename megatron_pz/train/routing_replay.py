@@ -14,7 +14,7 @@ gets the rollout's choices for its tokens (``[tokens, topk]`` in the router's ow
   schedule runs backwards in forward order under 1F1B and interleaving alike). Megatron never switches
   the action itself.
 
-Tokens without a rollout route (:data:`~megatron_pz.rollout.routes.NATIVE`: a sample's last token, what
+Tokens without a rollout route (:data:`~megatron_pz.model.routes.NATIVE`: a sample's last token, what
 RLP's scorer appends, padding rows and filler micro-batches) are routed natively: a forward pre-hook runs
 the router's own gate and Megatron's ``topk_routing_with_score_function`` on just those tokens and writes
 the choice into the target in place, before the router reads it (and the recompute pops the filled
@@ -38,7 +38,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_pz.model.moe_routers import check_replay_supported, local_routers, router_token_order
-from megatron_pz.rollout.routes import NATIVE, RouteShape
+from megatron_pz.model.routes import NATIVE, RouteShape
 
 
 @dataclass

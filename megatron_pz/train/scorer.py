@@ -12,6 +12,7 @@ import time
 from typing import Optional, Sequence
 
 
+from megatron_pz.model.routes import check_routes
 from megatron_pz.rl.logprobs import vocab_parallel_entropy
 from megatron_pz.train.batching import TokenSequence
 from megatron_pz.train.losses import token_logprobs
@@ -55,7 +56,6 @@ class MegatronScorer:
             return [None] * len(sequences)
         if len(routes) != len(sequences):
             raise ValueError(f"{len(routes)} route arrays for {len(sequences)} sequences")
-        from megatron_pz.rollout.routes import check_routes
 
         out = []
         for i, (seq, r) in enumerate(zip(sequences, routes)):

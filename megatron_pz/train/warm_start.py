@@ -12,12 +12,9 @@ import random
 import time
 
 from megatron_pz.objectives.base import encode, token_list
-from megatron_pz.objectives.pretrainzero import (
-    build_generator_prompt,
-    build_predictor_prompt,
-    mask_passage,
-    validate_mask,
-)
+from megatron_pz.objectives.pretrainzero import (build_generator_prompt, build_predictor_prompt, mask_passage,
+                                                 validate_mask)
+from megatron_pz.runtime.preemption import stop_if_agreed
 from megatron_pz.train.batching import TokenSequence, padding_fraction
 from megatron_pz.train.losses import next_token_loss
 
@@ -85,8 +82,6 @@ def run_warm_start(actor, dataset, tokenizer, cfg, logger, dp_rank: int, dp_size
     """Train ``actor`` (freshly initialised, with the warm-start LR) for ``warm_start.steps``. With
     ``stop`` (:class:`~megatron_pz.runtime.preemption.StopSignals`), a stop agreed before a step raises
     ``Stopped``."""
-    from megatron_pz.runtime.preemption import stop_if_agreed
-
     first = last = None
     tokens = 0
     padding = []

@@ -11,9 +11,9 @@ import time
 import torch
 
 from megatron_pz.config import RuntimeConfig
-from megatron_pz.rollout.bridge import connect_rollout_side, connect_training_side
+from megatron_pz.disagg.bridge import connect_rollout_side, connect_training_side
 from megatron_pz.rollout.config import RolloutConfig
-from megatron_pz.runtime.roles import RankLost, start_roles
+from megatron_pz.disagg.roles import RankLost, start_roles
 
 
 def main():

@@ -1,6 +1,6 @@
 """Weights over the bridge, bit for bit: 2 training ranks and 1 rollout rank in one torchrun job.
 
-Roles as a disaggregated run starts them (megatron_pz.runtime.roles). For TP=2 and PP=2, fp32 and bf16, the
+Roles as a disaggregated run starts them (megatron_pz.disagg.roles). For TP=2 and PP=2, fp32 and bf16, the
 training ranks build a Megatron model (spread logits so no tensor is trivial) and push it with
 ``push_weights`` (buckets of at most 48 KiB, so the tiny model spans many); the rollout rank, which never
 builds a Megatron model, receives every stage's buckets into an ``hf`` engine. Checksums (sha256) per
@@ -20,11 +20,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from rollout_common import byte_tokenizer, sharpen, tiny_hf_config  # noqa: E402
 
 from megatron_pz.config import ModelConfig, ParallelConfig, RuntimeConfig  # noqa: E402
-from megatron_pz.rollout.bridge import (connect_rollout_side, connect_training_side, push_weights,  # noqa: E402
+from megatron_pz.disagg.bridge import (connect_rollout_side, connect_training_side, push_weights,  # noqa: E402
                                         receive_weights)
 from megatron_pz.rollout.config import RolloutConfig  # noqa: E402
 from megatron_pz.rollout.factory import build_own_weights_engine  # noqa: E402
-from megatron_pz.runtime.roles import start_roles  # noqa: E402
+from megatron_pz.disagg.roles import start_roles  # noqa: E402
 
 BUCKET = 48 * 1024
 CASES = [("tp2_fp32", dict(tp=2), "float32"), ("tp2_bf16", dict(tp=2), "bfloat16"),

@@ -14,8 +14,8 @@ from megatron_pz.model import load_hf_config
 from megatron_pz.rl.types import Experience
 from megatron_pz.runtime import initialize
 from megatron_pz.train.actor import Actor
-from megatron_pz.train.config import GrpoConfig
-from megatron_pz.train.trainer import grpo_update, make_grpo_loss_fn, token_means
+from megatron_pz.run_config import GrpoConfig
+from megatron_pz.train.update import grpo_update, make_grpo_loss_fn, token_means
 
 TINY = dict(model_type="qwen3", vocab_size=256, hidden_size=64, intermediate_size=128,
             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,

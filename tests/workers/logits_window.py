@@ -15,8 +15,8 @@ def main():
     from megatron_pz.runtime import initialize
     from megatron_pz.train.actor import Actor
     from megatron_pz.train.batching import TokenSequence
-    from megatron_pz.train.config import GrpoConfig
-    from megatron_pz.train.trainer import make_grpo_loss_fn
+    from megatron_pz.run_config import GrpoConfig
+    from megatron_pz.train.update import make_grpo_loss_fn
 
     hf = load_hf_config(dict(model_type="qwen3", vocab_size=128, hidden_size=32, intermediate_size=64,
                              num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,

@@ -25,8 +25,8 @@ from megatron_pz.model import load_hf_config
 from megatron_pz.runtime import initialize
 from megatron_pz.train.actor import Actor
 from megatron_pz.train.batching import TokenSequence, make_micro_batches
-from megatron_pz.train.config import GrpoConfig
-from megatron_pz.train.trainer import make_grpo_loss_fn
+from megatron_pz.run_config import GrpoConfig
+from megatron_pz.train.update import make_grpo_loss_fn
 
 
 def rows(vocab, n, length, seed=0):

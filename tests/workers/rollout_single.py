@@ -194,7 +194,7 @@ def main():
     from megatron_pz.rl.types import Experience
     from megatron_pz.train.batching import make_micro_batches
     from megatron_pz.train.losses import token_logprobs, token_logprobs_at_temperature
-    from megatron_pz.train.trainer import experiences_to_sequences
+    from megatron_pz.train.update import experiences_to_sequences
 
     sampled = engine.generate(prompts[:3], SamplingParams(max_new_tokens=6, temperature=0.7, n=2, seed=11))
     exps = [Experience(prompt_ids=c.prompt_ids, response_ids=c.token_ids, reward=0.0, group="g", role="r",

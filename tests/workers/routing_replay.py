@@ -28,7 +28,7 @@ from megatron_pz.model.provider import load_hf_config  # noqa: E402
 from megatron_pz.rollout.base import SamplingParams  # noqa: E402
 from megatron_pz.rollout.megatron_engine import MegatronRolloutEngine  # noqa: E402
 from megatron_pz.rollout.route_recorder import RouteRecorder  # noqa: E402
-from megatron_pz.rollout.routes import RouteShape  # noqa: E402
+from megatron_pz.model.routes import RouteShape  # noqa: E402
 from megatron_pz.runtime import initialize  # noqa: E402
 from megatron_pz.train.actor import Actor, build_model_chunks, unwrap  # noqa: E402
 from megatron_pz.train.batching import TokenSequence  # noqa: E402
@@ -243,8 +243,8 @@ def scorer_checks(hf, parallel, prompts) -> dict:
 
 def save_near_tie_checkpoint(out: Path, overrides: list[str]) -> None:
     from megatron_pz.checkpoint import save_checkpoint
-    from megatron_pz.train.config import load_run_config
-    from megatron_pz.train.trainer import resolve_hf_config
+    from megatron_pz.run_config import load_run_config
+    from megatron_pz.model.provider import resolve_hf_config
 
     cfg = load_run_config(Path(__file__).resolve().parents[2] / "examples" / "tiny_cpu.yaml", overrides)
     initialize(cfg.parallel, RuntimeConfig(device="cpu", seed=7))

@@ -20,7 +20,7 @@ def main(experiences_path: str, out_path: str, *pairs: str):
     from megatron_pz.runtime import initialize
     from megatron_pz.train.actor import Actor
     from megatron_pz.train.losses import token_logprobs_at_temperature
-    from megatron_pz.train.trainer import experiences_to_sequences
+    from megatron_pz.train.update import experiences_to_sequences
 
     updates = [json.loads(line) for line in Path(experiences_path).read_text().splitlines()]
     jobs = [(int(u), Path(c)) for u, c in (p.split("=", 1) for p in pairs)]

@@ -18,7 +18,7 @@ SHM = Path("/dev/shm")
 
 
 def install(records):
-    import megatron_pz.objectives.base as objectives
+    import megatron_pz.objectives.composite as objectives
     from megatron_pz.rollout.hf_engine import HFRolloutEngine
     from megatron_pz.rollout.phase import RolloutPhases
     from megatron_pz.train.actor import Actor

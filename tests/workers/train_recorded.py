@@ -1,7 +1,7 @@
 """`megatron-pz train ...` that records what each update trained on (tests/test_disaggregated.py).
 
-Wraps, without changing what it does, ``grpo_update`` (both placements call the trainer module's): every
-training rank appends each update's experiences (prompt, response, reward, advantage, rollout log-probs,
+Wraps, without changing what it does, ``grpo_update`` (the RL loop of both placements calls the trainer
+module's): every training rank appends each update's experiences (prompt, response, reward, advantage, rollout log-probs,
 temperature) to ``<train.run_dir>/experiences_rank<R>.jsonl``, flushed per update so a killed run keeps
 what it did. A rollout rank writes ``<train.run_dir>/rollout_rank<R>.json`` when it is done: whether it ever
 had Megatron's parallel groups or a Megatron model. ``--kill-rollout-at-step K``: the rollout rank SIGKILLs itself when asked to generate RL step K
@@ -38,9 +38,9 @@ def record_updates(run_dir: Path) -> None:
 
 
 def observe_rollout_rank(run_dir: Path) -> None:
-    import megatron_pz.rollout.server as server
+    import megatron_pz.train.trainer as trainer  # where a rollout rank is sent to serve
 
-    original = server.serve
+    original = trainer.serve
 
     def serve(cfg, roles):
         import gc
@@ -54,7 +54,7 @@ def observe_rollout_rank(run_dir: Path) -> None:
         (run_dir / f"rollout_rank{roles.rank}.json").write_text(json.dumps(seen))
         return result
 
-    server.serve = serve
+    trainer.serve = serve
 
 
 def kill_rollout_at(step: int, run_dir: Path) -> None:

@@ -65,10 +65,10 @@ def install_hooks() -> None:
     sig, at = signal.Signals[sig_name], int(at)
     current = {"step": 0}
 
-    import megatron_pz.objectives.composite as composite
+    import megatron_pz.train.colocated as colocated  # where the colocated loop builds its objective
     import megatron_pz.train.trainer as trainer
 
-    build = composite.build_training_objective
+    build = colocated.build_training_objective
 
     def build_with_hook(*args, **kwargs):
         objective = build(*args, **kwargs)
@@ -87,7 +87,7 @@ def install_hooks() -> None:
         objective.collect = collect_with_hook
         return objective
 
-    composite.build_training_objective = build_with_hook
+    colocated.build_training_objective = build_with_hook
     update = trainer.grpo_update
 
     def update_with_hook(*args, **kwargs):

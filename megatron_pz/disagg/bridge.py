@@ -1,13 +1,13 @@
 """The bridge between the training ranks and the rollout ranks: weights out, requests out, batches back.
 
 One group per pipeline stage s, built on a prefix of the job's store outside both roles' default worlds
-(:mod:`megatron_pz.runtime.roles`): member 0 is the stage's *head* (the rank of stage s with data-, tensor-
+(:mod:`megatron_pz.disagg.roles`): member 0 is the stage's *head* (the rank of stage s with data-, tensor-
 and context-parallel rank 0), members 1..R are the R rollout ranks. Each group is a raw torch 2.13 backend,
 ``ProcessGroupGloo`` (and on GPU also ``ProcessGroupNCCL`` for the weight buffers), built as
 ``distributed_c10d._new_process_group_helper`` builds them and driven by its own methods (``broadcast``,
 ``send``, ``recv``), since the groups belong to no default world. Every operation carries
-``rollout.bridge_timeout_s``; a failure is turned into :class:`~megatron_pz.runtime.roles.RankLost` naming
-the rank that died (:meth:`~megatron_pz.runtime.roles.Liveness.blame`).
+``rollout.bridge_timeout_s``; a failure is turned into :class:`~megatron_pz.disagg.roles.RankLost` naming
+the rank that died (:meth:`~megatron_pz.disagg.roles.Liveness.blame`).
 
 * Weights (:func:`push_weights` / :func:`receive_weights`): every training rank exports its stage through the
   same stream the colocated sync uses (:func:`~megatron_pz.rollout.weight_sync.stage_tensors`: TP shards and
@@ -32,8 +32,8 @@ from typing import Callable, Iterator, Optional
 import torch
 import torch.distributed as dist
 
+from megatron_pz.disagg.roles import Peer, Roles
 from megatron_pz.rollout.weight_sync import Bucket, pack_buckets, stage_tensors
-from megatron_pz.runtime.roles import Peer, Roles
 
 
 def _gloo(store, index: int, size: int, timeout: datetime.timedelta):

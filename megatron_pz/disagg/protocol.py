@@ -1,6 +1,6 @@
 """What training rank 0 and the rollout ranks say to each other, and how a step's work is divided.
 
-Messages are plain dataclasses, pickled over the bridge (:mod:`megatron_pz.rollout.bridge`). Training rank 0
+Messages are plain dataclasses, pickled over the bridge (:mod:`megatron_pz.disagg.bridge`). Training rank 0
 sends :class:`Hello` once, then any sequence of :class:`PushWeights` (followed by the buckets of every
 pipeline stage), :class:`Generate`, :class:`Evaluate`, and finally :class:`Stop`; each rollout rank answers
 :class:`Generate` with :class:`Generated` and :class:`Evaluate` with :class:`Evaluated`.

@@ -24,6 +24,9 @@ from typing import Optional
 
 import numpy as np
 
+from megatron_pz.config import num_experts_of
+from megatron_pz.model.provider import moe_layer_pattern
+
 NATIVE = -1  # a micro-batch entry without a rollout route: the router chooses natively
 
 
@@ -46,9 +49,6 @@ class RouteShape:
     @classmethod
     def from_hf(cls, hf_config) -> Optional["RouteShape"]:
         """The shape for an HF config; None for a dense model."""
-        from megatron_pz.config import num_experts_of
-        from megatron_pz.model.provider import moe_layer_pattern
-
         experts = num_experts_of(hf_config)
         if not experts:
             return None

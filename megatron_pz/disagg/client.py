@@ -1,9 +1,8 @@
-"""The RL loop with rollouts on their own ranks (``rollout.placement: disaggregated``).
+"""The training ranks' end of a disaggregated run: the rollout client and the one-step schedule.
 
-Read :func:`train_disaggregated` next to :func:`megatron_pz.train.trainer.train`: the same policy, update,
-checkpoints and metrics; a step's batch comes from :class:`RolloutSchedule` (the rollout ranks, over the
-bridge) instead of an engine phase on these ranks, and the trainers only *score* it (RLP's policy and EMA
-log-probs; :mod:`megatron_pz.objectives.split`).
+:class:`RolloutClient` speaks the protocol (:mod:`megatron_pz.disagg.protocol`) over the bridge
+(:mod:`megatron_pz.disagg.bridge`) to the rollout ranks (:mod:`megatron_pz.disagg.server`); :class:`RolloutSchedule`
+decides which batch is requested when, with which weights, and what is in flight.
 
 The schedule is the algorithm of staleness. With v_k the weights after k RL steps, one step at
 ``rollout.max_staleness: 1`` runs (the order of verl's one-step off-policy trainer and slime's
@@ -13,29 +12,30 @@ The schedule is the algorithm of staleness. With v_k the weights after k RL step
                                                                 (the rollout ranks generate k+1 meanwhile)
 
 so generating batch k+1 overlaps the update on batch k, and every batch after the first is trained one
-version after the one that sampled it; the loss's truncated importance weight against the rollout
-log-probs (``grpo.tis_cap``) corrects the lag. At 0 the push, the request and the wait are back to back:
+version after the one that sampled it; the loss's rollout correction against the rollout log-probs
+(``grpo.rollout_correction``: truncated importance weights by default) corrects the lag, and its metrics are
+logged per lag (``rollout_corr/lag1/k3``). At 0 the push, the request and the wait are back to back:
 the papers' on-policy setting, on separate ranks.
 
 A checkpoint holds the batch in flight: a save first waits for it (the next step would wait for it anyway)
 and stores its drafts beside the trainer state, so a resumed run trains exactly what the uninterrupted one
-would have. SIGTERM / SIGUSR1 end the step, drain, save, stop the rollout ranks and return.
+would have.
 """
 
 from __future__ import annotations
 
+import io
 import pickle
 import time
-import traceback
 from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
 import torch.distributed as dist
 
-from megatron_pz.objectives import split
-from megatron_pz.rollout.bridge import connect_training_side, push_weights
-from megatron_pz.rollout.protocol import Evaluate, Generate, Hello, PushWeights, Stop, WorkSplit
+from megatron_pz.disagg.bridge import connect_training_side, push_weights
+from megatron_pz.disagg.protocol import Evaluate, Generate, Hello, PushWeights, Stop, WorkSplit
+from megatron_pz.eval.heldout import eval_metrics
 
 
 @dataclass
@@ -132,8 +132,6 @@ class RolloutClient:
 
     def evaluate(self, step: int, version: int) -> tuple[dict, list]:
         """Held-out eval on the rollout ranks; the metrics on every training rank, the samples on rank 0."""
-        from megatron_pz.train.evaluate import eval_metrics
-
         self._tell(Evaluate(step, version))
         box: list = [None]
         samples: list = []
@@ -226,7 +224,7 @@ class RolloutSchedule:
         mine = None
         saved = (state.get("per_rank") or {}).get("rollout_batch") if state.get("per_rank_restored") else None
         if saved is not None and (meta["dp"], meta["units"]) == (run.dp_size, work.units):
-            dp_rank, batch = pickle.loads(saved.numpy().tobytes())
+            dp_rank, batch = SavedBatchUnpickler(io.BytesIO(saved.numpy().tobytes())).load()
             mine = batch if dp_rank == run.dp_rank else None
         usable = torch.tensor([int(mine is not None)])
         dist.all_reduce(usable, op=dist.ReduceOp.MIN)
@@ -240,112 +238,9 @@ class RolloutSchedule:
                   "weights (one on-policy step)", flush=True)
 
 
-def score_units(objective, drafts: list, scorer, step: int) -> tuple[list, dict[str, float]]:
-    """The trainers' half of a step over this replica's units: experiences in unit order, metrics averaged
-    over the units that report them."""
-    experiences, sums, counts = [], {}, {}
-    for draft in drafts:
-        exps, metrics = split.score(objective, draft, scorer, step)
-        experiences += exps
-        for key, value in metrics.items():
-            sums[key] = sums.get(key, 0.0) + float(value)
-            counts[key] = counts.get(key, 0) + 1
-    return experiences, {key: sums[key] / counts[key] for key in sums}
+class SavedBatchUnpickler(pickle.Unpickler):
+    """Reads a checkpoint's batch in flight, also one saved before :class:`RolloutBatch` moved here from
+    ``megatron_pz.train.async_loop`` (a run stopped under the old layout resumes under this one)."""
 
-
-def train_disaggregated(cfg, stop) -> dict:
-    """Every rank of the job calls this: the first ranks train, the last ``rollout.ranks`` generate. ``stop``:
-    the stop-signal flag (:mod:`megatron_pz.runtime.preemption`); the trainers agree on it after each step,
-    drain the batch in flight, save, and tell the rollout ranks to stop."""
-    from megatron_pz.runtime.roles import start_roles
-    from megatron_pz.train.trainer import Run, until_stopped
-
-    roles = start_roles(cfg.rollout, cfg.runtime)
-    if not roles.is_trainer:
-        from megatron_pz.rollout.server import serve
-
-        return serve(cfg, roles)
-    try:
-        run = Run(cfg)
-        return until_stopped(run, lambda: _train(cfg, roles, run, stop))
-    except BaseException:
-        roles.liveness.report_error(traceback.format_exc())  # the rollout ranks stop, naming this rank
-        raise
-    finally:
-        roles.close()
-
-
-def _train(cfg, roles, run, stop) -> dict:
-    from megatron.core import parallel_state as ps
-
-    from megatron_pz.checkpoint import iter_dir_name
-    from megatron_pz.objectives.composite import build_training_objective
-    from megatron_pz.runtime.preemption import Stopped
-    from megatron_pz.train.sampler import PassageSampler
-    from megatron_pz.train.scorer import MegatronScorer
-    from megatron_pz.train.trainer import Policy, _prune, grpo_update, make_grpo_loss_fn, step_metrics, usable_passages
-
-    t = cfg.train
-    policy = Policy(run, stop)
-    actor, teacher, ema, step = policy.actor, policy.teacher, policy.ema, policy.step
-    # global batches (every replica's share, in order): training rank 0 sends them whole to the rollout ranks;
-    # its position is the colocated samplers' (a checkpoint resumes under either placement)
-    sampler = PassageSampler(run.dataset, t.passages_per_step, 0, 1, cfg.runtime.seed, usable=usable_passages(run))
-    if policy.state is not None:
-        sampler.load_state_dict(policy.state["sampler"])
-    client = RolloutClient(roles, run, actor)
-    schedule = RolloutSchedule(client, sampler, cfg.rollout.max_staleness, t.steps)
-    schedule.restore(policy.state)
-    objective = build_training_objective(cfg.objective, run.tokenizer)
-    scorer = MegatronScorer(actor, teacher, run.pad_id, t.max_tokens_per_micro_batch)
-    loss_fn = make_grpo_loss_fn(cfg.grpo)
-    dp_group = ps.get_data_parallel_group()
-
-    def run_eval(at_step):
-        metrics, samples = schedule.evaluate(at_step)
-        run.logger.log(at_step, metrics, phase="eval")
-        run.logger.log_eval_samples(at_step, samples)
-        return metrics
-
-    def save(at_step) -> float:  # waits for the batch in flight and stores it beside the trainer state
-        start = time.perf_counter()
-        extra = {"sampler": sampler.state_dict(), "ema_initialized": bool(ema and ema.initialized),
-                 **schedule.checkpoint_state()}
-        run.save(run.ckpt_root, at_step, actor, teacher, extra_state=extra)
-        _prune(run.ckpt_root, t.keep_last)
-        return time.perf_counter() - start
-
-    before = run_eval(step) if policy.resumed_from is None else None
-    last_metrics: dict = {}
-    while step < t.steps:
-        t0 = time.perf_counter()
-        batch = schedule.batch_for(step)  # waits for the rollout ranks; at staleness 1 also starts step + 1
-        t1 = time.perf_counter()
-        experiences, metrics = score_units(objective, batch.drafts, scorer, step)
-        summed, result, batches = grpo_update(actor, experiences, cfg.grpo, loss_fn, t.max_tokens_per_micro_batch,
-                                              run.pad_id, dp_group)
-        actor.finish_param_sync()
-        if ema is not None:
-            ema.update(actor.chunks)
-        t2 = time.perf_counter()
-        metrics.update({"rollout/staleness": float(step - batch.version), "rollout/weight_version": float(batch.version),
-                        "time/train_s": t2 - t1, "time/step_s": t2 - t0, "time/push_s": 0.0, "time/wait_rollout_s": 0.0,
-                        **schedule.timing, **batch.stats})
-        step += 1
-        metrics = step_metrics(metrics, experiences, batches, summed, result, t2 - t0, run.dp_size, actor)
-        last_metrics = metrics
-        if step % t.log_interval == 0 or step == t.steps:
-            run.logger.log(step, metrics)
-            run.logger.log_samples(step, experiences, run.tokenizer, t.log_samples)
-        sig = stop.agreed()  # over the training ranks (their own default world)
-        if step % t.save_interval == 0 or step == t.steps or sig:
-            seconds = save(step)
-        if sig:  # the step is finished, the batch in flight received and saved with it
-            schedule.client.stop("stop signal", signal=sig.name)
-            raise Stopped(sig, step, str(run.ckpt_root / iter_dir_name(step)), False, seconds,
-                          where=f"in step {step} (the batch in flight saved)")
-        if t.eval_interval and step % t.eval_interval == 0 and step != t.steps:
-            run_eval(step)
-    after = run_eval(step)
-    schedule.client.stop("training finished")
-    return {"before": before, "after": after, "last": last_metrics, "step": step}
+    def find_class(self, module, name):
+        return super().find_class(__name__ if module == "megatron_pz.train.async_loop" else module, name)

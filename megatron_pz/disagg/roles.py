@@ -14,7 +14,7 @@ ranks* (an engine, no Megatron model) and the others *training ranks*. Each role
   joins (it reads RANK / WORLD_SIZE / LOCAL_RANK): RANK and WORLD_SIZE are rewritten to the role's values
   (the job's are kept in ``PZ_JOB_RANK`` / ``PZ_JOB_WORLD_SIZE``), LOCAL_RANK stays the GPU of this process.
 
-The bridge between the roles (:mod:`megatron_pz.rollout.bridge`) lives on a third prefix. The store also
+The bridge between the roles (:mod:`megatron_pz.disagg.bridge`) lives on a third prefix. The store also
 carries each rank's heartbeat (:class:`Liveness`), so a rank waiting for the other role notices a dead peer
 and names it instead of hanging (peers do the same with their own store: NeMo-RL
 ``stateless_process_group.py``, verl ``one_step_off_policy/distributed_utils.py``).
@@ -22,21 +22,26 @@ and names it instead of hanging (peers do the same with their own store: NeMo-RL
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import threading
 import time
+import traceback
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Iterator, Optional
 
+import torch
 import torch.distributed as dist
 
 from megatron_pz.config import ConfigError
+from megatron_pz.errors import PzError
+from megatron_pz.runtime.distributed import resolve_device, world_backend
 
 TRAINER, ROLLOUT = "trainer", "rollout"
 
 
-class RankLost(RuntimeError):
+class RankLost(PzError, RuntimeError):
     """A rank of the other role died, reported an error, or stopped answering; the message names it."""
 
 
@@ -164,6 +169,18 @@ class Roles:
     def close(self) -> None:
         self.liveness.stop()
 
+    @contextlib.contextmanager
+    def reporting_errors(self) -> Iterator[None]:
+        """This rank's part of the job: an error is published in the store before it propagates (the other
+        role fails naming this rank instead of waiting for it), and the heartbeat stops either way."""
+        try:
+            yield
+        except BaseException:
+            self.liveness.report_error(traceback.format_exc())
+            raise
+        finally:
+            self.close()
+
 
 def split_of(rollout_cfg, job_world: int) -> tuple[int, int]:
     """(training ranks, rollout ranks) of a job of ``job_world`` ranks; refuses a split that leaves no trainer."""
@@ -177,8 +194,6 @@ def split_of(rollout_cfg, job_world: int) -> tuple[int, int]:
 def start_roles(rollout_cfg, runtime_cfg) -> Roles:
     """Join torchrun's store, take this rank's role and start that role's default world (collective over the
     job: every rank calls it first thing). Needs torchrun's environment (RANK, WORLD_SIZE, MASTER_ADDR/PORT)."""
-    from megatron_pz.runtime.distributed import resolve_device, world_backend
-
     missing = [k for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
     if missing:
         raise ConfigError(f"rollout.placement=disaggregated needs a torchrun launch (unset: {', '.join(missing)})")
@@ -195,8 +210,6 @@ def start_roles(rollout_cfg, runtime_cfg) -> Roles:
                       RANK=str(rank), WORLD_SIZE=str(world))
     device = resolve_device(runtime_cfg.device)
     if device.type == "cuda":  # NCCL groups (the world's, the bridge's) take the current device
-        import torch
-
         torch.cuda.set_device(device)
     dist.init_process_group(world_backend(device, runtime_cfg.backend), store=dist.PrefixStore(f"pz/world/{role}/", store),
                             rank=rank, world_size=world, timeout=timeout)

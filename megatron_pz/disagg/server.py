@@ -1,7 +1,7 @@
 """What a rollout rank does for the whole run (``rollout.placement: disaggregated``).
 
 It holds one engine with its own weights (``hf`` or vLLM; no Megatron model is ever built here), waits for
-training rank 0's messages (:mod:`megatron_pz.rollout.protocol`) and answers them:
+training rank 0's messages (:mod:`megatron_pz.disagg.protocol`) and answers them:
 
 * ``PushWeights``: receive the whole model from every pipeline stage's head and load it into the engine;
 * ``Generate``: run the rollout half of the objective (:func:`megatron_pz.objectives.split.generate`) on
@@ -19,23 +19,29 @@ from __future__ import annotations
 
 import signal
 import time
-import traceback
 
 import torch
 
+from megatron_pz.data.dataset import train_and_heldout
+from megatron_pz.data.tokenizer import load_tokenizer
+from megatron_pz.disagg.bridge import connect_rollout_side, receive_weights
+from megatron_pz.disagg.protocol import (Evaluate, Evaluated, Generate, Generated, Hello, PushWeights, Stop,
+                                         WorkSplit)
+from megatron_pz.disagg.roles import Roles
+from megatron_pz.eval.heldout import build_eval_items, generate_eval
+from megatron_pz.memory_plan import check_at_startup
+from megatron_pz.model.provider import resolve_hf_config
 from megatron_pz.objectives import split as objective_split
-from megatron_pz.rollout.bridge import connect_rollout_side, receive_weights
-from megatron_pz.rollout.protocol import (Evaluate, Evaluated, Generate, Generated, Hello, PushWeights, Stop,
-                                          WorkSplit)
-from megatron_pz.runtime.roles import Roles
+from megatron_pz.objectives.composite import build_training_objective
+from megatron_pz.rollout.budget import rollout_context_length
+from megatron_pz.rollout.factory import build_own_weights_engine
+from megatron_pz.runtime.distributed import resolve_device
 
 
 class RolloutRank:
     """One rollout rank's end of the bridge: its stage groups, message doorbells and the engine."""
 
     def __init__(self, cfg, roles: Roles):
-        from megatron_pz.runtime.distributed import resolve_device
-
         self.cfg, self.roles = cfg, roles
         self.index = roles.rank
         self.device = resolve_device(cfg.runtime.device)
@@ -68,25 +74,12 @@ def serve(cfg, roles: Roles) -> dict:
     for sig in (signal.SIGTERM, signal.SIGUSR1):
         signal.signal(sig, lambda *_: print(f"rollout rank {roles.rank}: stop signal noted; the training ranks "
                                             "drain the batch in flight and stop this rank", flush=True))
-    try:
-        return _serve(cfg, roles)
-    except BaseException:
-        roles.liveness.report_error(traceback.format_exc())
-        raise
-    finally:
-        roles.close()
+    with roles.reporting_errors():
+        return serve_messages(cfg, roles)
 
 
-def _serve(cfg, roles: Roles) -> dict:
-    from megatron_pz.data.dataset import train_and_heldout
-    from megatron_pz.data.tokenizer import load_tokenizer
-    from megatron_pz.memory_plan import check_at_startup
-    from megatron_pz.objectives.composite import build_training_objective
-    from megatron_pz.rollout.factory import build_own_weights_engine
-    from megatron_pz.train.evaluate import build_eval_items, generate_eval
-    from megatron_pz.rollout.budget import rollout_context_length
-    from megatron_pz.train.trainer import resolve_hf_config
-
+def serve_messages(cfg, roles: Roles) -> dict:
+    """Answer training rank 0's messages until it says stop."""
     me = RolloutRank(cfg, roles)
     hello = me.receive()
     if not isinstance(hello, Hello):
