@@ -17,6 +17,7 @@ CONFIGS = sorted((ROOT / "examples").glob("*.yaml"))
 def cluster_env(monkeypatch, tmp_path):
     monkeypatch.setenv("MODEL_DIR", str(tmp_path / "model"))
     monkeypatch.setenv("DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("SMOLLM2_WORK", str(tmp_path / "smollm2"))  # examples/smollm2_135m_cpu.yaml
 
 
 def test_there_are_configs_for_every_size():

@@ -108,6 +108,9 @@ def activations_mode(arch, cases, out_dir):
     longest = max(c["seq"] for c in cases)
     actor = Actor(hf, ModelConfig(), par, OptimizerConfig(), info.device, total_steps=2,
                   max_sequence_length=longest + 8)
+    # the plan counts logits at every position (a warm start row trains them all); an RL row's logits window
+    # (Actor.logits_window: the output layer from the first trained position on) only lowers the peak
+    actor.use_logits_window = False
     for case in cases:
         mbs = make_micro_batches(rows(arch["vocab_size"], case["rows"], case["seq"]), case["rows"] * case["seq"])
         assert len(mbs) == 1
