@@ -1,4 +1,5 @@
-"""Rollouts on their own ranks (rollout.placement: disaggregated), one step off-policy (max_staleness: 1).
+"""Rollouts on their own ranks (rollout.placement: disaggregated): on-policy, one step off-policy (max_staleness: 1),
+N steps with in-flight weight updates and partial rollouts (max_staleness: 2, partial_rollout_tokens).
 
 Multi-process tests run real torchrun jobs on CPU (gloo), the `hf` engine on the rollout rank, the real
 trainer (tests/workers/train_recorded.py records what each update trained on). The fast ones check the
@@ -77,7 +78,15 @@ def test_config_refusals_name_the_field():
         (dict(placement="disaggregated", engine="hf"), "rollout.ranks must be >= 1"),
         (dict(max_staleness=1), "rollout.max_staleness=1 needs rollout.placement=disaggregated"),
         (dict(ranks=2), "rollout.ranks=2 needs rollout.placement=disaggregated"),
-        (dict(placement="disaggregated", engine="hf", ranks=1, max_staleness=2), "rollout.max_staleness must be 0 or 1"),
+        (dict(placement="disaggregated", engine="hf", ranks=1, max_staleness=-1),
+         "rollout.max_staleness must be an integer >= 0, got -1"),
+        (dict(partial_rollout_tokens=8), "rollout.partial_rollout_tokens needs rollout.placement=disaggregated"),
+        (dict(placement="disaggregated", engine="hf", ranks=1, partial_rollout_tokens=8),
+         "rollout.partial_rollout_tokens needs rollout.max_staleness >= 1"),
+        (dict(placement="disaggregated", engine="hf", ranks=1, max_staleness=2, partial_rollout_tokens=-3),
+         "rollout.partial_rollout_tokens must be an integer >= 0"),
+        (dict(placement="disaggregated", engine="hf", ranks=1, max_staleness=2, stale_samples="keep"),
+         "rollout.stale_samples must be one of drop|mask, got 'keep'"),
         (dict(placement="disaggregated", engine="vllm", ranks=3, tensor_parallel_size=2),
          "rollout.ranks=3 must be a multiple of rollout.tensor_parallel_size=2"),
         (dict(placement="disaggregated", engine="hf", ranks=1, heartbeat_timeout_s=0), "rollout.heartbeat_timeout_s"),
@@ -86,6 +95,8 @@ def test_config_refusals_name_the_field():
         with pytest.raises(ConfigError, match=message.replace("|", r"\|").replace("(", r"\(")):
             RolloutConfig(**fields).validate()
     RolloutConfig(placement="disaggregated", engine="vllm", ranks=4, tensor_parallel_size=2).validate()
+    RolloutConfig(placement="disaggregated", engine="hf", ranks=1, max_staleness=4, partial_rollout_tokens=64,
+                  stale_samples="mask").validate()
 
 
 def test_objectives_that_need_the_model_before_generating_are_refused():
@@ -108,6 +119,9 @@ def test_work_split_units():
     assert list(same.units_of_worker(1)) == list(same.units_of_replica(1)) == [1]
     fan_out = WorkSplit(passages=32, workers=8, dp=4)  # the 30B example: 8 rollout ranks, 4 replicas
     assert fan_out.units == 8 and list(fan_out.units_of_replica(3)) == [6, 7] and list(fan_out.units_of_worker(7)) == [7]
+    per_passage = WorkSplit(passages=8, workers=2, dp=4, per_passage=True)  # partial rollouts: a passage a unit
+    assert per_passage.units == 8 and list(per_passage.units_of_worker(1)) == [4, 5, 6, 7]
+    assert list(per_passage.units_of_replica(1)) == [2, 3] and per_passage.unit_slice(5) == slice(5, 6)
     fan_in = WorkSplit(passages=6, workers=1, dp=3)
     assert list(fan_in.units_of_worker(0)) == [0, 1, 2] and fan_in.unit_slice(2) == slice(4, 6)
     with pytest.raises(ConfigError, match=r"train.passages_per_step=6 must be divisible by lcm\(rollout.ranks=4, "
@@ -211,7 +225,12 @@ def test_staleness0_equals_colocated_sample_for_sample(tmp_path, cache):
     args = ["train.steps=2", "train.save_interval=2", MIXTURE]
     train(tmp_path / "colocated", cache, *args)
     train(tmp_path / "split", cache, *args, *SPLIT, nproc=2)
-    assert updates(tmp_path / "split") == updates(tmp_path / "colocated")
+    split_rows = updates(tmp_path / "split")
+    for k, rows in enumerate(split_rows):  # the rollout rank records each token's version: v_k, lag 0
+        for row in rows:
+            assert row["versions"] == [k] * len(row["response"]) and row["lag"] == [0] * len(row["response"])
+            row["versions"], row["lag"] = None, 0  # as colocated records them (one version, lag 0)
+    assert split_rows == updates(tmp_path / "colocated")
     rollout_rank = json.loads((tmp_path / "split" / "rollout_rank0.json").read_text())
     assert rollout_rank == {"megatron_groups": False, "megatron_models": 0,
                             "result": {"role": "rollout", "stopped": None, "reason": "training finished"}}
@@ -329,19 +348,21 @@ def test_resume_under_another_layout_or_placement_trains_the_same_passages(off_p
         shutil.copytree(off_policy / "checkpoints" / "iter_0000002", run_dir / "checkpoints" / "iter_0000002")
         (run_dir / "checkpoints" / "latest_checkpointed_iteration.txt").write_text("2")
         out = train(run_dir, cache, *overrides, nproc=nproc)
-        assert "resumed from" in out and ("generates its passages again" in out if nproc > 1 else
+        assert "resumed from" in out and ("generates their passages again" in out if nproc > 1 else
                                           "is generated again here" in out), out[-3000:]
         first = [row for rank in range(nproc - 1 or 1) for row in updates(run_dir, rank)[0]]
         assert sorted(map(str, (row["prompt"] for row in first))) == reference, name
 
 
 @pytest.mark.slow
-def test_killed_rollout_rank_fails_the_job_naming_it(tmp_path, cache):
+@pytest.mark.parametrize("staleness", [1, 2])
+def test_killed_rollout_rank_fails_the_job_naming_it(tmp_path, cache, staleness):
     """SIGKILL of the rollout rank mid-run: the trainer stops within the heartbeat timeout (5 s here) with an
-    error naming the rank, well before torchrun's 30 s grace period would end it; the job fails."""
+    error naming the rank, well before torchrun's 30 s grace period would end it; the job fails. At staleness 2
+    with partial rollouts the rank dies while it holds samples of two steps in flight."""
     run_dir = tmp_path / "run"
     proc = start_torchrun("train_recorded.py", "--kill-rollout-at-step", "1",
-                          *train_args(run_dir, cache, *OFF_POLICY), nproc=2)
+                          *train_args(run_dir, cache, *(OFF_POLICY if staleness == 1 else IN_FLIGHT)), nproc=2)
     try:
         output, _ = proc.communicate(timeout=300)
     finally:
@@ -350,3 +371,153 @@ def test_killed_rollout_rank_fails_the_job_naming_it(tmp_path, cache):
     assert proc.returncode != 0
     assert "megatron-pz train: error: rollout rank 0 (job rank 1) stopped answering" in output, output[-6000:]
     assert ended - float((run_dir / "killed_at").read_text()) < 25
+
+
+# ====================================================================== N steps ahead, in-flight updates, partial rollouts
+
+# thoughts of up to 7 tokens (+ the closing tag) decoded 3 tokens per window: every sample spans windows, so the
+# weights change under samples in flight; batches are requested 2 steps ahead
+EOS_BIAS = 14.0  # the tiny engine's end-of-text logit raised so thoughts end at random lengths (see below)
+IN_FLIGHT = [*RLP[:2], "objective.rlp_thought_max_tokens=7", *SPLIT, "rollout.max_staleness=2",
+             "rollout.partial_rollout_tokens=3", "train.steps=5", "train.save_interval=1"]
+
+
+@pytest.fixture(scope="module")
+def in_flight(tmp_path_factory, cache):
+    run_dir = tmp_path_factory.mktemp("in_flight") / "run"
+    train(run_dir, cache, *IN_FLIGHT, nproc=2)
+    return run_dir
+
+
+@pytest.mark.slow
+def test_in_flight_tokens_carry_the_version_that_sampled_them(in_flight, tmp_path):
+    """Staleness 2 with partial rollouts. Every token of update k was sampled by v_{k-2} .. v_{k-1} (versions
+    never decrease along a sample, lag <= 2, nothing dropped), some samples span two versions, and each
+    token's rollout log-prob equals the log-prob under the saved actor of ITS version (<= 1e-5, the prefix
+    re-encoded under the new weights) -- under the other version it differs."""
+    _, rl = rl_records(in_flight)
+    recorded = updates(in_flight)
+    assert len(recorded) == 5
+    mixed = 0
+    for k, rows in enumerate(recorded):
+        assert rows and all(row["trainable"] for row in rows)
+        for row in rows:
+            versions = row["versions"]
+            assert len(versions) == len(row["response"]) and versions == sorted(versions)
+            assert max(k - 2, 0) <= versions[0] and versions[-1] <= max(k - 1, 0), (k, versions)
+            assert row["lag"] == [k - v for v in versions]
+            mixed += len(set(versions)) > 1
+        assert rl[k + 1]["stale/max_staleness"] <= 2 and rl[k + 1]["stale/dropped_samples"] == 0
+        assert rl[k + 1]["rollout/windows"] >= 1
+    assert mixed > 0
+    assert any(f"rollout_corr/lag2/tokens" in rl[s] for s in rl)
+    ckpt = in_flight / "checkpoints"
+    out = tmp_path / "logprobs.json"
+    subprocess.run([sys.executable, str(REPO_ROOT / "tests" / "workers" / "saved_actor_logprobs.py"),
+                    str(in_flight / "experiences_rank0.jsonl"), str(out),
+                    *(f"{k}={ckpt / f'iter_{v:07d}'}" for k in (3, 4) for v in (1, 2, 3)
+                      if max(k - 2, 0) <= v <= k - 1)],
+                   check=True, cwd=REPO_ROOT, timeout=300, env={**__import__("os").environ, "PYTHONPATH": str(REPO_ROOT)})
+    saved = json.loads(out.read_text())
+    checked = 0
+    for k in (3, 4):
+        for i, row in enumerate(recorded[k]):
+            for t, (v, lp) in enumerate(zip(row["versions"], row["rollout_logprobs"])):
+                assert abs(saved[f"{k}@iter_{v:07d}"][i][t] - lp) <= 1e-5, (k, i, t, v)
+                other = v + 1 if v + 1 <= k - 1 else v - 1
+                assert abs(saved[f"{k}@iter_{other:07d}"][i][t] - lp) > 1e-7, (k, i, t, v)
+                checked += 1
+    assert checked > 20
+
+
+@pytest.mark.slow
+def test_stop_with_partial_samples_in_flight_resumes_bit_exact(in_flight, tmp_path, cache):
+    """SIGTERM after step 1 of the staleness-2 run: the trainers receive the next batch, save it with the rollout
+    rank's partial samples (rows cut mid-thought, versions per token), stop the rollout rank, exit 75. The
+    resumed run hands the samples back and trains exactly what the uninterrupted run did."""
+    import torch
+
+    from megatron_pz.runtime.preemption import EXIT_STOPPED
+
+    run_dir = tmp_path / "run"
+    proc = start_torchrun("train_recorded.py", *train_args(run_dir, cache, *IN_FLIGHT), nproc=2, launcher=True)
+    try:
+        wait_for_step(run_dir, 1, proc)
+        for worker in psutil.Process(proc.pid).children():
+            worker.send_signal(signal.SIGTERM)
+        output, _ = proc.communicate(timeout=300)
+    finally:
+        kill_tree(proc.pid)
+    assert proc.returncode == EXIT_STOPPED, output[-6000:]
+    stopped = int((run_dir / "checkpoints" / "latest_checkpointed_iteration.txt").read_text())
+    assert 1 <= stopped < 4
+    folder = run_dir / "checkpoints" / f"iter_{stopped:07d}"
+    common = torch.load(folder / "common.pt", weights_only=False)
+    meta = common["pz_common"]["extra_state"]["rollout_batch"]
+    assert meta["step"] == stopped and sorted(meta["requested"]) == [stopped + 1]
+    per_rank = [p for p in folder.rglob("*rank*0*") if p.is_file()]
+    assert per_rank  # the snapshot travels pickled inside training rank 0's per-rank state
+    out = train(run_dir, cache, *IN_FLIGHT, nproc=2)
+    assert f"resumed from {folder}" in out
+    assert updates(run_dir) == updates(in_flight)
+    _, resumed = rl_records(run_dir)
+    _, reference = rl_records(in_flight)
+    for step in (1, 2, 3, 4, 5):
+        for key in ("loss", "grad_norm", "rlp/reward_mean", "stale/max_staleness"):
+            assert resumed[step][key] == reference[step][key], (step, key)
+
+
+def test_driver_defers_unfinished_units_and_delivers_them_later():
+    """The rollout rank's lockstep with partial rollouts, on the real hf engine whose end-of-text logit is raised
+    so thoughts end at random lengths (a long tail in miniature): after each window the oldest step is delivered
+    with the units done; unfinished ones are deferred and arrive in a later batch; nothing is lost or doubled, and
+    every token of a delivered unit carries the version of its window."""
+    from test_stream import draft_rows, objective_of, passages_of, tiny_engine, tiny_tokenizer
+
+    from megatron_pz.disagg.protocol import Generate, Generated
+    from megatron_pz.disagg.server import Driver
+    from megatron_pz.disagg.stream import Stream
+
+    import torch
+
+    tok = tiny_tokenizer()
+    engine = tiny_engine(tok)
+    head = engine.model.lm_head
+    biased = torch.nn.Linear(head.in_features, head.out_features, bias=True)
+    with torch.no_grad():
+        biased.weight.copy_(head.weight)
+        biased.bias.zero_()
+        biased.bias[sorted(engine.eos_ids)[0]] = EOS_BIAS
+    engine.model.lm_head = biased
+    objective, passages = objective_of(tok), passages_of(tok, 16)
+
+    class Rank:  # the transport only: what the Driver sends is kept
+        index, version, last_push = 0, 0, None
+
+        def __init__(self):
+            self.sent = []
+
+        def send(self, message):
+            self.sent.append(message)
+
+    me = Rank()
+    driver = Driver(me, Stream(engine, objective, tok, passages, window_tokens=2), WorkSplit(4, 1, 1, per_passage=True))
+    delivered, deferred_seen, late = [], 0, 0
+    for step in range(4):
+        driver.request(Generate(step, me.version, list(range(4 * step, 4 * step + 4))))
+    for step in range(4):
+        driver.resume()
+        while driver.running:
+            driver.advance()
+        message = me.sent[-1]
+        assert isinstance(message, Generated) and message.step == step
+        deferred_seen += message.stats["rollout/deferred_units"] > 0
+        late += message.stats["rollout/late_units"]
+        delivered += list(message.drafts)
+        for (s, _), draft in message.drafts.items():
+            for _, _, versions in draft_rows(draft):
+                assert set(versions) <= set(range(me.version + 1))
+        me.version += 1  # the trainers' next weights
+    assert len(delivered) == len(set(delivered))  # nothing doubled
+    assert sorted(delivered + driver.deferred) == [(s, u) for s in range(4) for u in range(4)]  # nothing lost
+    assert deferred_seen >= 1 and late >= 1

@@ -2,8 +2,12 @@
 
 Messages are plain dataclasses, pickled over the bridge (:mod:`megatron_pz.disagg.bridge`). Training rank 0
 sends :class:`Hello` once, then any sequence of :class:`PushWeights` (followed by the buckets of every
-pipeline stage), :class:`Generate`, :class:`Evaluate`, and finally :class:`Stop`; each rollout rank answers
-:class:`Generate` with :class:`Generated` and :class:`Evaluate` with :class:`Evaluated`.
+pipeline stage), :class:`Generate`, :class:`Evaluate`, :class:`Snapshot`, :class:`Restore` and
+:class:`Resume`, and finally :class:`Stop`. It speaks only while the rollout ranks wait (after they delivered a
+batch, or before the first): :class:`Resume` lets them generate until their next batch is deliverable, which
+they send as :class:`Generated` (see :mod:`megatron_pz.disagg.stream`); :class:`Evaluate` is answered with
+:class:`Evaluated`, :class:`Snapshot` with :class:`Snapshotted`. Because every message arrives while the
+rollout ranks wait, what they generate does not depend on timing (a resumed run replays it exactly).
 
 Work of one step (:class:`WorkSplit`): the global batch of B passages is cut into U = lcm(R, DP) *units*
 of B / U consecutive passages (R rollout ranks, DP data-parallel training replicas). Rollout rank w
@@ -42,6 +46,23 @@ class Generate:
 
 
 @dataclass
+class Resume:
+    """Generate (in windows) until the oldest requested step's batch is deliverable, send it, wait again."""
+
+
+@dataclass
+class Snapshot:
+    """Send the partial samples in flight (:class:`Snapshotted`), for a checkpoint."""
+
+
+@dataclass
+class Restore:
+    """A resumed run's partial samples in flight, one snapshot per rollout rank (``snapshots[worker]``)."""
+
+    snapshots: dict[int, Any]
+
+
+@dataclass
 class Evaluate:
     step: int
     version: int
@@ -55,14 +76,23 @@ class Stop:
 
 @dataclass
 class Generated:
-    """One rollout rank's share of a step: a draft per unit (see :mod:`megatron_pz.objectives.split`)."""
+    """One rollout rank's share of a step's batch: a draft per unit (see :mod:`megatron_pz.objectives.split`),
+    keyed by (the step it was requested for, its unit); with partial rollouts a batch may hold units of
+    earlier steps (deferred) and lack some of its own."""
 
     step: int
-    version: int
+    version: int  # the weights this rank held when it delivered
     worker: int
-    drafts: dict[int, Any]
-    seconds: float  # generation wall time on this rollout rank
+    drafts: dict[tuple[int, int], Any]
+    seconds: float  # generation wall time on this rollout rank since its last delivery
     push: Optional[dict] = None  # receive side of the last weight push: bytes, seconds, buckets
+    stats: dict[str, float] = field(default_factory=dict)  # windows, tokens, idle time, deferred units
+
+
+@dataclass
+class Snapshotted:
+    worker: int
+    state: Any  # megatron_pz.disagg.stream.Stream.snapshot()
 
 
 @dataclass
@@ -79,16 +109,19 @@ class WorkSplit:
     passages: int  # B, train.passages_per_step
     workers: int  # R, rollout ranks
     dp: int  # data-parallel replicas of the actor
+    # partial rollouts: one passage per unit, so a step's batch can take the passages that finished and defer
+    # the others one by one (units still divide evenly among rollout ranks and replicas)
+    per_passage: bool = False
 
     def __post_init__(self):
-        if self.passages % self.units:
+        if self.passages % math.lcm(self.workers, self.dp):
             raise ConfigError(f"train.passages_per_step={self.passages} must be divisible by lcm(rollout.ranks="
-                              f"{self.workers}, data-parallel size {self.dp}) = {self.units}: each step's passages "
+                              f"{self.workers}, data-parallel size {self.dp}) = {math.lcm(self.workers, self.dp)}: each step's passages "
                               "are cut into that many equal units (one set per rollout rank and per DP replica)")
 
     @property
     def units(self) -> int:
-        return math.lcm(self.workers, self.dp)
+        return self.passages if self.per_passage else math.lcm(self.workers, self.dp)
 
     def unit_slice(self, unit: int) -> slice:
         size = self.passages // self.units

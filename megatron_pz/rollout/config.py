@@ -11,6 +11,7 @@ ENGINES = ("megatron", "hf", "vllm")
 VLLM_DTYPES = ("auto", "float32", "bfloat16", "float16")
 ROUTING_REPLAY = ("auto", "off", "r3")
 PLACEMENTS = ("colocated", "disaggregated")
+STALE_SAMPLES = ("drop", "mask")  # what happens to a sample staler than rollout.max_staleness
 OWN_WEIGHT_ENGINES = ("hf", "vllm")  # engines that can run on rollout ranks (they hold their own weights)
 
 
@@ -56,10 +57,25 @@ class RolloutConfig:
     # the weights over a bridge group after each update; the training ranks never generate.
     placement: str = "colocated"
     ranks: int = 0  # rollout ranks (disaggregated only): the last `ranks` ranks of the torchrun job
-    # disaggregated only. 0: the batch of step k is generated from the weights trained on (on-policy, the
-    # papers' setting). 1: generation of batch k+1 (from v_k) overlaps the update on batch k, so each
-    # batch is trained one version later than it was sampled (TIS against the rollout log-probs corrects it).
+    # disaggregated only: how many RL steps ahead the trainers request batches (N, any N >= 0). 0: batch k is
+    # generated from v_k, the weights trained on (on-policy, the papers' setting). N >= 1: batch k+N is
+    # requested as soon as batch k arrives, so generation overlaps the next N updates and the rollout ranks
+    # load each new version between decode windows while samples are in flight (megatron_pz/disagg/stream.py);
+    # every token records the version that sampled it, and a sample's staleness (the trainer's version minus
+    # its oldest token's) is at most N unless partial rollouts defer it (then `stale_samples` applies).
     max_staleness: int = 0
+    # disaggregated, max_staleness >= 1 only; 0 = off. Partial rollouts: a rollout rank decodes at most this
+    # many tokens per in-flight sample between two weight versions; a sample cut at the budget continues
+    # from its prefix under the next weights, and a step's batch takes the units that finished (the others are
+    # deferred to a later batch, so the long tail of a batch no longer holds the trainers).
+    partial_rollout_tokens: int = 0
+    # samples staler than max_staleness (partial rollouts defer them): drop (the whole sample leaves the
+    # loss, numerator and denominator) | mask (only its tokens older than max_staleness leave it). Counted
+    # and logged (stale/*). NeMo-RL's async GRPO drops trajectories older than max_trajectory_age_steps.
+    stale_samples: str = "drop"
+    # partial rollouts: the tokens a sample got from earlier weight versions than its last leave the loss
+    # (slime's --mask-offpolicy-in-partial-rollout; off by default there and here)
+    mask_offpolicy_prefix: bool = False
     # disaggregated only: a rank whose heartbeat stalls this long fails the job, naming it; every
     # transfer over the bridge (weights, batches) must finish within bridge_timeout_s.
     heartbeat_timeout_s: float = 60.0
@@ -103,16 +119,28 @@ class RolloutConfig:
     def _validate_placement(self) -> None:
         if self.placement not in PLACEMENTS:
             raise ConfigError(f"rollout.placement must be one of {'|'.join(PLACEMENTS)}, got {self.placement!r}")
-        if self.max_staleness not in (0, 1):
-            raise ConfigError(f"rollout.max_staleness must be 0 or 1, got {self.max_staleness}")
+        if not isinstance(self.max_staleness, int) or self.max_staleness < 0:
+            raise ConfigError(f"rollout.max_staleness must be an integer >= 0, got {self.max_staleness!r}")
+        if not isinstance(self.partial_rollout_tokens, int) or self.partial_rollout_tokens < 0:
+            raise ConfigError(f"rollout.partial_rollout_tokens must be an integer >= 0 (0: off), got "
+                              f"{self.partial_rollout_tokens!r}")
+        if self.stale_samples not in STALE_SAMPLES:
+            raise ConfigError(f"rollout.stale_samples must be one of {'|'.join(STALE_SAMPLES)}, got "
+                              f"{self.stale_samples!r}")
         if not self.disaggregated:
             if self.ranks:
                 raise ConfigError(f"rollout.ranks={self.ranks} needs rollout.placement=disaggregated (colocated "
                                   "rollouts run on the training ranks)")
             if self.max_staleness:
-                raise ConfigError("rollout.max_staleness=1 needs rollout.placement=disaggregated (colocated "
-                                  "rollouts and updates share the ranks, so nothing overlaps)")
+                raise ConfigError(f"rollout.max_staleness={self.max_staleness} needs rollout.placement=disaggregated "
+                                  "(colocated rollouts and updates share the ranks, so nothing overlaps)")
+            if self.partial_rollout_tokens:
+                raise ConfigError("rollout.partial_rollout_tokens needs rollout.placement=disaggregated with "
+                                  "rollout.max_staleness >= 1")
             return
+        if self.partial_rollout_tokens and not self.max_staleness:
+            raise ConfigError("rollout.partial_rollout_tokens needs rollout.max_staleness >= 1 (a sample cut at the "
+                              "budget finishes under later weights, i.e. off-policy)")
         if self.engine not in OWN_WEIGHT_ENGINES:
             raise ConfigError(f"rollout.placement=disaggregated needs an engine that holds its own weights "
                               f"({'|'.join(OWN_WEIGHT_ENGINES)}); rollout.engine={self.engine} decodes on the "

@@ -102,11 +102,17 @@ class ColocatedSource:
 
 
 def rewind_for_batch_in_flight(sampler, state: dict) -> None:
-    """A disaggregated run's checkpoint may hold a batch in flight (passages drawn, not trained yet). Resumed
-    colocated, those passages are drawn again and generated on-policy rather than skipped."""
+    """A disaggregated run's checkpoint may hold batches in flight (passages drawn, not trained yet: the batch
+    received and the steps requested ahead). Resumed colocated, those passages are drawn again and generated
+    on-policy rather than skipped."""
     pending = state.get("rollout_batch")
     if pending:
-        sampler.consumed -= len(pending["passages"])
-        if dist.get_rank() == 0:
-            print(f"resume: the checkpoint's batch in flight (step {pending['step'] + 1}) is generated again here, "
-                  "from the current weights", flush=True)
+        steps = sorted(int(s) for s in (pending.get("requested") or {}))
+        drawn = sum(len(ps) for _, ps in (pending.get("requested") or {}).values())
+        if pending.get("step") is not None:
+            steps.insert(0, int(pending["step"]))
+            drawn += len(pending["passages"])
+        sampler.consumed -= drawn
+        if dist.get_rank() == 0 and steps:
+            print(f"resume: the checkpoint's batch in flight (steps {', '.join(str(s + 1) for s in steps)}) is "
+                  "generated again here, from the current weights", flush=True)

@@ -1,11 +1,12 @@
 """The disaggregated batch source: a step's batch comes from the rollout ranks, the trainers only score it.
 
 The rollout ranks (:mod:`megatron_pz.disagg.server`) generate; :class:`~megatron_pz.disagg.client.RolloutSchedule`
-decides which batch is requested when and with which weights (v_{k-1} at ``rollout.max_staleness: 1``, v_k at 0)
+decides which batch is requested when and with which weights (up to ``rollout.max_staleness`` steps ahead)
 and hands over the drafts of this data-parallel replica's units; the trainers turn them into experiences with the
 objective's scoring half (:func:`megatron_pz.objectives.split.score`: RLP's policy and EMA-teacher log-probs,
-nothing more for the others). Weights are pushed when the schedule requests a batch or an evaluation, never in
-the update.
+nothing more for the others), set each token's weight-version lag and apply the staleness policy
+(:func:`megatron_pz.rl.staleness.apply_staleness`). Weights are pushed when the schedule requests a batch or an
+evaluation, never in the update.
 
 The stop rule of this placement: the trainers agree on a stop after each update only (the RL loop's agreement);
 the save that follows first receives the batch in flight and stores it with the checkpoint, then the rollout
@@ -20,6 +21,7 @@ import time
 from megatron_pz.disagg.client import RolloutClient, RolloutSchedule
 from megatron_pz.objectives import split
 from megatron_pz.objectives.composite import build_training_objective
+from megatron_pz.rl.staleness import apply_staleness
 from megatron_pz.train.run import Checkpoints, Policy, Run, usable_passages
 from megatron_pz.train.sampler import PassageSampler
 from megatron_pz.train.scorer import MegatronScorer
@@ -58,9 +60,11 @@ class DisaggregatedSource:
         batch = self.schedule.batch_for(step)
         self.ready = time.perf_counter()
         experiences, metrics = score_units(self.objective, batch.drafts, self.scorer, step)
-        for e in experiences:  # the rollout correction's metrics are keyed by it (rollout_corr/lag1/...)
-            e.lag = step - batch.version
+        r = self.cfg.rollout  # per-token lags (the rollout correction's metrics are keyed by them: rollout_corr/lag1/...)
+        metrics.update(apply_staleness(experiences, step, batch.version, r.max_staleness, r.stale_samples,
+                                       r.mask_offpolicy_prefix))
         metrics.update({"rollout/staleness": float(step - batch.version), "rollout/weight_version": float(batch.version),
+                        "rollout/units": float(len(batch.drafts)),
                         "time/push_s": 0.0, "time/wait_rollout_s": 0.0, **self.schedule.timing, **batch.stats})
         return experiences, metrics
 

@@ -2,7 +2,7 @@
 
 Wraps, without changing what it does, ``grpo_update`` (the RL loop of both placements calls the trainer
 module's): every training rank appends each update's experiences (prompt, response, reward, advantage, rollout log-probs,
-temperature) to ``<train.run_dir>/experiences_rank<R>.jsonl``, flushed per update so a killed run keeps
+temperature, per-token weight versions and lags, token mask) to ``<train.run_dir>/experiences_rank<R>.jsonl``, flushed per update so a killed run keeps
 what it did. A rollout rank writes ``<train.run_dir>/rollout_rank<R>.json`` when it is done: whether it ever
 had Megatron's parallel groups or a Megatron model. ``--kill-rollout-at-step K``: the rollout rank SIGKILLs itself when asked to generate RL step K
 (0-based), after writing the time to ``<train.run_dir>/killed_at``.
@@ -29,7 +29,8 @@ def record_updates(run_dir: Path) -> None:
     def grpo_update(actor, experiences, *args, **kwargs):
         rows = [{"prompt": e.prompt_ids, "response": e.response_ids, "reward": e.reward, "advantage": e.advantage,
                  "rollout_logprobs": e.rollout_logprobs, "temperature": e.temperature, "role": e.role,
-                 "trainable": e.trainable, "group": e.group} for e in experiences]
+                 "trainable": e.trainable, "group": e.group, "versions": e.versions, "lag": e.lag,
+                 "token_mask": e.token_mask} for e in experiences]
         with open(run_dir / f"experiences_rank{rank}.jsonl", "a") as f:
             f.write(json.dumps(rows) + "\n")
         return original(actor, experiences, *args, **kwargs)
