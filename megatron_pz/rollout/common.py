@@ -171,6 +171,21 @@ def request_completions(rows: Sequence[Row], n: int, tokenizer) -> list[list[Com
     return [completions[s: s + n] for s in range(0, len(completions), n)]
 
 
+def broadcast_rows(group, rows: Sequence[Row], steps: Optional[int]) -> int:
+    """After the leader of ``group`` (:class:`~megatron_pz.rollout.groups.GenerationGroup`) continued ``rows``
+    (``steps``: its decode steps; None elsewhere): the rows' new state on every rank of the group."""
+    if group.group is None:
+        return steps
+    state = group.broadcast_from_leader(
+        (steps, [(r.token_ids, r.logprobs, r.versions, r.finish_reason, r.routes) for r in rows])
+        if group.is_leader() else None)
+    if not group.is_leader():
+        for row, (token_ids, logprobs, versions, reason, routes) in zip(rows, state[1]):
+            row.token_ids[:], row.logprobs[:], row.versions[:] = token_ids, logprobs, versions
+            row.finish_reason, row.routes = reason, routes
+    return state[0]
+
+
 def param_dtype_and_device(model_chunks):
     """The dtype/device of the actor's parameters (what the export hands to an engine's own copy)."""
     for chunk in model_chunks:

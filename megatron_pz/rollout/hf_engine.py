@@ -28,7 +28,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from megatron_pz.rollout.base import Completion, Row, SamplingParams
-from megatron_pz.rollout.common import (StopChecker, eos_ids_of, finish_at_length, param_dtype_and_device,
+from megatron_pz.rollout.common import (StopChecker, broadcast_rows, eos_ids_of, finish_at_length, param_dtype_and_device,
                                         request_completions, request_rows, seeded_generator, shortest_first,
                                         validate_request, validate_rows)
 from megatron_pz.rollout.config import RolloutConfig, check_engine_for_model
@@ -210,18 +210,11 @@ class HFRolloutEngine:
         if self.asleep:
             raise RuntimeError("HFRolloutEngine.generate_rows called while asleep; enter a rollout phase first")
         validate_rows(rows, self.vocab_size, max_new)
-        state = None
+        steps = None
         if self.model is not None:
             steps = generate_rows_with_model(self.model, self.tokenizer, self.eos_ids, rows, int(version),
                                              self.max_batch_size, max_new, until)
-            state = (steps, [(r.token_ids, r.logprobs, r.versions, r.finish_reason) for r in rows])
-        if self.group.group is not None:
-            state = self.group.broadcast_from_leader(state)
-            if self.model is None:
-                for row, (token_ids, logprobs, versions, reason) in zip(rows, state[1]):
-                    row.token_ids[:], row.logprobs[:], row.versions[:], row.finish_reason = (
-                        token_ids, logprobs, versions, reason)
-        return state[0]
+        return broadcast_rows(self.group, rows, steps)
 
     def update_weights(self, model_chunks) -> None:
         """Pull the actor's current weights into this engine's model (collective over the model-parallel
