@@ -149,3 +149,12 @@ def test_vllm_on_a_rollout_rank_of_its_own(real_vllm, tmp_path, cache):
         assert rl[step]["rollout/staleness"] == 0.0
     rollout_rank = __import__("json").loads((run_dir / "rollout_rank0.json").read_text())
     assert rollout_rank["megatron_groups"] is False and rollout_rank["megatron_models"] == 0
+
+
+def test_rows_over_windows_and_weights_between_them(real_vllm):
+    """generate_rows on vLLM (a disaggregated stream's windows, issue 30): a row in one call equals generate;
+    greedy rows over windows of 3 reach one call's tokens and finish states, each token tagged with its
+    window's version; until ends a window between steps with no request left in vLLM; a stop string split
+    over two windows is found; weights pushed between windows take effect for the later tokens only."""
+    out = run_torchrun("vllm_rows.py", nproc=1, timeout=600)
+    assert "VLLM_ROWS_OK" in out, out[-3000:]

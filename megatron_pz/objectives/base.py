@@ -93,7 +93,8 @@ def to_experiences(prompt_ids: list[int], completions: Sequence[Completion], rew
     return [
         Experience(prompt_ids=list(prompt_ids), response_ids=list(c.token_ids), reward=float(r),
                    group=group, role=role, rollout_logprobs=c.logprobs, temperature=float(temperature),
-                   info={**info, "finish_reason": c.finish_reason}, routes=c.routes)
+                   info={**info, "finish_reason": c.finish_reason}, routes=c.routes,
+                   versions=list(c.versions) if c.versions is not None else None)
         for c, r, info in zip(completions, rewards, infos)
     ]
 

