@@ -72,6 +72,8 @@ def draft_rows(draft):
     def walk(x):
         if hasattr(x, "token_ids") and hasattr(x, "logprobs"):
             out.append((list(x.token_ids), list(x.logprobs or []), list(x.versions or [])))
+        elif isinstance(x, Experience):  # PretrainZero's drafts hold experiences (its whole collect ran)
+            out.append((list(x.response_ids), list(x.rollout_logprobs or []), list(x.versions or [])))
         elif isinstance(x, (list, tuple)):
             for y in x:
                 walk(y)
@@ -201,7 +203,7 @@ def test_staleness_drop_mask_and_offpolicy_prefix_by_hand():
     fresh, stale, masked_before = exp([3, 3, 4]), exp([1, 2, 4]), exp([1, 4, 4], mask=[0.0, 1.0, 1.0])
     m = apply_staleness([fresh, stale, masked_before], 5, 0, 2, "mask")
     assert stale.trainable and stale.token_mask == [0.0, 0.0, 1.0] and stale.rejected == [1.0, 1.0, 0.0]
-    assert masked_before.token_mask == [0.0, 1.0, 1.0] and fresh.token_mask == [1.0, 1.0, 1.0]
+    assert masked_before.token_mask == [0.0, 1.0, 1.0] and fresh.token_mask is None  # untouched
     assert m["stale/masked_tokens"] == 2.0 and m["stale/dropped_samples"] == 0.0
 
     fresh = exp([3, 3, 4])

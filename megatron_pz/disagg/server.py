@@ -33,7 +33,7 @@ from megatron_pz.data.tokenizer import load_tokenizer
 from megatron_pz.disagg.bridge import connect_rollout_side, receive_weights
 from megatron_pz.disagg.protocol import (Evaluate, Evaluated, Generate, Generated, Hello, PushWeights, Restore,
                                          Resume, Snapshot, Snapshotted, Stop, WorkSplit)
-from megatron_pz.disagg.stream import Stream
+from megatron_pz.disagg.stream import DONE, Stream
 from megatron_pz.disagg.roles import Roles
 from megatron_pz.eval.heldout import build_eval_items, generate_eval
 from megatron_pz.memory_plan import check_at_startup
@@ -140,11 +140,11 @@ def serve_messages(cfg, roles: Roles) -> dict:
 class Driver:
     """What a rollout rank generates when (the lockstep of :mod:`megatron_pz.disagg.stream`).
 
-    Told to :meth:`resume`, it runs windows until the oldest requested step is deliverable, sends that batch and
-    waits for training rank 0 again. A step is deliverable when all its units are done; with partial rollouts
-    (``rollout.partial_rollout_tokens``) also after one window, with the units that are done then (its
-    unfinished units are deferred: they join a later batch when done). Each delivery also takes any deferred
-    unit that finished meanwhile."""
+    Told to :meth:`resume`, it runs windows (at least one while samples are pending) until the oldest requested
+    step is deliverable, sends that batch and waits for training rank 0 again. A step is deliverable when all
+    its units are done; with partial rollouts (``rollout.partial_rollout_tokens``: the per-step token budget of
+    each sample, one window) also with the units that are done then, its unfinished units deferred: they join a
+    later batch when done. Each delivery also takes any deferred unit that finished meanwhile."""
 
     def __init__(self, me: RolloutRank, stream: Stream, work: WorkSplit):
         self.me, self.stream, self.work = me, stream, work
@@ -172,28 +172,32 @@ class Driver:
         self.idle = self.started - self.waited_from
 
     def advance(self) -> None:
-        """Deliver the oldest step if it is deliverable, else run one more window."""
+        """Deliver the oldest step if it is deliverable, else run one more window. Each resume runs at least one
+        window while rows are pending, so the rank generates while the trainers update (even when the oldest
+        step was already complete); a window ends at the token budget or when the oldest unfinished step's rows
+        are all done, so later steps' samples are cut there and continue under the next weights (in flight)."""
         step = self.outstanding[0]
         units = self.stream.units_of(step)
-        complete = all(t.state == "done" for t in units)
-        if complete or (self.partial and self.windows and self._finished_any(step)):
+        complete = all(t.state == DONE for t in units)
+        pending = self.stream.pending_rows()
+        if (self.windows or not pending) and (complete or (self.partial and self._finished_any(step))):
             self._deliver(step, units, complete)
             return
-        if not self.stream.pending_rows():
+        if not pending:
             raise RuntimeError(f"rollout rank {self.me.index}: step {step} is not complete and nothing is left to "
                                "generate")
-        self.stream.window(self.me.version, None if self.partial else (lambda: self.stream.rows_done(step)))
+        target = min(t.step for t in self.stream.tasks.values() if t.state != DONE)
+        self.stream.window(self.me.version, lambda: self.stream.rows_done(target))
         self.windows += 1
 
     def _finished_any(self, step: int) -> bool:
-        return any(t.state == "done" for t in self.stream.units_of(step)) or \
-            any(self.stream.tasks[key].state == "done" for key in self.deferred)
+        return any(t.state == DONE for t in self.stream.units_of(step)) or \
+            any(self.stream.tasks[key].state == DONE for key in self.deferred)
 
     def _deliver(self, step: int, units, complete: bool) -> None:
-        keys = [t.key for t in units if t.state == "done"]
-        late = [key for key in self.deferred if self.stream.tasks[key].state == "done"]
-        self.deferred = [key for key in self.deferred if key not in late] + [t.key for t in units
-                                                                            if t.state != "done"]
+        keys = [t.key for t in units if t.state == DONE]
+        late = [key for key in self.deferred if self.stream.tasks[key].state == DONE]
+        self.deferred = [key for key in self.deferred if key not in late] + [t.key for t in units if t.state != DONE]
         drafts = self.stream.pop(late + keys)
         seconds = time.perf_counter() - self.started
         stats = {**self.stream.take_stats(), "rollout/idle_s": self.idle, "rollout/deferred_units": float(len(self.deferred)),

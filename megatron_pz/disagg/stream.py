@@ -143,7 +143,7 @@ class Stream:
 
     def window(self, version: int, until_done: Optional[Callable[[], bool]] = None) -> None:
         """One engine call over every unfinished row (oldest step first) with weights ``version``: at most
-        ``window_tokens`` new tokens per row (0: to each row's end), ended early when ``until_done()`` holds;
+        ``window_tokens`` new tokens per row (0: no budget), ended early when ``until_done()`` holds;
         then the units whose rows are all finished continue, and the stream settles again."""
         rows = self.pending_rows()
         before = sum(len(r.token_ids) for r in rows)
