@@ -376,7 +376,12 @@ class VLLMRolloutEngine:
             if self.last_refresh["tied"] and not self.last_refresh["shares_storage"]:
                 raise RuntimeError(f"vLLM's tied LM head no longer shares the embedding's storage after a reload "
                                    f"({self.last_refresh}): its logits would be stale")
-            self.llm.reset_prefix_cache()
+            # vLLM 0.32.0 (v1/core/sched/scheduler.py reset_prefix_cache): the cached blocks hold the old weights'
+            # KV; the reset succeeds only while no request holds KV blocks, which generate and generate_rows
+            # guarantee between calls (generate_rows aborts what a window leaves unfinished)
+            if not self.llm.reset_prefix_cache() and self.cfg.enable_prefix_caching:
+                raise RuntimeError("vLLM refused to reset its prefix cache after a weight load (a request still "
+                                   "holds KV blocks): prefixes would be served from the old weights' KV")
         stats.seconds = time.perf_counter() - start
         self.last_sync = stats
         self.syncs += 1
