@@ -9,6 +9,7 @@ config refusals, the division of a step's work and the objective split.
 import json
 import math
 import pickle
+import re
 import signal
 import subprocess
 import sys
@@ -455,10 +456,11 @@ def test_stop_with_partial_samples_in_flight_resumes_bit_exact(in_flight, tmp_pa
     common = torch.load(folder / "common.pt", weights_only=False)
     meta = common["pz_common"]["extra_state"]["rollout_batch"]
     assert meta["step"] == stopped and sorted(meta["requested"]) == [stopped + 1]
-    per_rank = [p for p in folder.rglob("*rank*0*") if p.is_file()]
-    assert per_rank  # the snapshot travels pickled inside training rank 0's per-rank state
     out = train(run_dir, cache, *IN_FLIGHT, nproc=2)
     assert f"resumed from {folder}" in out
+    handed = re.search(rf"resume: steps {stopped + 2} in flight handed back to the rollout ranks: (\d+) samples, "
+                       r"(\d+) of them partial \((\d+) tokens kept\)", out)
+    assert handed and int(handed[1]) == 8 and int(handed[2]) > 0 and int(handed[3]) > 0, out[-3000:]
     assert updates(run_dir) == updates(in_flight)
     _, resumed = rl_records(run_dir)
     _, reference = rl_records(in_flight)

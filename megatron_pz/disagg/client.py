@@ -289,6 +289,13 @@ class RolloutSchedule:
             self.next_request = max(steps) + 1 if steps else None
             if requested:
                 self.client.restore(snapshots)
+                if dist.get_rank() == 0:
+                    rows = [r for snap in snapshots.values() for unit in snap["units"].values()
+                            for call in unit["calls"] for r in call]
+                    partial = [r for r in rows if not r.done and r.token_ids]
+                    print(f"resume: steps {', '.join(str(s + 1) for s in sorted(requested))} in flight handed back to "
+                          f"the rollout ranks: {len(rows)} samples, {len(partial)} of them partial "
+                          f"({sum(len(r.token_ids) for r in partial)} tokens kept)", flush=True)
             return
         self.redo = {s: ps for s, (_, ps) in requested.items()}
         if meta.get("step") is not None:

@@ -399,6 +399,12 @@ class VLLMRolloutEngine:
         result = self._round((mine, params, seed))
         return self.mp.broadcast_from_leader(result)
 
+    @property
+    def rows_in_windows(self) -> bool:
+        """Whether :meth:`generate_rows` can cut and continue rows (one-rank engine, no R3 capture); otherwise a
+        disaggregated stream runs each engine call whole (megatron_pz/disagg/stream.py)."""
+        return len(self._engine_ranks) == 1 and self.route_shape is None
+
     def generate_rows(self, rows: list[Row], version: int, max_new: Optional[int] = None,
                       until: Optional[Callable[[], bool]] = None) -> int:
         """:meth:`~megatron_pz.rollout.base.RolloutEngine.generate_rows` by stepping vLLM's engine.
