@@ -351,7 +351,7 @@ def rows_in_flight(cfg, hf, p: int, on_cpu: bool) -> RowsInFlight:
     return RowsInFlight(steps=r.max_staleness + 1, rows_per_step=rows_per_step, tokens=max_sequence_length(cfg),
                         block=block, kv_per_token=kv_per_token, prompt_tokens=cfg.train.max_prompt_tokens,
                         response_tokens=cfg.objective.longest_response(),
-                        window=int(getattr(r, "partial_rollout_tokens", 0) or 0))
+                        window=r.partial_rollout_tokens)
 
 
 def split_kv_for_rows_in_flight(terms: list[Term], flight: RowsInFlight) -> tuple[list[Term], str]:
