@@ -201,8 +201,12 @@ def part_b(out, cache, steps) -> list[str]:
 
 # ====================================================================== (c) long-tailed responses
 
-TAIL_LENGTHS = sim_engine.LengthModel(median=48.0, sigma=1.3)
-TAIL_PROMPT_TOKENS = 256  # the analytical model's prompt length (RLP contexts: a random cut of a <= 512-token passage)
+TAIL_PROMPT_TOKENS = 64  # the analytical model's prompt length (RLP contexts: a random cut of the bench's passages)
+
+
+def tail_lengths(max_new: int) -> sim_engine.LengthModel:
+    """The long tail at any maximum: median 3/32 of it (48 tokens at 512), lognormal sigma 1.3 (see sim_engine)."""
+    return sim_engine.LengthModel(median=max_new * 3 / 32, sigma=1.3)
 
 
 def stream_available() -> bool:
@@ -233,7 +237,7 @@ def predictions(train_s: float, latency: sim_engine.LatencyModel, max_new: int, 
                 windows: list[int]) -> list[str]:
     """The analytical model's periods (same lengths, same latency, constant T) and the choice of W."""
     common = dict(train_s=train_s, rows_per_step=rows, prompt_tokens=TAIL_PROMPT_TOKENS, max_new=max_new,
-                  lengths=TAIL_LENGTHS, latency=latency, max_batch_size=batch)
+                  lengths=tail_lengths(max_new), latency=latency, max_batch_size=batch)
     s1 = sim_engine.predict("s=1", 1, 0, **common)
     preds = [sim_engine.predict("s=0", 0, 0, **common), s1]
     preds += [sim_engine.predict(f"s={s}, W={w}", s, w, **common) for s in (2, 4) for w in windows]
@@ -259,13 +263,14 @@ def tail_row(name: str, r: dict, staleness: int, s0_train: float, s1: Optional[d
 
 def part_c(out, cache, steps, max_new: int, ratio: float, window: int) -> list[str]:
     thoughts = [f"objective.rlp_thought_max_tokens={max_new}", "rollout.max_batch_size=128"]
-    free = {"median": TAIL_LENGTHS.median, "sigma": TAIL_LENGTHS.sigma, "step_s": 0.0, "token_s": 0.0,
+    lengths = tail_lengths(max_new)
+    free = {"median": lengths.median, "sigma": lengths.sigma, "step_s": 0.0, "token_s": 0.0,
             "prefill_s": 0.0}
     T = run("c_colocated_T", out, cache, steps, 1, "0", 0.0, thoughts, sim=free)["train"]
     latency = tail_latency(T, ratio, max_new)
     sim = {**free, "step_s": latency.step_s, "token_s": latency.token_s, "prefill_s": latency.prefill_s_per_token}
-    q = TAIL_LENGTHS.quantiles(max_new)
-    lines = [f"response lengths: lognormal median {TAIL_LENGTHS.median:g}, sigma {TAIL_LENGTHS.sigma:g}, clipped at "
+    q = lengths.quantiles(max_new)
+    lines = [f"response lengths: lognormal median {lengths.median:g}, sigma {lengths.sigma:g}, clipped at "
              f"{max_new}: mean {q['mean']:.0f}, p50 {q['p50']}, p90 {q['p90']}, p99 {q['p99']}, "
              f"{q['at_max']:.1%} at the maximum",
              f"update time T = {T:.2f} s (colocated, free engine); engine: {latency.step_s * 1e3:.2f} ms per decode step "
@@ -294,11 +299,11 @@ def main(argv=None) -> int:
     p.add_argument("--part", choices=("a", "b", "c", "all"), default="all")
     p.add_argument("--steps", type=int, default=7)
     p.add_argument("--ratios", default="0.5,1,2", help="(a): added engine latency L as multiples of the update time T")
-    p.add_argument("--tail-steps", type=int, default=12, help="(c): RL steps per run (steady state from step 3)")
-    p.add_argument("--tail-max", type=int, default=512, help="(c): the longest response (RLP thought) in tokens")
+    p.add_argument("--tail-steps", type=int, default=10, help="(c): RL steps per run (steady state from step 3)")
+    p.add_argument("--tail-max", type=int, default=256, help="(c): the longest response (RLP thought) in tokens")
     p.add_argument("--tail-ratio", type=float, default=2.0,
                    help="(c): engine time of a batch reaching the maximum, as a multiple of the update time T")
-    p.add_argument("--window", type=int, default=128, help="(c): rollout.partial_rollout_tokens of the s=2/4 rows")
+    p.add_argument("--window", type=int, default=64, help="(c): rollout.partial_rollout_tokens of the s=2/4 rows")
     p.add_argument("--predict-only", action="store_true",
                    help="(c): print the analytical model for --predict-train-s and exit (no runs)")
     p.add_argument("--predict-train-s", type=float, default=1.0)
