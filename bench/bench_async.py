@@ -29,9 +29,10 @@ runs inside the rollout phase, so its own rollout/update split differs; only its
     update time T of a first colocated run with a free engine so that a batch reaching the maximum takes
     ``--tail-ratio`` x T. Rows: colocated, s=0, s=1, and (once ``rollout.partial_rollout_tokens`` exists)
     s=2 and s=4 with in-flight updates and partial rollouts of ``--window`` tokens. Each row: period,
-    L (engine busy time per step, from the engine's own log), T (time/train_s), tokens/s (response tokens
-    per second), the rollout rank's idle fraction (1 - engine busy / wall), measured / ideal with the ideal
-    L + T at s=0 (colocated: L + the s=0 run's T), max(L, T) at s >= 1, and throughput over s=1. The
+    the engine's busy time per step (from its own log), L (the rollout rank's generation per step,
+    time/rollout_s), T (time/train_s), tokens/s (response tokens per second), the engine's idle fraction
+    (1 - busy / wall), measured / ideal with the ideal L + T at s=0 (colocated: engine busy + the s=0 run's
+    T), max(L, T) at s >= 1, and throughput over s=1. The
     analytical model (``sim_engine.predict``: same lengths, same latency, the stream's lockstep) prints its
     prediction beside it.
 
@@ -250,15 +251,20 @@ def predictions(train_s: float, latency: sim_engine.LatencyModel, max_new: int, 
 
 
 def tail_row(name: str, r: dict, staleness: int, s0_train: float, s1: Optional[dict]) -> str:
-    L, T = r["engine"], r["train"]
+    """L: the rollout rank's generation per step (time/rollout_s: the engine plus the objective's own work
+    there; the engine's busy time where a run does not log it), colocated: the engine's busy time + the s=0
+    run's T (its own rollout phase holds RLP's scoring)."""
+    T = r["train"]
     if name == "colocated":
+        L = r["engine"]
         ideal = L + s0_train
     else:
+        L = r["rollout"] or r["engine"]
         ideal = L + T if staleness == 0 else max(L, T)
     tps = r["tokens"] / r["period"]
     gain = f"{tps / (s1['tokens'] / s1['period']):.2f}x" if s1 else "-"
-    return (f"| {name} | {r['period']:.2f} s | {L:.2f}, {T:.2f} s | {tps:.0f} | {1 - L / r['period']:.0%} | "
-            f"{ideal:.2f} s | {r['period'] / ideal:.2f} | {gain} |")
+    return (f"| {name} | {r['period']:.2f} s | {r['engine']:.2f} s | {L:.2f}, {T:.2f} s | {tps:.0f} | "
+            f"{1 - r['engine'] / r['period']:.0%} | {ideal:.2f} s | {r['period'] / ideal:.2f} | {gain} |")
 
 
 def part_c(out, cache, steps, max_new: int, ratio: float, window: int) -> list[str]:
@@ -282,8 +288,8 @@ def part_c(out, cache, steps, max_new: int, ratio: float, window: int) -> list[s
         results[name] = (run(f"c_{name.replace('=', '').replace(', ', '_')}", out, cache, steps, 2, "0,1", 0.0,
                              [*thoughts, *extra], sim=sim), staleness)
     s0_train, s1 = results["s=0"][0]["train"], results["s=1"][0]
-    lines += ["| setting | period | L, T | tokens/s | rollout idle | ideal | measured / ideal | tokens/s vs s=1 |",
-              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines += ["| setting | period | engine busy per step | L, T | tokens/s | engine idle | ideal | measured / ideal | "
+              "tokens/s vs s=1 |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     lines += [tail_row(name, r, staleness, s0_train, s1) for name, (r, staleness) in results.items()]
     if not stream_available():
         lines.append("(s=2 / s=4 with partial rollouts: not in this build, rollout.partial_rollout_tokens is unknown)")
