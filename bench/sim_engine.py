@@ -7,7 +7,7 @@ with the trainer for the CPU), so the training step it is paired with is the rea
 
 Response lengths (:class:`LengthModel`): a row's length is fixed by its seed alone (never by the weights or the
 batch), drawn from a lognormal of median ``median`` tokens and log-space spread ``sigma``, rounded up and clipped
-to the request's ``max_new_tokens``. With median 48, sigma 1.3 and a maximum of 512 (the bench's default, the
+to the request's ``max_new_tokens``. With median 48, sigma 1.3 and a maximum of 512 (the shape bench_async's part c uses at any maximum, the
 shape of PretrainZero's responses, up to 4096 tokens there, scaled to the tiny model) 59 % of the rows are
 under 64 tokens, the mean is 93, the 90th percentile 244, and 3.0 % reach the maximum: a batch of 32 rows
 has one at the maximum in 63 % of batches.
