@@ -40,6 +40,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_pz.disagg.bridge import connect_training_side, push_weights
+from megatron_pz.disagg.roles import DOORBELL_POLL_S
 from megatron_pz.disagg.protocol import (Evaluate, Generate, Hello, PushWeights, Restore, Resume, Snapshot, Stop,
                                          WorkSplit)
 from megatron_pz.eval.heldout import eval_metrics
@@ -98,7 +99,7 @@ class RolloutClient:
         self.answers += 1
         out, seconds, nbytes = [], 0.0, 0
         for i in range(self.n):
-            self.roles.liveness.wait_for_count(f"pz/out/{i}", self.answers, self.peers)
+            self.roles.liveness.wait_for_count(f"pz/out/{i}", self.answers, self.peers, poll=DOORBELL_POLL_S)
             start = time.perf_counter()
             out.append(self.group.recv_object(1 + i))
             seconds += time.perf_counter() - start

@@ -34,7 +34,7 @@ from megatron_pz.disagg.bridge import connect_rollout_side, receive_weights
 from megatron_pz.disagg.protocol import (Evaluate, Evaluated, Generate, Generated, Hello, PushWeights, Restore,
                                          Resume, Snapshot, Snapshotted, Stop, WorkSplit)
 from megatron_pz.disagg.stream import DONE, Stream
-from megatron_pz.disagg.roles import Roles
+from megatron_pz.disagg.roles import DOORBELL_POLL_S, Roles
 from megatron_pz.eval.heldout import build_eval_items, generate_eval
 from megatron_pz.memory_plan import check_at_startup
 from megatron_pz.model.provider import resolve_hf_config
@@ -59,7 +59,7 @@ class RolloutRank:
 
     def receive(self):
         self.received += 1
-        self.roles.liveness.wait_for_count(f"pz/ctl/{self.index}", self.received, [self.trainer])
+        self.roles.liveness.wait_for_count(f"pz/ctl/{self.index}", self.received, [self.trainer], poll=DOORBELL_POLL_S)
         return self.groups[0].recv_object(0)
 
     def send(self, message) -> None:
