@@ -252,12 +252,17 @@ def test_staleness0_equals_colocated_sample_for_sample(tmp_path, cache):
 OFF_POLICY = [*RLP, *SPLIT, "rollout.max_staleness=1", "train.steps=4", "train.save_interval=1"]
 
 
+def uninterrupted(tmp_path_factory, cache, name: str, overrides: list) -> Path:
+    """One uninterrupted 2-rank run (1 trainer + 1 rollout rank) of ``overrides``, shared by a module's tests."""
+    run_dir = tmp_path_factory.mktemp(name) / "run"
+    train(run_dir, cache, *overrides, nproc=2)
+    return run_dir
+
+
 @pytest.fixture(scope="module")
 def off_policy(tmp_path_factory, cache):
     """One uninterrupted run at max_staleness 1, a checkpoint after every step."""
-    run_dir = tmp_path_factory.mktemp("off_policy") / "run"
-    train(run_dir, cache, *OFF_POLICY, nproc=2)
-    return run_dir
+    return uninterrupted(tmp_path_factory, cache, "off_policy", OFF_POLICY)
 
 
 @pytest.mark.slow
@@ -350,9 +355,8 @@ IN_FLIGHT = [*RLP[:2], "objective.rlp_thought_max_tokens=7", *SPLIT, "rollout.ma
 
 @pytest.fixture(scope="module")
 def in_flight(tmp_path_factory, cache):
-    run_dir = tmp_path_factory.mktemp("in_flight") / "run"
-    train(run_dir, cache, *IN_FLIGHT, nproc=2)
-    return run_dir
+    """One uninterrupted run at max_staleness 2 with partial rollouts, a checkpoint after every step."""
+    return uninterrupted(tmp_path_factory, cache, "in_flight", IN_FLIGHT)
 
 
 @pytest.mark.slow
