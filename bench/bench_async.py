@@ -30,7 +30,8 @@ runs inside the rollout phase, so its own rollout/update split differs; only its
     ``--tail-ratio`` x T. Rows: colocated, s=0, s=1, and (once ``rollout.partial_rollout_tokens`` exists)
     s=2 and s=4 with in-flight updates and partial rollouts of ``--window`` tokens. Each row: period,
     the engine's busy time per step (from its own log), L (the rollout rank's generation per step,
-    time/rollout_s), T (time/train_s), tokens/s (response tokens per second), the engine's idle fraction
+    time/rollout_s), T (time/train_s), tokens/s (tokens that entered the loss per second: a sample dropped for
+    staleness does not count), the engine's idle fraction
     (1 - busy / wall), measured / ideal with the ideal L + T at s=0 (colocated: engine busy + the s=0 run's
     T), max(L, T) at s >= 1, and throughput over s=1. The
     analytical model (``sim_engine.predict``: same lengths, same latency, the stream's lockstep) prints its
@@ -158,7 +159,8 @@ def run(name: str, out: Path, cache: Path, steps: int, nproc: int, cores: str, l
             busy += max(0.0, min(call["t1"], end) - max(call["t0"], start))
     return {"period": period, "rollout": mean("time/rollout_s"), "train": mean("time/train_s"),
             "wait": mean("time/wait_rollout_s"), "push": mean("time/push_s"), "gbps": mean("bridge/push_gbps"),
-            "push_s": mean("bridge/push_s"), "engine": busy / (steps - first), "tokens": mean("rollout_tokens")}
+            "push_s": mean("bridge/push_s"), "engine": busy / (steps - first), "tokens": mean("train_tokens"),
+            "generated": mean("rollout_tokens"), "dropped": mean("stale/dropped_samples")}
 
 
 def part_a(out, cache, steps, ratios) -> list[str]:

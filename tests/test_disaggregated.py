@@ -448,7 +448,7 @@ def test_driver_defers_unfinished_units_and_delivers_them_later():
     """The rollout rank's lockstep with partial rollouts, on the real hf engine whose end-of-text logit is raised
     so thoughts end at random lengths (a long tail in miniature): after each window the oldest step is delivered
     with the units done; unfinished ones are deferred and arrive in a later batch; nothing is lost or doubled, and
-    every token of a delivered unit carries the version of its window."""
+    every token of a delivered unit carries the version of its window; no unit is deferred past max_staleness."""
     from test_stream import draft_rows, objective_of, passages_of, tiny_engine, tiny_tokenizer
 
     from megatron_pz.disagg.protocol import Generate, Generated
@@ -478,9 +478,10 @@ def test_driver_defers_unfinished_units_and_delivers_them_later():
             self.sent.append(message)
 
     me = Rank()
-    driver = Driver(me, Stream(engine, objective, tok, passages, window_tokens=2), WorkSplit(4, 1, 1, per_passage=True))
+    driver = Driver(me, Stream(engine, objective, tok, passages, window_tokens=2), WorkSplit(4, 1, 1, per_passage=True),
+                    max_staleness=2)
     delivered, deferred_seen, late = [], 0, 0
-    for step in range(4):
+    for step in range(2):  # the trainers' schedule at N = 2: two steps requested ahead, then one per delivery
         driver.request(Generate(step, me.version, list(range(4 * step, 4 * step + 4))))
     for step in range(4):
         driver.resume()
@@ -494,7 +495,10 @@ def test_driver_defers_unfinished_units_and_delivers_them_later():
         for (s, _), draft in message.drafts.items():
             for _, _, versions in draft_rows(draft):
                 assert set(versions) <= set(range(me.version + 1))
-        me.version += 1  # the trainers' next weights
+                assert step - min(versions) <= 2  # deferred only within max_staleness: never dropped for it
+        me.version = step  # batch `step` received: the trainers push v_step and request step + 2 from it
+        if step + 2 < 4:
+            driver.request(Generate(step + 2, me.version, list(range(4 * step + 8, 4 * step + 12))))
     assert len(delivered) == len(set(delivered))  # nothing doubled
     assert sorted(delivered + driver.deferred) == [(s, u) for s in range(4) for u in range(4)]  # nothing lost
     assert deferred_seen >= 1 and late >= 1
