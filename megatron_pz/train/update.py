@@ -20,6 +20,7 @@ from megatron_pz.rl.grpo import aggregation_weights, grpo_loss
 from megatron_pz.rl.logprobs import vocab_parallel_entropy
 from megatron_pz.rl.rollout_correction import (COUNTER_PREFIX, RolloutCorrection, correction_metrics,
                                                reject_before_update)
+from megatron_pz.train.actor import StepResult
 from megatron_pz.train.batching import TokenSequence, padding_fraction
 from megatron_pz.train.losses import token_logprobs_at_temperature
 from megatron_pz.train.metrics import mean_over_ranks
@@ -134,6 +135,9 @@ def grpo_update(actor, experiences, grpo_cfg, loss_fn, max_tokens: int, pad_id: 
     :mod:`megatron_pz.train.routing_replay`); routing agreement is measured on the first pass over the
     batch, at the rollout's weights (the old-log-prob pass, or the single optimizer step).
 
+    An optimizer step whose tokens are all out of the loss on every rank is skipped (counted:
+    ``update/skipped_steps``), see :func:`tokens_in_loss`.
+
     Returns (summed loss metrics of all steps, the last StepResult, every micro-batch trained on).
     """
     routing = getattr(actor, "routing", None)
@@ -167,6 +171,9 @@ def grpo_update(actor, experiences, grpo_cfg, loss_fn, max_tokens: int, pad_id: 
             mine = [experiences[i] for i in part]
             weights = update_loss_weights(mine, dp_group)
             rows = experiences_to_sequences(mine, weights, **routes)
+            if not tokens_in_loss(rows, actor.device):  # no rank has a token to train: no optimizer step
+                summed["skipped_steps"] = summed.get("skipped_steps", 0.0) + 1.0
+                continue
             if old is not None:
                 for row in rows:
                     row.per_token["old_logprobs"] = old[part[row.index]]
@@ -176,7 +183,19 @@ def grpo_update(actor, experiences, grpo_cfg, loss_fn, max_tokens: int, pad_id: 
             all_batches += batches
             for key, value in result.metrics.items():
                 summed[key] = summed.get(key, 0.0) + value
+    if result is None:  # every step skipped: the weights, the optimizer and the LR schedule are untouched
+        result = StepResult(metrics={}, grad_norm=0.0, lr=actor.optimizer.param_groups[0]["lr"], num_tokens=0)
     return summed, result, all_batches
+
+
+def tokens_in_loss(rows, device) -> bool:
+    """Whether any training rank has a token in the loss (collective over the training ranks). An optimizer step
+    on nothing is not a no-op: Adam's moments still move the weights (a batch the DAPO filter or the rollout
+    correction's rejection emptied on every rank would keep drifting where the last real gradient pointed)."""
+    count = torch.tensor([float(sum(sum(r.loss_mask) for r in rows))], device=device)
+    if dist.is_initialized():
+        dist.all_reduce(count)
+    return count.item() > 0
 
 
 def step_metrics(metrics: dict, experiences, batches, summed: dict, result, seconds: float, dp_size: int,
@@ -189,6 +208,7 @@ def step_metrics(metrics: dict, experiences, batches, summed: dict, result, seco
     metrics = mean_over_ranks(metrics)
     metrics.update(token_means(summed), lr=result.lr, grad_norm=result.grad_norm)
     metrics.update(correction_metrics(summed))  # rollout_corr/...: mismatch, truncation, rejection per lag
+    metrics["update/skipped_steps"] = summed.get("skipped_steps", 0.0)  # optimizer steps with no token on any rank
     agreement = actor.routing.take_agreement() if actor is not None and actor.routing is not None else None
     if agreement is not None:
         metrics["rollout/routing_agreement"] = agreement

@@ -9,12 +9,14 @@ offsets and advantages (the update is one step, so the clip's decoupled ratio is
   -A_i min(rho_t, 2); the logged loss is the token mean over the kept tokens of both ranks (token_mean) or the
   mean over samples of their kept-token means (seq_mean_token_mean), and the trained token count is the kept one;
 * bypass: the clip sees r_t = pi_theta / pi_b = rho_t (dual clip at 3); every token counts;
-* two PPO mini-batches: the rejection is decided once, before the first: both steps train the kept tokens only.
+* two PPO mini-batches: the rejection is decided once, before the first: both steps train the kept tokens only;
+* a rejection of every token on both ranks: the optimizer step is skipped (weights bit-identical, counted).
 """
 
 import math
 import random
 
+import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
@@ -112,6 +114,16 @@ def main():
     summed, _, _ = grpo_update(actor, experiences(actor, "token_mean"), grpo, make_grpo_loss_fn(grpo), MAX_TOKENS, 0,
                                group)
     assert token_means(summed)["train_tokens"] == expected("token_mean", "decoupled")[1]
+    # a correction that rejects every token on both ranks: no optimizer step at all (an Adam step on a zero
+    # gradient would still move the weights by its moments), counted; weights and LR schedule untouched
+    everything_out = GrpoConfig(rollout_correction=RolloutCorrectionConfig(reject=[RejectionConfig("token", 1e6, 2e6)]))
+    before = [p.detach().clone() for c in actor.chunks for p in c.parameters()]
+    steps_before = actor.scheduler.num_steps
+    summed, result, batches = grpo_update(actor, experiences(actor, "token_mean"), everything_out,
+                                          make_grpo_loss_fn(everything_out), MAX_TOKENS, 0, group)
+    assert summed["skipped_steps"] == 1.0 and batches == [] and result.grad_norm == 0.0, summed
+    assert actor.scheduler.num_steps == steps_before
+    assert all(torch.equal(a, p) for a, p in zip(before, (p for c in actor.chunks for p in c.parameters())))
     if dist.get_rank() == 0:
         print("ROLLOUT_CORRECTION_DP_OK", flush=True)
 
