@@ -15,8 +15,8 @@ of its own, `rollout.placement: disaggregated`). A finished run (its metrics and
     Per run and lag L: `rollout_corr/lag{L}/...` averaged over the steps where lag L occurs.
 (B) Learning not hurt, tiny default: examples/tiny_cpu.yaml's default job (PretrainZero, warm start, held-out
     evaluation before and after) placed disaggregated: s=1 vs s=4 (+ partial rollouts) with the default
-    correction, and s=4 without correction (`weights: none`). The s=4 runs start from the s=1 run's warm
-    start (`train.init_checkpoint`: the same weights, so the "before" evaluations are identical, checked).
+    correction, and s=4 without correction (`weights: none`). The s=4 runs find the s=1 run's warm start in
+    their folder and reuse it (the same weights, so the "before" evaluations are identical, checked).
 (C) Learning not hurt, SmolLM2-135M-Instruct RLP (examples/smollm2_135m_cpu.yaml, the README's RLP setting:
     8 passages x 4 thoughts of 32 tokens, lr 3e-5; held-out 200 positions x 2 thoughts, 200 NLL passages) on
     one `hf` rollout rank, s=1 vs s=4 (+ partial rollouts of 12 tokens), the same steps. ``--work``: the folder
@@ -33,6 +33,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -57,6 +58,7 @@ A_LAG_COLUMNS = [("k1", "k1", "{:+.2e}"), ("k3", "k3", "{:.2e}"), ("rho p1", "ra
                  ("p99", "ratio_p99", "{:.3f}"), ("trunc tok", "truncated_tokens", "{:.3f}"),
                  ("rej tok", "rejected_tokens", "{:.3f}"), ("rej smp", "rejected_samples", "{:.3f}"),
                  ("tokens", "tokens", "{:.0f}")]
+UNITS = ["rollout/deferred_units", "rollout/late_units"]
 STALE = ["stale/samples_over", "stale/dropped_samples", "stale/masked_tokens", "stale/offpolicy_prefix_tokens"]
 
 # (B): the tiny default job, disaggregated
@@ -175,7 +177,8 @@ def part_a(args) -> None:
           "per lag L, means over the steps where lag L occurs (rollout_corr/lag{L}/...)\n")
     header = ["s", "mode", "lag", "steps"] + [c for c, _, _ in A_LAG_COLUMNS]
     lag_lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    run_header = ["s", "mode", "wall s", "k3 all", "max staleness", *[k.split("/")[1] for k in STALE],
+    run_header = ["s", "mode", "wall s", "all-rejected steps", "k3 all", "max staleness",
+                  *[k.split("/")[1] for k in STALE], *[k.split("/")[1] for k in UNITS], "windows/step",
                   "reward mean", "reward last 3"]
     run_lines = ["| " + " | ".join(run_header) + " |", "|" + "---|" * len(run_header)]
     for s, extra in A_STALENESS.items():
@@ -189,21 +192,31 @@ def part_a(args) -> None:
                 print(f"FAILED {err}", file=sys.stderr, flush=True)
                 run_lines.append(f"| {s} | {mode} | failed: {str(err).splitlines()[0]} |")
                 continue
-            rl = rl_records(run_dir)
+            everything = rl_records(run_dir)
+            # a step whose every token was rejected trains on a fully masked placeholder batch, and its
+            # rollout_corr/* metrics describe that placeholder, not the batch: left out, counted
+            rl = [r for r in everything if r.get("train_tokens", 1.0) > 0]
+            placeholder = len(everything) - len(rl)
             lags = sorted({int(k.split("/")[1][3:]) for r in rl for k in r if k.startswith("rollout_corr/lag")})
             for lag in lags:
                 recs = [r for r in rl if f"rollout_corr/lag{lag}/k1" in r]
                 cells = [fmt.format(statistics.fmean(r.get(f"rollout_corr/lag{lag}/{key}", 0.0) for r in recs))
                          for _, key, fmt in A_LAG_COLUMNS]
                 lag_lines.append("| " + " | ".join([str(s), mode, str(lag), str(len(recs)), *cells]) + " |")
-            rewards = [r["rlp/reward_mean"] for r in rl if "rlp/reward_mean" in r]
-            stale = [f"{sum(r.get(k, 0.0) for r in rl):.0f}" for k in STALE]
+            rewards = [r["rlp/reward_mean"] for r in everything if "rlp/reward_mean" in r]
+            stale = [f"{sum(r.get(k, 0.0) for r in everything):.0f}" for k in STALE]
+            units = [f"{sum(r.get(k, 0.0) for r in everything):.0f}" for k in UNITS]
             run_lines.append("| " + " | ".join([
-                str(s), mode, f"{wall:.0f}", f"{statistics.fmean(r['rollout_corr/k3'] for r in rl):.2e}",
-                f"{max(r.get('stale/max_staleness', 0.0) for r in rl):.0f}", *stale,
+                str(s), mode, f"{wall:.0f}", str(placeholder),
+                f"{statistics.fmean(r['rollout_corr/k3'] for r in rl):.2e}" if rl else "-",
+                f"{max(r.get('stale/max_staleness', 0.0) for r in everything):.0f}", *stale, *units,
+                f"{statistics.fmean(r.get('rollout/windows', 0.0) for r in everything):.1f}",
                 f"{statistics.fmean(rewards):+.4f}", f"{statistics.fmean(rewards[-3:]):+.4f}"]) + " |")
     print("\n".join(lag_lines))
-    print("\nper run: stale/* summed over steps, rollout_corr/k3 over all tokens (mean over steps), RLP reward\n")
+    print("\n(steps whose every token was rejected are left out of the lag means: their rollout_corr/* metrics "
+          "describe the fully masked placeholder batch the update then runs)")
+    print("\nper run: stale/* and deferred / late units summed over steps, rollout_corr/k3 over all tokens (mean over "
+          "steps), RLP reward (mean over all steps, and over the last 3)\n")
     print("\n".join(run_lines))
 
 
@@ -242,9 +255,9 @@ def part_b(args) -> None:
     runs = {}
     for name in names:
         run_dir = args.out / f"B_{name}"
-        start = [] if name == "s1" else ["warm_start.enabled=false",
-                                         f"train.init_checkpoint={args.out / 'B_s1' / 'warm_start'}"]
-        launch(run_dir, ROOT / "examples" / "tiny_cpu.yaml", [*base, *B_RUNS[name], *start], args.steps,
+        if name != "s1" and not (run_dir / "warm_start").is_dir():  # the run reuses a warm start in its folder
+            shutil.copytree(args.out / "B_s1" / "warm_start", run_dir / "warm_start")
+        launch(run_dir, ROOT / "examples" / "tiny_cpu.yaml", [*base, *B_RUNS[name]], args.steps,
                {"OMP_NUM_THREADS": "1"}, timeout=3600)
         runs[name] = run_dir
     print(f"(B) tiny default (PretrainZero), disaggregated 1 + 1 ranks, hf engine, {args.steps} RL steps, same seed\n")
