@@ -223,13 +223,14 @@ def part_a(args) -> None:
 # ---------------------------------------------------------------------------------------------------- (B)
 
 def curve_table(runs: dict[str, Path], keys: list[str], last: int) -> list[str]:
-    lines = [f"| run | wall s | " + " | ".join(f"{k} (last {last})" for k in keys) + " |",
-             "|" + "---|" * (len(keys) + 2)]
+    lines = [f"| run | wall s | RL step s (mean) | " + " | ".join(f"{k} (last {last})" for k in keys) + " |",
+             "|" + "---|" * (len(keys) + 3)]
     for name, run_dir in runs.items():
         rl = rl_records(run_dir)
         wall = json.loads((run_dir / "wall.json").read_text())["wall_s"]
         cells = [mean_interval([r[k] for r in rl[-last:] if k in r]) if any(k in r for r in rl) else "-" for k in keys]
-        lines.append(f"| {name} | {wall:.0f} | " + " | ".join(cells) + " |")
+        step_s = statistics.fmean(r["time/step_s"] for r in rl if "time/step_s" in r)
+        lines.append(f"| {name} | {wall:.0f} | {step_s:.1f} | " + " | ".join(cells) + " |")
     return lines
 
 
