@@ -234,6 +234,22 @@ def curve_table(runs: dict[str, Path], keys: list[str], last: int) -> list[str]:
     return lines
 
 
+def block_table(runs: dict[str, Path], key: str, block: int) -> list[str]:
+    """The curve of ``key``: its mean over consecutive blocks of ``block`` steps (steps missing it skipped)."""
+    curves = {name: rl_records(d) for name, d in runs.items()}
+    last = max(r["step"] for rl in curves.values() for r in rl)
+    edges = list(range(1, last + 1, block))
+    lines = [f"| {key} | " + " | ".join(f"steps {a}-{min(a + block - 1, last)}" for a in edges) + " |",
+             "|" + "---|" * (len(edges) + 1)]
+    for name, rl in curves.items():
+        cells = []
+        for a in edges:
+            vals = [r[key] for r in rl if a <= r["step"] < a + block and key in r]
+            cells.append(f"{statistics.fmean(vals):+.3f}" if vals else "-")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def stale_table(runs: dict[str, Path]) -> list[str]:
     lines = ["| run | lag-1 k3 | lag-2 k3 | lag-3 k3 | lag-4 k3 | max staleness | " +
              " | ".join(k.split("/")[1] for k in STALE) + " | windows/step |", "|" + "---|" * (7 + len(STALE))]
@@ -264,6 +280,9 @@ def part_b(args) -> None:
     print(f"(B) tiny default (PretrainZero), disaggregated 1 + 1 ranks, hf engine, {args.steps} RL steps, same seed\n")
     print("\n".join(curve_table(runs, ["predictor/reward_mean", "generator/reward_mean", "predictor/accuracy"],
                                 min(10, args.steps))))
+    for key in ("predictor/reward_mean", "generator/reward_mean", "generator/valid_mask_rate"):
+        print()
+        print("\n".join(block_table(runs, key, 5)))
     print()
     print("\n".join(stale_table(runs)))
     print("\n".join(comparisons(runs, "s1")))
@@ -276,15 +295,18 @@ def part_c(args) -> None:
     missing = [d for d in ("hf", "wiki", "megatron") if not (work / d).is_dir()]
     if missing:
         raise SystemExit(f"--work {work}: missing {missing}; build them with bench/bench_learning.py (step 1)")
+    os.environ["SMOLLM2_WORK"] = str(work)  # the config's paths, for the runs and the evaluations
     names = args.runs.split(",") if args.runs else list(C_RUNS)
     runs = {}
     for name in names:
         run_dir = args.out / f"C_{name}"
-        launch(run_dir, C_CONFIG, [*C_BASE, *C_RUNS[name]], args.steps, {"SMOLLM2_WORK": str(work)}, timeout=7200)
+        launch(run_dir, C_CONFIG, [*C_BASE, *C_RUNS[name]], args.steps, {}, timeout=7200)
         runs[name] = run_dir
     print(f"(C) SmolLM2-135M-Instruct RLP, disaggregated 1 + 1 ranks (hf rollout engine), {args.steps} RL steps, "
           "8 passages x 4 thoughts of 32 tokens, lr 3e-5\n")
     print("\n".join(curve_table(runs, ["rlp/reward_mean", "rlp/positive_gain_fraction"], min(5, args.steps))))
+    print()
+    print("\n".join(block_table(runs, "rlp/reward_mean", 5)))
     print()
     print("\n".join(stale_table(runs)))
     for name, run_dir in runs.items():
