@@ -15,7 +15,8 @@ of its own, `rollout.placement: disaggregated`). A finished run (its metrics and
     Per run and lag L: `rollout_corr/lag{L}/...` averaged over the steps where lag L occurs.
 (B) Learning not hurt, tiny default: examples/tiny_cpu.yaml's default job (PretrainZero, warm start, held-out
     evaluation before and after) placed disaggregated: s=1 vs s=4 (+ partial rollouts) with the default
-    correction, and s=4 without correction (`weights: none`). The s=4 runs find the s=1 run's warm start in
+    correction, s=4 without correction (`weights: none`), and s=4 without partial rollouts (`s4_whole`: whole
+    samples, nothing deferred or dropped). The s=4 runs find the s=1 run's warm start in
     their folder and reuse it (the same weights, so the "before" evaluations are identical, checked).
 (C) Learning not hurt, SmolLM2-135M-Instruct RLP (examples/smollm2_135m_cpu.yaml, the README's RLP setting:
     8 passages x 4 thoughts of 32 tokens, lr 3e-5; held-out 200 positions x 2 thoughts, 200 NLL passages) on
@@ -65,7 +66,8 @@ STALE = ["stale/samples_over", "stale/dropped_samples", "stale/masked_tokens", "
 B_BASE = ["rollout.placement=disaggregated", "rollout.ranks=1", *SLOW_MACHINE]
 B_RUNS = {"s1": ["rollout.max_staleness=1"],
           "s4": ["rollout.max_staleness=4", "rollout.partial_rollout_tokens=6"],
-          "s4_none": ["rollout.max_staleness=4", "rollout.partial_rollout_tokens=6", RC + MODES["none"]]}
+          "s4_none": ["rollout.max_staleness=4", "rollout.partial_rollout_tokens=6", RC + MODES["none"]],
+          "s4_whole": ["rollout.max_staleness=4"]}  # no partial rollouts: what the deferral and its drops cost
 
 # (C): SmolLM2-135M-Instruct RLP (README "Does it learn?", run 4), disaggregated on one hf rollout rank
 C_CONFIG = ROOT / "examples" / "smollm2_135m_cpu.yaml"
