@@ -253,12 +253,12 @@ def block_table(runs: dict[str, Path], key: str, block: int) -> list[str]:
 
 
 def stale_table(runs: dict[str, Path]) -> list[str]:
-    lines = ["| run | lag-1 k3 | lag-2 k3 | lag-3 k3 | lag-4 k3 | max staleness | " +
-             " | ".join(k.split("/")[1] for k in STALE) + " | windows/step |", "|" + "---|" * (7 + len(STALE))]
+    lines = ["| run | lag-0 k3 | lag-1 k3 | lag-2 k3 | lag-3 k3 | lag-4 k3 | max staleness | " +
+             " | ".join(k.split("/")[1] for k in STALE) + " | windows/step |", "|" + "---|" * (8 + len(STALE))]
     for name, run_dir in runs.items():
         rl = rl_records(run_dir)
         k3 = []
-        for lag in (1, 2, 3, 4):
+        for lag in (0, 1, 2, 3, 4):  # (steps where the lag occurs)
             vals = [r[f"rollout_corr/lag{lag}/k3"] for r in rl if f"rollout_corr/lag{lag}/k3" in r]
             k3.append(f"{statistics.fmean(vals):.2e} ({len(vals)})" if vals else "-")
         stale = [f"{sum(r.get(k, 0.0) for r in rl):.0f}" for k in STALE]
