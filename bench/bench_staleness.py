@@ -159,7 +159,8 @@ def comparisons(runs: dict[str, Path], reference: str) -> list[str]:
     out = []
     evals = {name: held_out(d) for name, d in runs.items()}
     for name, (before, after, first, last) in evals.items():
-        out.append(f"\n{name}: held-out, step {first} (before) vs step {last} (after)\n" + format_comparison(before, after))
+        out.append(f"\n{name}: held-out, step {first} (before) vs step {last} (after)\n"
+                   + format_comparison(before, after))
     ref_before, ref_after = evals[reference][0], evals[reference][1]
     for name, (before, after, _, _) in evals.items():
         if name == reference:
