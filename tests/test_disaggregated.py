@@ -9,6 +9,7 @@ config refusals, the division of a step's work and the objective split.
 import json
 import math
 import pickle
+import re
 import signal
 import subprocess
 import sys
@@ -251,12 +252,17 @@ def test_staleness0_equals_colocated_sample_for_sample(tmp_path, cache):
 OFF_POLICY = [*RLP, *SPLIT, "rollout.max_staleness=1", "train.steps=4", "train.save_interval=1"]
 
 
+def uninterrupted(tmp_path_factory, cache, name: str, overrides: list) -> Path:
+    """One uninterrupted 2-rank run (1 trainer + 1 rollout rank) of ``overrides``, shared by a module's tests."""
+    run_dir = tmp_path_factory.mktemp(name) / "run"
+    train(run_dir, cache, *overrides, nproc=2)
+    return run_dir
+
+
 @pytest.fixture(scope="module")
 def off_policy(tmp_path_factory, cache):
     """One uninterrupted run at max_staleness 1, a checkpoint after every step."""
-    run_dir = tmp_path_factory.mktemp("off_policy") / "run"
-    train(run_dir, cache, *OFF_POLICY, nproc=2)
-    return run_dir
+    return uninterrupted(tmp_path_factory, cache, "off_policy", OFF_POLICY)
 
 
 @pytest.mark.slow
@@ -298,41 +304,6 @@ def test_staleness1_samples_from_the_previous_weights(off_policy, tmp_path):
 
 
 @pytest.mark.slow
-def test_sigterm_drains_saves_and_resumes_bit_exact(off_policy, tmp_path, cache):
-    """SIGTERM to every rank (as SLURM sends it) after step 1: the trainers finish their step, receive the
-    batch in flight, save it with the checkpoint, stop the rollout rank, and the job exits 75 (stopped,
-    resubmit: megatron_pz.runtime.preemption) through the launcher. The resumed run trains exactly what the
-    uninterrupted one did, the saved in-flight batch first."""
-    from megatron_pz.runtime.preemption import EXIT_STOPPED
-
-    run_dir = tmp_path / "run"
-    proc = start_torchrun("train_recorded.py", *train_args(run_dir, cache, *OFF_POLICY), nproc=2, launcher=True)
-    try:
-        wait_for_step(run_dir, 1, proc)
-        for worker in psutil.Process(proc.pid).children():
-            worker.send_signal(signal.SIGTERM)
-        output, _ = proc.communicate(timeout=300)
-    finally:
-        kill_tree(proc.pid)
-    assert proc.returncode == EXIT_STOPPED, output[-6000:]
-    assert "(the batch in flight saved): checkpoint of step" in output
-    assert json.loads((run_dir / "stop.json").read_text())["signal"] == "SIGTERM"
-    stopped = int((run_dir / "checkpoints" / "latest_checkpointed_iteration.txt").read_text())
-    assert 1 <= stopped < 4
-    common = __import__("torch").load(run_dir / "checkpoints" / f"iter_{stopped:07d}" / "common.pt", weights_only=False)
-    in_flight = common["pz_common"]["extra_state"]["rollout_batch"]
-    assert in_flight["step"] == stopped and in_flight["version"] == stopped - 1  # sampled from v_{k-1}
-    out = train(run_dir, cache, *OFF_POLICY, nproc=2)
-    assert f"resumed from {run_dir / 'checkpoints' / f'iter_{stopped:07d}'}" in out
-    assert updates(run_dir) == updates(off_policy)
-    _, resumed = rl_records(run_dir)
-    _, reference = rl_records(off_policy)
-    for step in (1, 2, 3, 4):
-        for key in ("loss", "grad_norm", "rlp/reward_mean", "rollout/weight_version"):
-            assert resumed[step][key] == reference[step][key], (step, key)
-
-
-@pytest.mark.slow
 def test_resume_under_another_layout_or_placement_trains_the_same_passages(off_policy, tmp_path, cache):
     """The staleness-1 run's checkpoint after step 2 holds batch 3 in flight (sampled from v_1). Resumed with
     2 training ranks (DP 2: its drafts do not fit) the same passages are generated again from v_2; resumed
@@ -355,14 +326,14 @@ def test_resume_under_another_layout_or_placement_trains_the_same_passages(off_p
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("staleness", [1, 2])
-def test_killed_rollout_rank_fails_the_job_naming_it(tmp_path, cache, staleness):
+def test_killed_rollout_rank_fails_the_job_naming_it(tmp_path, cache):
     """SIGKILL of the rollout rank mid-run: the trainer stops within the heartbeat timeout (5 s here) with an
     error naming the rank, well before torchrun's 30 s grace period would end it; the job fails. At staleness 2
-    with partial rollouts the rank dies while it holds samples of two steps in flight."""
+    with partial rollouts (the rank's one server path serves every staleness) it dies while it holds samples of
+    two steps in flight."""
     run_dir = tmp_path / "run"
     proc = start_torchrun("train_recorded.py", "--kill-rollout-at-step", "1",
-                          *train_args(run_dir, cache, *(OFF_POLICY if staleness == 1 else IN_FLIGHT)), nproc=2)
+                          *train_args(run_dir, cache, *IN_FLIGHT), nproc=2)
     try:
         output, _ = proc.communicate(timeout=300)
     finally:
@@ -384,9 +355,8 @@ IN_FLIGHT = [*RLP[:2], "objective.rlp_thought_max_tokens=7", *SPLIT, "rollout.ma
 
 @pytest.fixture(scope="module")
 def in_flight(tmp_path_factory, cache):
-    run_dir = tmp_path_factory.mktemp("in_flight") / "run"
-    train(run_dir, cache, *IN_FLIGHT, nproc=2)
-    return run_dir
+    """One uninterrupted run at max_staleness 2 with partial rollouts, a checkpoint after every step."""
+    return uninterrupted(tmp_path_factory, cache, "in_flight", IN_FLIGHT)
 
 
 @pytest.mark.slow
@@ -432,9 +402,12 @@ def test_in_flight_tokens_carry_the_version_that_sampled_them(in_flight, tmp_pat
 
 @pytest.mark.slow
 def test_stop_with_partial_samples_in_flight_resumes_bit_exact(in_flight, tmp_path, cache):
-    """SIGTERM after step 1 of the staleness-2 run: the trainers receive the next batch, save it with the rollout
-    rank's partial samples (rows cut mid-thought, versions per token), stop the rollout rank, exit 75. The
-    resumed run hands the samples back and trains exactly what the uninterrupted run did."""
+    """SIGTERM to every rank (as SLURM sends it) after step 1 of the staleness-2 run: the trainers finish their step,
+    receive the next batch, save it with the rollout rank's partial samples (rows cut mid-thought, versions per
+    token), stop the rollout rank, and the job exits 75 (stopped, resubmit: megatron_pz.runtime.preemption)
+    through the launcher. The resumed run hands the samples back and trains exactly what the uninterrupted run
+    did, the saved batch first. (The rollout rank has one server path for every staleness; staleness 1 resumes
+    through the same code with nothing requested ahead.)"""
     import torch
 
     from megatron_pz.runtime.preemption import EXIT_STOPPED
@@ -449,16 +422,20 @@ def test_stop_with_partial_samples_in_flight_resumes_bit_exact(in_flight, tmp_pa
     finally:
         kill_tree(proc.pid)
     assert proc.returncode == EXIT_STOPPED, output[-6000:]
+    assert "(the batch in flight saved, with the partial samples): checkpoint of step" in output
+    assert json.loads((run_dir / "stop.json").read_text())["signal"] == "SIGTERM"
     stopped = int((run_dir / "checkpoints" / "latest_checkpointed_iteration.txt").read_text())
     assert 1 <= stopped < 4
     folder = run_dir / "checkpoints" / f"iter_{stopped:07d}"
     common = torch.load(folder / "common.pt", weights_only=False)
     meta = common["pz_common"]["extra_state"]["rollout_batch"]
     assert meta["step"] == stopped and sorted(meta["requested"]) == [stopped + 1]
-    per_rank = [p for p in folder.rglob("*rank*0*") if p.is_file()]
-    assert per_rank  # the snapshot travels pickled inside training rank 0's per-rank state
+    assert meta["version"] == max(stopped - 2, 0)  # requested two steps ahead
     out = train(run_dir, cache, *IN_FLIGHT, nproc=2)
     assert f"resumed from {folder}" in out
+    handed = re.search(rf"resume: steps {stopped + 2} in flight handed back to the rollout ranks: (\d+) samples, "
+                       r"(\d+) of them partial \((\d+) tokens kept\)", out)
+    assert handed and int(handed[1]) == 8 and int(handed[2]) > 0 and int(handed[3]) > 0, out[-3000:]
     assert updates(run_dir) == updates(in_flight)
     _, resumed = rl_records(run_dir)
     _, reference = rl_records(in_flight)
@@ -471,7 +448,7 @@ def test_driver_defers_unfinished_units_and_delivers_them_later():
     """The rollout rank's lockstep with partial rollouts, on the real hf engine whose end-of-text logit is raised
     so thoughts end at random lengths (a long tail in miniature): after each window the oldest step is delivered
     with the units done; unfinished ones are deferred and arrive in a later batch; nothing is lost or doubled, and
-    every token of a delivered unit carries the version of its window."""
+    every token of a delivered unit carries the version of its window; no unit is deferred past max_staleness."""
     from test_stream import draft_rows, objective_of, passages_of, tiny_engine, tiny_tokenizer
 
     from megatron_pz.disagg.protocol import Generate, Generated
@@ -501,9 +478,10 @@ def test_driver_defers_unfinished_units_and_delivers_them_later():
             self.sent.append(message)
 
     me = Rank()
-    driver = Driver(me, Stream(engine, objective, tok, passages, window_tokens=2), WorkSplit(4, 1, 1, per_passage=True))
+    driver = Driver(me, Stream(engine, objective, tok, passages, window_tokens=2), WorkSplit(4, 1, 1, per_passage=True),
+                    max_staleness=2)
     delivered, deferred_seen, late = [], 0, 0
-    for step in range(4):
+    for step in range(2):  # the trainers' schedule at N = 2: two steps requested ahead, then one per delivery
         driver.request(Generate(step, me.version, list(range(4 * step, 4 * step + 4))))
     for step in range(4):
         driver.resume()
@@ -517,7 +495,10 @@ def test_driver_defers_unfinished_units_and_delivers_them_later():
         for (s, _), draft in message.drafts.items():
             for _, _, versions in draft_rows(draft):
                 assert set(versions) <= set(range(me.version + 1))
-        me.version += 1  # the trainers' next weights
+                assert step - min(versions) <= 2  # deferred only within max_staleness: never dropped for it
+        me.version = step  # batch `step` received: the trainers push v_step and request step + 2 from it
+        if step + 2 < 4:
+            driver.request(Generate(step + 2, me.version, list(range(4 * step + 8, 4 * step + 12))))
     assert len(delivered) == len(set(delivered))  # nothing doubled
     assert sorted(delivered + driver.deferred) == [(s, u) for s in range(4) for u in range(4)]  # nothing lost
     assert deferred_seen >= 1 and late >= 1

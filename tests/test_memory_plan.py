@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from megatron_pz.memory_plan import (GIB, Layout, ParamSpec, Shapes, check_at_startup, chunk_params, ddp_buffer,
-                                     max_sequence_length, owned_elements, plan_run)
+                                     max_sequence_length, owned_elements, plan_rollout_ranks, plan_run,
+                                     render)
 from megatron_pz.model import load_hf_config
 from megatron_pz.memory_plan.cli import plan_config
 from megatron_pz.config import ConfigError
@@ -237,3 +238,56 @@ def test_cpu_plan_counts_the_host_process_and_vllm_runtime():
         assert names["vLLM CPU runtime beyond weights and KV cache (measured)"] == CPU_VLLM_RUNTIME_BYTES
     assert not any(t.name.startswith(("host process", "vLLM CPU")) for ph in gpu.phases for t in ph.terms)
     assert any("no sleep mode" in note for note in cpu.notes)
+
+
+def _rollout_rank_plan(*overrides: str, staleness: int, window: int, device: str = "cpu"):
+    cfg = load_run_config(ROOT / "examples" / "tiny_cpu.yaml",
+                          ["rollout.placement=disaggregated", "rollout.ranks=2", "runtime.world_size=3", *overrides])
+    # set on the object: rollout.max_staleness > 1 and rollout.partial_rollout_tokens (issue 30) are checked by
+    # the config's own validation where they are defined
+    cfg.rollout.max_staleness, cfg.rollout.partial_rollout_tokens = staleness, window
+    hf = load_hf_config(dict(cfg.model.architecture))
+    return plan_rollout_ranks(cfg, hf, 24 * GIB, device)
+
+
+def test_rollout_rank_counts_the_rows_in_flight():
+    """Issue 30 item 4: a rollout rank holds max_staleness + 1 steps of its rows at once (their KV at full length
+    inside the engine's cache, their token ids / log-probs / versions on the host), by hand for the tiny default
+    (PretrainZero 4 x (1 + 4) = 20 samples per passage, 8 passages over 2 rollout ranks: 80 rows a step; prompt 512
+    + response 16 + 8 = 536 tokens; K and V of 4 layers x 2 KV heads x 32 dims in fp32 = 2,048 bytes a token)."""
+    import sys
+
+    from megatron_pz.memory_plan.plan import ROW_PROMPT_TOKEN_BYTES, ROW_RESPONSE_TOKEN_BYTES
+
+    # the row's Python lists: a slot + an int id (28 bytes above the small-int cache) / a float log-prob (24)
+    assert ROW_PROMPT_TOKEN_BYTES == 8 + sys.getsizeof(2**20) == 36
+    assert ROW_RESPONSE_TOKEN_BYTES == 3 * 8 + 2 * sys.getsizeof(2**20) + sys.getsizeof(0.5) == 104
+    # vLLM on CPU, max_staleness 3 (4 steps), 16-token windows: 320 rows of 640 tokens (5 blocks of 128)
+    plan = _rollout_rank_plan("rollout.engine=vllm", staleness=3, window=16)
+    terms = {t.name: t.bytes for t in plan.phases[0].terms}
+    cache = 64 * 640 * 2048  # the engine's cache: rollout.max_batch_size=64 sequences of 640 tokens
+    assert 4 * 80 * 640 * 2048 == 419_430_400 > cache == 83_886_080  # more than the cache: it holds 64 at once
+    assert terms["KV of the rows in flight (4 steps x 80 rows x 536 tokens)"] == cache
+    assert terms["vLLM KV cache (64 sequences x 536 tokens): the rest"] == 0
+    assert not any(name.startswith("vLLM KV cache") and "the rest" not in name for name in terms)
+    assert any("need 0.39 GiB of KV at full length (320 rows" in n and "holds 64 of them at once" in n
+               for n in plan.notes), plan.notes
+    (host,) = plan.host_terms
+    assert host.name == ("rows in flight (320): prompt + token ids, log-probs, versions (partial rows kept between "
+                         "16-token windows)")
+    assert host.bytes == 320 * (512 * 36 + 16 * 104) == 6_430_720
+    # on-policy (one step) with a cache of 128 sequences: the 80 rows fit, the rest of the cache is shown apart
+    plan = _rollout_rank_plan("rollout.engine=vllm", "rollout.max_batch_size=128", staleness=0, window=0)
+    terms = {t.name: t.bytes for t in plan.phases[0].terms}
+    assert terms["KV of the rows in flight (1 steps x 80 rows x 536 tokens)"] == 80 * 640 * 2048 == 104_857_600
+    assert terms["vLLM KV cache (128 sequences x 536 tokens): the rest"] == 48 * 640 * 2048
+    assert not any("of KV at full length" in n for n in plan.notes)
+    assert plan.host_terms[0].bytes == 80 * (512 * 36 + 16 * 104)
+    assert "(rows kept until delivered)" in plan.host_terms[0].name
+    # the hf engine (no blocks): max_staleness 1, 160 rows of 536 tokens against its 64-sequence cache
+    plan = _rollout_rank_plan("rollout.engine=hf", staleness=1, window=0)
+    terms = {t.name: t.bytes for t in plan.phases[0].terms}
+    assert terms["KV of the rows in flight (2 steps x 80 rows x 536 tokens)"] == 64 * 536 * 2048
+    assert terms["hf engine KV cache (64 sequences x 536): the rest"] == 0
+    assert any("holds 64 of them at once" in n for n in plan.notes)
+    assert "KV of the rows in flight (2 steps x 80 rows x 536 tokens)" in render(plan)

@@ -30,3 +30,23 @@ def test_gpu_extra_is_a_set_that_installs_with_torch_2_13():
     te = gpu["transformer-engine"]
     assert "pytorch" in te.extras and str(te.specifier) == "==2.11.0"
     assert "2.11.0" in SpecifierSet(">=2.9.0a0,<2.12.0")  # megatron-core 0.16.1's supported TE range
+
+
+def test_transformers_models_load_without_scikit_learn_unless_asked():
+    """megatron_pz.runtime.lean_imports: importing megatron_pz, then a transformers model class, leaves scikit-learn
+    unimported (transformers' generation module would import it: ~1 s of every process's start-up); with
+    MEGATRON_PZ_TRANSFORMERS_SKLEARN=1 transformers imports it as usual (it is installed here: lm-eval's)."""
+    import os
+    import subprocess
+    import sys
+
+    probe = ("import sys, megatron_pz; from transformers import AutoModelForCausalLM, Qwen3ForCausalLM; "
+             "import transformers.generation.candidate_generator as g; print('sklearn' in sys.modules, "
+             "g.is_sklearn_available())")
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    env.pop("MEGATRON_PZ_TRANSFORMERS_SKLEARN", None)
+    lean = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, check=True)
+    assert lean.stdout.split() == ["False", "False"], lean.stdout + lean.stderr
+    usual = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True,
+                           env={**env, "MEGATRON_PZ_TRANSFORMERS_SKLEARN": "1"})
+    assert usual.stdout.split() == ["True", "True"], usual.stdout + usual.stderr

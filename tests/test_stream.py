@@ -219,3 +219,24 @@ def test_staleness_without_versions_uses_the_batch_version():
     bad.response_ids = [1, 2, 3]
     with pytest.raises(ValueError, match="2 token versions for 3 response tokens"):
         apply_staleness([bad], 4, 3, 1)
+
+
+def test_engines_that_cannot_cut_rows_run_each_call_whole():
+    """An engine whose rows cannot be cut (vLLM over several ranks or capturing MoE routes says so with
+    ``rows_in_windows = False``) gets each unit's engine call as one ``generate``: the drafts equal the direct
+    run, one version per sample; partial rollouts are refused with that engine."""
+    from megatron_pz.config import ConfigError
+
+    tok = tiny_tokenizer()
+    engine, objective, passages = tiny_engine(tok), objective_of(tok, "mixture"), passages_of(tok)
+    engine.rows_in_windows = False
+    stream = Stream(engine, objective, tok, passages)
+    stream.add(5, 0, [0, 1, 2, 3])
+    stream.settle()
+    run_to_end(stream, version=3)
+    got = draft_rows(stream.pop([(5, 0)])[(5, 0)])
+    direct = draft_rows(split.generate(objective, passages, engine, 5))
+    assert [(t, lp) for t, lp, _ in got] == [(t, lp) for t, lp, _ in direct] and got
+    assert all(v == [3] * len(t) for t, _, v in got)
+    with pytest.raises(ConfigError, match="rollout.partial_rollout_tokens needs a rollout engine that continues"):
+        Stream(engine, objective, tok, passages, window_tokens=4)

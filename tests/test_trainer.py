@@ -53,9 +53,16 @@ def rl_records(run_dir):
     return records, {r["step"]: r for r in records if r["phase"] == "rl"}
 
 
-def test_end_to_end_pretrainzero(tmp_path, cache):
-    full = tmp_path / "full"
-    out = train(full, cache, "train.steps=2", "train.save_interval=1", "train.keep_last=1")
+@pytest.fixture(scope="module")
+def end_to_end(tmp_path_factory, cache):
+    """The tiny default end to end (warm start, 2 PretrainZero steps): its warm start also starts every RLP
+    run of this module (:func:`reference`)."""
+    full = tmp_path_factory.mktemp("end_to_end") / "full"
+    return full, train(full, cache, "train.steps=2", "train.save_interval=1", "train.keep_last=1")
+
+
+def test_end_to_end_pretrainzero(tmp_path, end_to_end):
+    full, out = end_to_end
     records, rl = rl_records(full)
     assert sorted(rl) == [1, 2]
     evals = [r for r in records if r["phase"] == "eval"]
@@ -108,11 +115,10 @@ COMMON = ["train.steps=3", "train.save_interval=3", "warm_start.enabled=false", 
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory, cache):
-    """One warm start (its weights start every run below) and a 1-process run from it."""
+def reference(tmp_path_factory, cache, end_to_end):
+    """The end-to-end run's warm start (its weights start every run below) and a 1-process run from it."""
     root = tmp_path_factory.mktemp("reference")
-    train(root / "warm", cache, "train.steps=1", "train.save_interval=1")
-    init = root / "warm" / "warm_start"
+    init = end_to_end[0] / "warm_start"
     train(root / "ref", cache, *COMMON, f"train.init_checkpoint={init}")
     return init, rl_records(root / "ref")[1]
 

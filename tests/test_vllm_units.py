@@ -1,5 +1,6 @@
 """The pieces of the vLLM engine that need no engine: KV-cache sizing (and the memory plan's count of it),
-the process isolation, the shared-memory names, and the real-vLLM tests' skip rule."""
+the process isolation, the shared-memory names, the real-vLLM tests' skip rule, and what generate_rows
+refuses before touching vLLM."""
 
 import os
 import random
@@ -12,6 +13,7 @@ import torch
 
 from megatron_pz.config import ConfigError
 from megatron_pz.model.provider import load_hf_config
+from megatron_pz.rollout.base import Row, SamplingParams
 from megatron_pz.rollout.budget import kv_bytes_per_token, vllm_kv_cache_bytes
 from megatron_pz.rollout.config import RolloutConfig
 from megatron_pz.rollout.vllm_isolation import VllmIsolation, remove_dead_segments, shm_tag
@@ -149,3 +151,20 @@ def test_cpu_head_size_without_a_kernel_is_refused_before_any_work(real_vllm):
     small = load_hf_config(dict(HF.to_dict(), model_type="qwen3", head_dim=16))
     with pytest.raises(ConfigError, match=r"no kernel for head_dim=16 .* supports \[32, 64"):
         check_cpu_head_size(small)
+
+
+@pytest.mark.parametrize("ranks,routes,prefix,message", [
+    ([0, 1], None, [], "rollout.tensor_parallel_size=2: rows continued over windows .*rollout.partial_rollout_tokens"),
+    ([0], "r3", [5], r"MoE route capture \(rollout.routing_replay=r3\) cannot follow a row across windows"),
+], ids=["vllm_tp2_engine", "r3_row_with_a_prefix"])
+def test_vllm_rows_refused_where_unsupported_before_any_work(ranks, routes, prefix, message):
+    """Rows over windows on a vLLM engine spanning several ranks (each rank would have to step the same
+    requests and end each window at the same step) and R3 route capture across windows (an aborted request
+    returns no routes) are refused with the settings to change, before vLLM sees a request."""
+    from megatron_pz.rollout.vllm_engine import VLLMRolloutEngine
+
+    engine = VLLMRolloutEngine.__new__(VLLMRolloutEngine)  # the checks run before any engine state is used
+    engine._engine_ranks, engine.route_shape = ranks, routes
+    row = Row(prompt_ids=[1, 2], params=SamplingParams(max_new_tokens=4), seed=1, token_ids=list(prefix))
+    with pytest.raises(ConfigError, match=message):
+        engine.generate_rows([row], 0)

@@ -40,6 +40,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_pz.disagg.bridge import connect_training_side, push_weights
+from megatron_pz.disagg.roles import DOORBELL_POLL_S
 from megatron_pz.disagg.protocol import (Evaluate, Generate, Hello, PushWeights, Restore, Resume, Snapshot, Stop,
                                          WorkSplit)
 from megatron_pz.eval.heldout import eval_metrics
@@ -98,7 +99,7 @@ class RolloutClient:
         self.answers += 1
         out, seconds, nbytes = [], 0.0, 0
         for i in range(self.n):
-            self.roles.liveness.wait_for_count(f"pz/out/{i}", self.answers, self.peers)
+            self.roles.liveness.wait_for_count(f"pz/out/{i}", self.answers, self.peers, poll=DOORBELL_POLL_S)
             start = time.perf_counter()
             out.append(self.group.recv_object(1 + i))
             seconds += time.perf_counter() - start
@@ -289,6 +290,13 @@ class RolloutSchedule:
             self.next_request = max(steps) + 1 if steps else None
             if requested:
                 self.client.restore(snapshots)
+                if dist.get_rank() == 0:
+                    rows = [r for snap in snapshots.values() for unit in snap["units"].values()
+                            for call in unit["calls"] for r in call]
+                    partial = [r for r in rows if not r.done and r.token_ids]
+                    print(f"resume: steps {', '.join(str(s + 1) for s in sorted(requested))} in flight handed back to "
+                          f"the rollout ranks: {len(rows)} samples, {len(partial)} of them partial "
+                          f"({sum(len(r.token_ids) for r in partial)} tokens kept)", flush=True)
             return
         self.redo = {s: ps for s, (_, ps) in requested.items()}
         if meta.get("step") is not None:

@@ -53,6 +53,14 @@ class Peer:
     name: str
 
 
+# how often a waiting rank reads a message doorbell. Every message costs its sender about this much (a gloo send
+# completes only once the receiver has posted its recv, i.e. has seen the doorbell): at 20 ms the trainer lost
+# ~41 ms per one-step-off-policy step to two messages (bench/bench_async.py, traced). store.wait() would wake at
+# once, but its timeouts (needed to keep watching the peers' heartbeats) log a c10d warning each time; at 5 ms
+# a waiting rank asks the store 200 times a second.
+DOORBELL_POLL_S = 0.005
+
+
 class Liveness:
     """This rank's heartbeat in the job's store, and the watch on the peers a wait depends on.
 

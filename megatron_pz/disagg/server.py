@@ -34,7 +34,7 @@ from megatron_pz.disagg.bridge import connect_rollout_side, receive_weights
 from megatron_pz.disagg.protocol import (Evaluate, Evaluated, Generate, Generated, Hello, PushWeights, Restore,
                                          Resume, Snapshot, Snapshotted, Stop, WorkSplit)
 from megatron_pz.disagg.stream import DONE, Stream
-from megatron_pz.disagg.roles import Roles
+from megatron_pz.disagg.roles import DOORBELL_POLL_S, Roles
 from megatron_pz.eval.heldout import build_eval_items, generate_eval
 from megatron_pz.memory_plan import check_at_startup
 from megatron_pz.model.provider import resolve_hf_config
@@ -59,7 +59,7 @@ class RolloutRank:
 
     def receive(self):
         self.received += 1
-        self.roles.liveness.wait_for_count(f"pz/ctl/{self.index}", self.received, [self.trainer])
+        self.roles.liveness.wait_for_count(f"pz/ctl/{self.index}", self.received, [self.trainer], poll=DOORBELL_POLL_S)
         return self.groups[0].recv_object(0)
 
     def send(self, message) -> None:
@@ -101,7 +101,7 @@ def serve_messages(cfg, roles: Roles) -> dict:
     engine.wake()  # its own device: awake for the whole run
     stream = Stream(engine, build_training_objective(cfg.objective, tokenizer), tokenizer, dataset,
                     cfg.rollout.partial_rollout_tokens)
-    driver = Driver(me, stream, work)
+    driver = Driver(me, stream, work, cfg.rollout.max_staleness)
     eval_items = None
     try:
         while True:
@@ -144,10 +144,14 @@ class Driver:
     step is deliverable, sends that batch and waits for training rank 0 again. A step is deliverable when all
     its units are done; with partial rollouts (``rollout.partial_rollout_tokens``: the per-step token budget of
     each sample, one window) also with the units that are done then, its unfinished units deferred: they join a
-    later batch when done. Each delivery also takes any deferred unit that finished meanwhile."""
+    later batch when done. A unit is deferred only while that keeps it within ``rollout.max_staleness``: the
+    step that will train it minus its oldest token's version (the current weights' for a unit with no token yet)
+    must stay <= N, else the step waits for it (so a long sample is generated in the background for as many
+    steps as the bound allows, never dropped for staleness). Each delivery also takes any deferred unit that
+    finished meanwhile."""
 
-    def __init__(self, me: RolloutRank, stream: Stream, work: WorkSplit):
-        self.me, self.stream, self.work = me, stream, work
+    def __init__(self, me: RolloutRank, stream: Stream, work: WorkSplit, max_staleness: int):
+        self.me, self.stream, self.work, self.max_staleness = me, stream, work, max_staleness
         self.partial = stream.window_tokens > 0
         self.outstanding: list[int] = []  # steps requested and not delivered, oldest first
         self.deferred: list[tuple[int, int]] = []  # units of delivered steps still generating
@@ -180,7 +184,8 @@ class Driver:
         units = self.stream.units_of(step)
         complete = all(t.state == DONE for t in units)
         pending = self.stream.pending_rows()
-        if (self.windows or not pending) and (complete or (self.partial and self._finished_any(step))):
+        if (self.windows or not pending) and (complete or (self.partial and self._finished_any(step)
+                                                           and self._may_defer(step, units))):
             self._deliver(step, units, complete)
             return
         if not pending:
@@ -189,6 +194,17 @@ class Driver:
         target = min(t.step for t in self.stream.tasks.values() if t.state != DONE)
         self.stream.window(self.me.version, lambda: self.stream.rows_done(target))
         self.windows += 1
+
+    def _may_defer(self, step: int, units) -> bool:
+        """Every unfinished unit of ``step`` and every deferred one can wait for a later batch (trained at
+        ``step + 1`` or later) within the staleness bound."""
+        waiting = [t for t in units if t.state != DONE] + [self.stream.tasks[key] for key in self.deferred
+                                                           if self.stream.tasks[key].state != DONE]
+        for task in waiting:
+            versions = [v for call in task.calls for row in call for v in row.versions]
+            if step + 1 - min(versions, default=self.me.version) > self.max_staleness:
+                return False
+        return True
 
     def _finished_any(self, step: int) -> bool:
         return any(t.state == DONE for t in self.stream.units_of(step)) or \

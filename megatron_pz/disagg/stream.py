@@ -28,6 +28,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
+from megatron_pz.config import ConfigError
 from megatron_pz.objectives import split as objective_split
 from megatron_pz.rollout.common import StopChecker, request_rows, row_completion
 
@@ -75,6 +76,13 @@ class Stream:
     def __init__(self, engine, objective, tokenizer, dataset, window_tokens: int = 0):
         self.engine, self.objective, self.tokenizer, self.dataset = engine, objective, tokenizer, dataset
         self.window_tokens = int(window_tokens)  # rollout.partial_rollout_tokens (0: a window runs rows to the end)
+        # an engine that cannot cut rows (vLLM spanning several ranks, or capturing MoE routes: rollout/vllm_engine.py)
+        # runs each unit's engine call whole, as one generate() of its group: no token budget, no in-flight cut
+        self.whole_calls = not getattr(engine, "rows_in_windows", True)
+        if self.whole_calls and self.window_tokens:
+            raise ConfigError("rollout.partial_rollout_tokens needs a rollout engine that continues samples over "
+                              "windows: a vLLM engine of one rank without MoE route capture (set "
+                              "rollout.tensor_parallel_size=1 and rollout.routing_replay=off) or rollout.engine=hf")
         self.tasks: dict[tuple[int, int], UnitTask] = {}
         self.cond = threading.Condition()
         self.tokens = 0  # tokens generated since the last delivery (:meth:`take_stats`)
@@ -147,8 +155,11 @@ class Stream:
         then the units whose rows are all finished continue, and the stream settles again."""
         rows = self.pending_rows()
         before = sum(len(r.token_ids) for r in rows)
-        self.decode_steps += int(self.engine.generate_rows(rows, version, max_new=self.window_tokens or None,
-                                                           until=until_done) or 0)
+        if self.whole_calls:
+            self._whole_calls(version)
+        else:
+            self.decode_steps += int(self.engine.generate_rows(rows, version, max_new=self.window_tokens or None,
+                                                               until=until_done) or 0)
         self.tokens += sum(len(r.token_ids) for r in rows) - before
         self.windows += 1
         with self.cond:
@@ -157,6 +168,24 @@ class Stream:
                     task.waiting, task.state = [], RUNNING
             self.cond.notify_all()
         self.settle()
+
+    def _whole_calls(self, version: int) -> None:
+        """Every blocked unit's engine call through ``engine.generate`` (collective over a vLLM engine group, whose
+        members serve each other's calls in ``finish_phase``), its rows filled from the completions."""
+        for key in sorted(self.tasks):
+            task = self.tasks[key]
+            if task.state != BLOCKED:
+                continue
+            rows = task.calls[-1]
+            if any(r.token_ids for r in rows):
+                raise RuntimeError(f"unit {task.unit} of step {task.step}: partial samples cannot continue on this "
+                                   "engine (a checkpoint of another rollout engine layout); resume with that layout")
+            params = rows[0].params
+            prompts = [rows[i * params.n].prompt_ids for i in range(len(rows) // params.n)]
+            for row, done in zip(rows, [c for group in self.engine.generate(prompts, params) for c in group]):
+                row.token_ids, row.logprobs = list(done.token_ids), list(done.logprobs or [])
+                row.versions, row.finish_reason, row.routes = [version] * len(done.token_ids), done.finish_reason, done.routes
+        self.engine.finish_phase()
 
     def take_stats(self) -> dict[str, float]:
         stats = {"rollout/windows": float(self.windows), "rollout/decode_steps": float(self.decode_steps),

@@ -26,7 +26,11 @@ saying which tensors it counts and where that was read or measured. Three groups
 
 A disaggregated run (``rollout.placement: disaggregated``) gets one plan per role (:func:`plan_split`): the
 training ranks without engine terms (a "weight push" phase holds one packed bucket instead), the rollout
-ranks with their engine awake for the whole run plus one received bucket.
+ranks with their engine awake for the whole run plus one received bucket. A rollout rank holds the rows of
+``rollout.max_staleness`` + 1 requested steps at once (:func:`~.plan.rows_in_flight`): the plan shows the part of
+the engine's KV cache they take at full length (and notes how many run at once when the cache is smaller: the
+others wait for its blocks), and their token ids, log-probs and weight versions as a host term (with
+``rollout.partial_rollout_tokens`` the rows cut at a window's budget wait there for the next window).
 
 Modules: :mod:`.model_state` (parameters, buffers, optimizer), :mod:`.activations` (saved tensors and the
 logits path), :mod:`.routes` (routing replay), :mod:`.plan` (the phases, the verdict, the table, ``train``'s start-up check).

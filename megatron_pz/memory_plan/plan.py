@@ -12,8 +12,9 @@ from megatron_pz.disagg.roles import split_of
 from megatron_pz.memory_plan.activations import Term, scoring_terms, training_activation_terms
 from megatron_pz.memory_plan.model_state import (DTYPE_BYTES, Layout, Shapes, chunk_params, layout_of, total_params,
                                                  worst_model_state)
-from megatron_pz.memory_plan.routes import routing_replay_terms
-from megatron_pz.rollout.budget import vllm_kv_cache_bytes, vllm_max_model_len
+from megatron_pz.memory_plan.routes import routing_replay_terms, samples_per_passage
+from megatron_pz.rollout.budget import (VLLM_CPU_BLOCK_SIZE, kv_bytes_per_token, vllm_kv_cache_bytes,
+                                        vllm_max_model_len)
 from megatron_pz.rollout.config import engine_captures_routes
 
 GIB = 2**30
@@ -24,6 +25,13 @@ DEFAULT_MIN_MARGIN = 0.10  # shipped configs keep >= 10 % of the device free (se
 # vLLM's CPU runtime beyond its weights and KV cache (0.06-0.5 GiB measured with SmolLM2-135M, fp32/bf16).
 CPU_HOST_PROCESS_BYTES = 0.65 * GIB
 CPU_VLLM_RUNTIME_BYTES = 0.5 * GIB
+# vLLM 0.32.0's block size on CUDA when none is set (config/cache.py); a sequence holds its KV in whole blocks
+VLLM_GPU_BLOCK_SIZE = 16
+# A rollout rank keeps each row in flight as Python lists (rollout/base.py ``Row``): a list slot (8 bytes)
+# plus the object, ``sys.getsizeof`` of an int id / version (28, above the small-int cache) or a float
+# log-prob (24). Prompt tokens hold an id; generated tokens an id, a log-prob and a weight version.
+ROW_PROMPT_TOKEN_BYTES = 8 + 28
+ROW_RESPONSE_TOKEN_BYTES = (8 + 28) + (8 + 24) + (8 + 28)
 
 
 # ====================================================================== the plan
@@ -263,19 +271,109 @@ def plan_rollout_ranks(cfg, hf, device_bytes: float, device: str = "cuda",
                        min_margin: float = DEFAULT_MIN_MARGIN) -> MemoryPlan:
     """A rollout rank of a disaggregated run: its engine, awake for the whole run (no actor shares the
     device, so no sleep), plus the bucket being received. The engine's terms are the colocated plan's
-    (:func:`rollout_engine_terms`; the ``hf`` copy is in the actor's dtype, which the trainers send)."""
+    (:func:`rollout_engine_terms`; the ``hf`` copy is in the actor's dtype, which the trainers send).
+
+    The rows it holds at once (:func:`rows_in_flight`): the engine's KV cache is shown as the part the rows
+    in flight take at full length and the rest (the sum is what the engine allocates); when they need more
+    than the cache holds, a note says how many run at once (the others wait for blocks, they are not lost).
+    Their token ids, log-probs and versions are a host term."""
     s = Shapes.from_hf(hf)
     lay = layout_of(cfg.parallel, cfg.parallel.tp * cfg.parallel.pp * cfg.parallel.cp)
-    awake, _, _, problems = rollout_engine_terms(cfg, s, lay, 0, device_bytes, params_dtype_bytes(cfg.model, device),
-                                                 max_sequence_length(cfg), hf, on_cpu=device != "cuda")
+    p = params_dtype_bytes(cfg.model, device)
+    awake, _, _, problems = rollout_engine_terms(cfg, s, lay, 0, device_bytes, p, max_sequence_length(cfg), hf,
+                                                 on_cpu=device != "cuda")
     terms = [t for t in awake if not t.name.startswith("weight-sync bucket")]
+    flight = rows_in_flight(cfg, hf, p, on_cpu=device != "cuda")
+    terms, note = split_kv_for_rows_in_flight(terms, flight)
     terms.append(bridge_bucket_term(cfg.rollout, "received, then loaded"))
     plan = MemoryPlan(device_bytes=device_bytes, min_margin=min_margin, world=cfg.rollout.ranks, layout=lay, stage=0,
-                      phases=[Phase("rollout", terms)], host_terms=[], problems=problems, role="rollout ranks")
+                      phases=[Phase("rollout", terms)], host_terms=[flight.host_term()], problems=problems,
+                      role="rollout ranks")
     plan.notes.append(f"{cfg.rollout.ranks} rollout ranks, engine {cfg.rollout.engine}"
                       + (f" (TP {cfg.rollout.tensor_parallel_size})" if cfg.rollout.engine == "vllm" else "")
                       + ": awake for the whole run, no Megatron model")
+    if note:
+        plan.notes.append(note)
     return plan
+
+
+@dataclass
+class RowsInFlight:
+    """What one rollout rank of a disaggregated run holds at once: the rows of ``steps`` = max_staleness + 1
+    requested steps (the trainer keeps ``rollout.max_staleness`` steps requested ahead), ``rows_per_step`` of
+    them per step (this rank's passages x the objectives' samples per passage, the worst phase / component),
+    each up to ``tokens`` = prompt + longest response (+ 8) long, in KV blocks of ``block`` tokens."""
+
+    steps: int
+    rows_per_step: int
+    tokens: int
+    block: int
+    kv_per_token: int
+    prompt_tokens: int
+    response_tokens: int
+    window: int  # rollout.partial_rollout_tokens (0: rows are not cut into windows)
+
+    @property
+    def rows(self) -> int:
+        return self.steps * self.rows_per_step
+
+    @property
+    def kv_per_row(self) -> int:
+        return -(-self.tokens // self.block) * self.block * self.kv_per_token
+
+    @property
+    def kv_bytes(self) -> int:
+        return self.rows * self.kv_per_row
+
+    @property
+    def host_bytes(self) -> int:
+        return self.rows * (self.prompt_tokens * ROW_PROMPT_TOKEN_BYTES + self.response_tokens * ROW_RESPONSE_TOKEN_BYTES)
+
+    def host_term(self) -> Term:
+        kept = (f"partial rows kept between {self.window}-token windows" if self.window
+                else "rows kept until delivered")
+        return Term(f"rows in flight ({self.rows}): prompt + token ids, log-probs, versions ({kept})",
+                    self.host_bytes, "rollout.max_staleness, train.passages_per_step")
+
+
+def rows_in_flight(cfg, hf, p: int, on_cpu: bool) -> RowsInFlight:
+    """The rows a rollout rank holds at once (``rollout.max_staleness`` + 1 steps of its passages' samples)
+    and their KV per token on its engine (vLLM: its dtype and TP, whole blocks; ``hf``: a full copy in the
+    actor's dtype ``p``, KV of every head)."""
+    r = cfg.rollout
+    per_passage = max(samples_per_passage(leaf) for leaf in cfg.objective.leaves())
+    rows_per_step = -(-cfg.train.passages_per_step // max(1, r.ranks)) * per_passage
+    if r.engine == "vllm":
+        kv_per_token = kv_bytes_per_token(hf, r.tensor_parallel_size, DTYPE_BYTES.get(r.dtype, p))
+        block = VLLM_CPU_BLOCK_SIZE if on_cpu else VLLM_GPU_BLOCK_SIZE
+    else:
+        kv_per_token, block = kv_bytes_per_token(hf, 1, p), 1
+    return RowsInFlight(steps=r.max_staleness + 1, rows_per_step=rows_per_step, tokens=max_sequence_length(cfg),
+                        block=block, kv_per_token=kv_per_token, prompt_tokens=cfg.train.max_prompt_tokens,
+                        response_tokens=cfg.objective.longest_response(),
+                        window=r.partial_rollout_tokens)
+
+
+def split_kv_for_rows_in_flight(terms: list[Term], flight: RowsInFlight) -> tuple[list[Term], str]:
+    """The engine's KV cache term as two terms: what the rows in flight
+    take at full length, and the rest of the cache; their sum is the cache the engine allocates. The note
+    (empty when all fit) says how many rows run at once when the cache is smaller than they need."""
+    out, note = [], ""
+    for t in terms:
+        if not t.name.startswith(("vLLM KV cache", "hf engine KV cache")) or t.bytes <= 0:
+            out.append(t)
+            continue
+        held = min(flight.kv_bytes, t.bytes)
+        out.append(Term(f"KV of the rows in flight ({flight.steps} steps x {flight.rows_per_step} rows x "
+                        f"{flight.tokens} tokens)", held, "rollout.max_staleness, train.passages_per_step"))
+        out.append(Term(f"{t.name}: the rest", t.bytes - held, t.knob, t.note))
+        if flight.kv_bytes > t.bytes:
+            at_once = int(t.bytes // flight.kv_per_row)
+            note = (f"the rows in flight need {flight.kv_bytes / GIB:.2f} GiB of KV at full length "
+                    f"({flight.rows} rows = rollout.max_staleness + 1 = {flight.steps} steps x {flight.rows_per_step} "
+                    f"rows, {flight.tokens} tokens each); the engine's KV cache ({t.bytes / GIB:.2f} GiB) holds "
+                    f"{at_once} of them at once, the others wait for its blocks ({t.knob} raises it)")
+    return out, note
 
 
 @dataclass

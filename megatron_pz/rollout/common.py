@@ -4,7 +4,9 @@ EOS ids and stop strings, and the dtype/device an engine's own copy of the weigh
 The three engines (:mod:`.megatron_engine`, :mod:`.hf_engine`, :mod:`.vllm_engine`) draw the same samples for
 the same request because they share these rules: one noise stream per (seed, prompt, sample index)
 (:func:`row_seed`), whose k-th sampled token uses generator :func:`seeded_generator` ``(row seed, k)``, whatever
-the batching or the data-parallel layout.
+the batching or the data-parallel layout. A sample generated over several calls (windows) is a
+:class:`~megatron_pz.rollout.base.Row`: :func:`request_rows` makes a call's rows, :func:`row_completion` turns a
+finished one into a :class:`~megatron_pz.rollout.base.Completion`.
 """
 
 from __future__ import annotations

