@@ -10,7 +10,8 @@ torchrun; the period of an RL step is the wall time between the logs of steps 3 
 one core (`os.sched_setaffinity`): the trainer to core 0, the rollout rank to core 1.
 
 (a) Thoughts of 2 tokens (generation is nearly free) and a fixed latency added to every rollout phase (a
-    sleep at its end, on whichever process runs the engine: a stand-in for a GPU engine whose latency does
+    sleep at its end, on whichever process runs the engine: colocated, the phase's ``finish_phase``; on a rollout
+    rank, each decode window of its stream, one per step here; a stand-in for a GPU engine whose latency does
     not compete with the trainer for the CPU), set to 0.5, 1 and 2 times the update time T that a first
     colocated run measures.
 (b) The real `hf` engine (no sleep) on core 1 and the trainer on core 0, against the best synchronous
@@ -90,6 +91,14 @@ def worker(argv: list[str]) -> int:
             return finish(self)
 
         HFRolloutEngine.finish_phase = slow_finish
+        rows = HFRolloutEngine.generate_rows
+
+        def slow_rows(self, *args, **kwargs):  # a rollout rank's stream ends no phase: its windows are its
+            steps = rows(self, *args, **kwargs)  # phases (one per RL step here: RLP's one stage, 2-token thoughts)
+            time.sleep(latency)
+            return steps
+
+        HFRolloutEngine.generate_rows = slow_rows
     log = MetricsLogger.log
 
     def timed_log(self, step, metrics, phase="rl"):
