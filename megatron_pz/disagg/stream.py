@@ -202,9 +202,6 @@ class Stream:
         """Every row that step ``step``'s units are blocked on is finished (a window may end there)."""
         return all(r.done for t in self.units_of(step) for r in t.waiting)
 
-    def finished(self, before_or_at: int) -> list[UnitTask]:
-        return [t for key, t in sorted(self.tasks.items()) if key[0] <= before_or_at and t.state == DONE]
-
     def pop(self, keys) -> dict[tuple[int, int], Any]:
         """Hand over the drafts of finished units (they leave the stream)."""
         out = {}
