@@ -12,6 +12,7 @@ import json
 import os
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -63,9 +64,17 @@ def kill_rollout_at(step: int, run_dir: Path) -> None:
 
     original = split.generate
 
+    # Every unit thread of the rank reaches the step: the first writes the time and kills, the others wait on the
+    # lock (never released) for the SIGKILL. Written once and renamed: a second thread's truncating open once raced
+    # the kill and left the file empty.
+    first = threading.Lock()
+
     def generate(objective, passages, engine, at_step):
         if at_step == step and os.environ.get("PZ_ROLE") == "rollout":
-            (run_dir / "killed_at").write_text(str(time.time()))
+            first.acquire()
+            stamp = run_dir / "killed_at.tmp"
+            stamp.write_text(str(time.time()))
+            os.replace(stamp, run_dir / "killed_at")
             os.kill(os.getpid(), signal.SIGKILL)
         return original(objective, passages, engine, at_step)
 
