@@ -50,3 +50,57 @@ def test_transformers_models_load_without_scikit_learn_unless_asked():
     usual = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True,
                            env={**env, "MEGATRON_PZ_TRANSFORMERS_SKLEARN": "1"})
     assert usual.stdout.split() == ["True", "True"], usual.stdout + usual.stderr
+
+
+def test_megatron_core_imports_without_torch_compile_until_a_fused_kernel_runs():
+    """megatron_pz.runtime.lean_imports: importing megatron_pz, then the trainer (all of megatron-core), leaves
+    TorchDynamo unimported (megatron-core's ``jit_fuser = torch.compile`` decorations imported it and Inductor:
+    1.6 s of every process's start-up); a decorated fused kernel (Megatron's swiglu) goes through the real
+    torch.compile on its first call (Dynamo imported then; stance force_eager, so that no C++ compiler is needed)
+    and gives the eager formula. With MEGATRON_PZ_TORCH_COMPILE_AT_IMPORT=1 megatron-core is left alone."""
+    import os
+    import subprocess
+    import sys
+
+    probe = ("import sys, torch, megatron_pz, megatron_pz.train.trainer; import megatron.core.jit as jit; "
+             "before = 'torch._dynamo' in sys.modules; "
+             "from megatron.core.fusions.fused_bias_swiglu import swiglu; "
+             "torch.compiler.set_stance('force_eager'); y = torch.randn(3, 8); a, b = y.chunk(2, -1); "
+             "same = torch.equal(swiglu(y), torch.nn.functional.silu(a) * b); "
+             "print(before, jit.jit_fuser is torch.compile, same, 'torch._dynamo' in sys.modules)")
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    env.pop("MEGATRON_PZ_TORCH_COMPILE_AT_IMPORT", None)
+    lean = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, check=True)
+    assert lean.stdout.split() == ["False", "False", "True", "True"], lean.stdout + lean.stderr
+    usual = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True,
+                           env={**env, "MEGATRON_PZ_TORCH_COMPILE_AT_IMPORT": "1"})
+    assert usual.stdout.split() == ["True", "True", "True", "True"], usual.stdout + usual.stderr
+
+
+def test_compile_on_first_call_passes_the_options_once():
+    """The deferral itself, on a recording stand-in for torch.compile (the real one is checked above and by every
+    MoE run, whose router calls a jit_fuser-decorated function): decorating compiles nothing; the first call
+    compiles once with the decorator's options, under both decorator forms; every call runs the compiled
+    function."""
+    from megatron_pz.runtime.lean_imports import compile_on_first_call
+
+    compiled = []
+
+    def fake_compile(fn, **options):
+        compiled.append((fn.__name__, options))
+        return lambda *a, **k: ("compiled", fn(*a, **k))
+
+    deferred = compile_on_first_call(fake_compile)
+
+    @deferred
+    def plain(x):
+        return x + 1
+
+    @deferred(dynamic=False)
+    def with_options(x, y=0):
+        return x * y
+
+    assert compiled == [] and plain.__name__ == "plain" and with_options.__wrapped__(2, y=3) == 6
+    assert plain(1) == ("compiled", 2) and plain(2) == ("compiled", 3)
+    assert with_options(2, y=3) == ("compiled", 6)
+    assert compiled == [("plain", {}), ("with_options", {"dynamic": False})]
