@@ -297,7 +297,10 @@ def test_config_refusals_and_the_former_key():
 def test_real_actor_at_two_data_parallel_ranks_matches_the_hand_formulas():
     """tests/workers/rollout_correction_dp.py: a real Megatron actor, DP = 2, several micro-batches per rank;
     the logged loss and token count of token rejection (token mean and per-sample mean) and of bypass equal
-    their hand formulas, and two PPO mini-batches train the kept tokens only."""
+    their hand formulas, two PPO mini-batches train the kept tokens only, a rejection of every token skips the
+    optimizer step, and with one rank's every token rejected the logged rollout_corr/* are the hand values over
+    both ranks' tokens (they once saw one column of the rejected rank's rows: the logits window started at the
+    first token in the loss, and a rejected token is out of it)."""
     from multiproc import run_torchrun
 
     out = run_torchrun("rollout_correction_dp.py", nproc=2, timeout=300)

@@ -197,15 +197,16 @@ class Actor:
         self.optimizer.reload_model_params()
 
     def logits_window(self, mb: MicroBatch) -> int:
-        """First position whose logits a training step needs: the one predicting the first trained token
-        (rounded down to :attr:`sequence_multiple`). An RL row trains on its response only (Random RLPT on
+        """First position whose logits a training step needs: the one predicting the first trained token, or the
+        first token the rollout correction rejected (its metrics count them), rounded down to
+        :attr:`sequence_multiple`. An RL row trains on its response only (Random RLPT on
         SmolLM2: ~10 of ~170 tokens), so the output layer, the loss's softmax over 49,152 tokens and the
         entropy skip the prompt (update ~25 % faster there). 0 where the sequence is split across ranks
         before the output layer (sequence or context parallel) and off with ``logits_window = False``."""
         config = self.transformer_config
         if not self.use_logits_window or config.sequence_parallel or config.context_parallel_size > 1:
             return 0
-        start = max(0, mb.first_loss_column() - 1)
+        start = max(0, mb.first_needed_column() - 1)
         return start - start % self.sequence_multiple
 
     # ------------------------------------------------------------------ schedule

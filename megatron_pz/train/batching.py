@@ -59,9 +59,13 @@ class MicroBatch:
                           {k: v.to(device) for k, v in self.per_token.items()}, self.lengths, self.indices,
                           self.routes)
 
-    def first_loss_column(self) -> int:
-        """The first column any row trains on (the width when none does)."""
-        cols = torch.nonzero(self.loss_mask.sum(0) > 0)
+    def first_needed_column(self) -> int:
+        """The first column any row trains on or the rollout correction counts (a token it rejected has left the
+        loss mask but stays in its metrics: ``per_token["rejected"]``); the width when there is none."""
+        needed = self.loss_mask.sum(0) > 0
+        if "rejected" in self.per_token:
+            needed |= self.per_token["rejected"].sum(0) > 0
+        cols = torch.nonzero(needed)
         return int(cols[0]) if len(cols) else self.input_ids.shape[1]
 
     def columns_from(self, start: int) -> "MicroBatch":

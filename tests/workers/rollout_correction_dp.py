@@ -10,7 +10,11 @@ offsets and advantages (the update is one step, so the clip's decoupled ratio is
   mean over samples of their kept-token means (seq_mean_token_mean), and the trained token count is the kept one;
 * bypass: the clip sees r_t = pi_theta / pi_b = rho_t (dual clip at 3); every token counts;
 * two PPO mini-batches: the rejection is decided once, before the first: both steps train the kept tokens only;
-* a rejection of every token on both ranks: the optimizer step is skipped (weights bit-identical, counted).
+* a rejection of every token on both ranks: the optimizer step is skipped (weights bit-identical, counted);
+* every token of one rank rejected, the other rank's kept: the step trains the kept rank's tokens, and the logged
+  ``rollout_corr/*`` (tokens, samples, rejected fractions, k1, k3) are the hand values over both ranks' real
+  response tokens (the rejected rank's rows are in its micro-batches with no token in the loss; no padding
+  micro-batch adds to them).
 """
 
 import math
@@ -26,6 +30,7 @@ from megatron_pz.rl.types import Experience
 from megatron_pz.runtime import initialize
 from megatron_pz.train.actor import Actor
 from megatron_pz.rl.config import RejectionConfig, RolloutCorrectionConfig
+from megatron_pz.rl.rollout_correction import correction_metrics
 from megatron_pz.run_config import GrpoConfig
 from megatron_pz.train.losses import token_logprobs_at_temperature
 from megatron_pz.train.update import experiences_to_sequences, grpo_update, make_grpo_loss_fn, token_means
@@ -47,7 +52,13 @@ def offsets(i: int, n: int) -> list[float]:
     return out
 
 
-def experiences(actor, loss_agg: str) -> list:
+def one_rank_out(i: int, n: int) -> list[float]:
+    """Every token of the odd samples (data-parallel rank 1's share) at rho = 20 (rejected); the even ones as in
+    :func:`offsets` (kept)."""
+    return [3.0] * n if i % 2 else offsets(i, n)
+
+
+def experiences(actor, loss_agg: str, offsets_of=offsets) -> list:
     """This rank's share (every other sample) with rollout log-probs = the actor's now - offset."""
     rng = random.Random(7)
     everything = []
@@ -64,7 +75,7 @@ def experiences(actor, loss_agg: str) -> list:
                 e = mine[idx]
                 start = values[r, len(e.prompt_ids):length].tolist()
                 i = everything.index(e)
-                e.rollout_logprobs = [s - o for s, o in zip(start, offsets(i, len(e.response_ids)))]
+                e.rollout_logprobs = [s - o for s, o in zip(start, offsets_of(i, len(e.response_ids)))]
     return mine
 
 
@@ -124,7 +135,24 @@ def main():
     assert summed["skipped_steps"] == 1.0 and batches == [] and result.grad_norm == 0.0, summed
     assert actor.scheduler.num_steps == steps_before
     assert all(torch.equal(a, p) for a, p in zip(before, (p for c in actor.chunks for p in c.parameters())))
+    # rank 1 rejects every token, rank 0 none: one optimizer step on rank 0's tokens; the correction's metrics are
+    # the hand values over both ranks' real response tokens
+    grpo = GrpoConfig(rollout_correction=mis)
+    summed, result, _ = grpo_update(actor, experiences(actor, "token_mean", one_rank_out), grpo,
+                                    make_grpo_loss_fn(grpo), MAX_TOKENS, 0, group)
+    lengths = [3 + i % 4 for i in range(len(ADVANTAGES))]
+    xs = [x for i, n in enumerate(lengths) for x in one_rank_out(i, n)]
+    odd = sum(n for i, n in enumerate(lengths) if i % 2)
+    got, hand = correction_metrics(summed), {
+        "tokens": len(xs), "samples": len(lengths), "rejected_tokens": odd / len(xs), "rejected_samples": 0.5,
+        "k1": sum(-x for x in xs) / len(xs), "k3": sum(math.exp(x) - 1 - x for x in xs) / len(xs)}
+    assert "skipped_steps" not in summed and result.grad_norm > 0
+    assert token_means(summed)["train_tokens"] == len(xs) - odd, token_means(summed)
+    for name, value in hand.items():
+        assert abs(got[f"rollout_corr/{name}"] - value) < 1e-5 * max(1.0, abs(value)), (name, got, hand)
     if dist.get_rank() == 0:
+        print(f"one rank rejected whole: rollout_corr {({k: round(got[f'rollout_corr/{k}'], 6) for k in hand})}",
+              flush=True)
         print("ROLLOUT_CORRECTION_DP_OK", flush=True)
 
 
