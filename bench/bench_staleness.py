@@ -196,10 +196,10 @@ def part_a(args) -> None:
                 run_lines.append(f"| {s} | {mode} | failed: {str(err).splitlines()[0]} |")
                 continue
             everything = rl_records(run_dir)
-            # a step whose every token was rejected trains on a fully masked placeholder batch, and its
-            # rollout_corr/* metrics describe that placeholder, not the batch: left out, counted
+            # a step whose every token was rejected runs no optimizer step (update/skipped_steps) and has no
+            # token to train: left out of the means, counted
             rl = [r for r in everything if r.get("train_tokens", 1.0) > 0]
-            placeholder = len(everything) - len(rl)
+            all_rejected = len(everything) - len(rl)
             lags = sorted({int(k.split("/")[1][3:]) for r in rl for k in r if k.startswith("rollout_corr/lag")})
             for lag in lags:
                 recs = [r for r in rl if f"rollout_corr/lag{lag}/k1" in r]
@@ -210,14 +210,14 @@ def part_a(args) -> None:
             stale = [f"{sum(r.get(k, 0.0) for r in everything):.0f}" for k in STALE]
             units = [f"{sum(r.get(k, 0.0) for r in everything):.0f}" for k in UNITS]
             run_lines.append("| " + " | ".join([
-                str(s), mode, f"{wall:.0f}", str(placeholder),
+                str(s), mode, f"{wall:.0f}", str(all_rejected),
                 f"{statistics.fmean(r['rollout_corr/k3'] for r in rl):.2e}" if rl else "-",
                 f"{max(r.get('stale/max_staleness', 0.0) for r in everything):.0f}", *stale, *units,
                 f"{statistics.fmean(r.get('rollout/windows', 0.0) for r in everything):.1f}",
                 f"{statistics.fmean(rewards):+.4f}", f"{statistics.fmean(rewards[-3:]):+.4f}"]) + " |")
     print("\n".join(lag_lines))
-    print("\n(steps whose every token was rejected are left out of the lag means: their rollout_corr/* metrics "
-          "describe the fully masked placeholder batch the update then runs)")
+    print("\n(steps whose every token was rejected are left out of the lag means: no optimizer step ran, "
+          "update/skipped_steps counts them)")
     print("\nper run: stale/* and deferred / late units summed over steps, rollout_corr/k3 over all tokens (mean over "
           "steps), RLP reward (mean over all steps, and over the last 3)\n")
     print("\n".join(run_lines))
