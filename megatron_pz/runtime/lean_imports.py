@@ -43,12 +43,17 @@ class SkipSklearnInTransformersGeneration:
         return None
 
 
-def skip_sklearn_in_transformers_generation() -> None:
-    """Install the hook (once) unless transformers' generation module is already loaded or the user opted out."""
-    if os.environ.get("MEGATRON_PZ_TRANSFORMERS_SKLEARN") == "1" or GENERATION_MODULE in sys.modules:
+def install_hook(finder_type: type, module: str, opt_out: str) -> None:
+    """Put a ``finder_type()`` first on ``sys.meta_path`` (once) unless ``module``, the one it acts on, is already
+    loaded (too late) or the environment sets ``opt_out=1``."""
+    if os.environ.get(opt_out) == "1" or module in sys.modules:
         return
-    if not any(isinstance(f, SkipSklearnInTransformersGeneration) for f in sys.meta_path):
-        sys.meta_path.insert(0, SkipSklearnInTransformersGeneration())
+    if not any(isinstance(f, finder_type) for f in sys.meta_path):
+        sys.meta_path.insert(0, finder_type())
+
+
+def skip_sklearn_in_transformers_generation() -> None:
+    install_hook(SkipSklearnInTransformersGeneration, GENERATION_MODULE, "MEGATRON_PZ_TRANSFORMERS_SKLEARN")
 
 
 def compile_on_first_call(compile_fn):
@@ -73,7 +78,6 @@ def compile_on_first_call(compile_fn):
 
         return call
 
-    deferred.compile_fn = compile_fn
     return deferred
 
 
@@ -116,8 +120,4 @@ class DeferTorchCompileInMegatronJit:
 
 
 def defer_torch_compile_in_megatron() -> None:
-    """Install the hook (once) unless megatron-core's jit module is already loaded or the user opted out."""
-    if os.environ.get("MEGATRON_PZ_TORCH_COMPILE_AT_IMPORT") == "1" or JIT_MODULE in sys.modules:
-        return
-    if not any(isinstance(f, DeferTorchCompileInMegatronJit) for f in sys.meta_path):
-        sys.meta_path.insert(0, DeferTorchCompileInMegatronJit())
+    install_hook(DeferTorchCompileInMegatronJit, JIT_MODULE, "MEGATRON_PZ_TORCH_COMPILE_AT_IMPORT")
