@@ -152,7 +152,7 @@ def test_rejected_tokens_leave_the_denominator_at_any_split():
         exps = reject_before_update(exps, start, cfg)
         assert [x.token_mask for x in exps] == [[1, 1, 0], [1, 1], [0, 1, 1, 1]]
         assert [x.rejected for x in exps] == [[0, 0, 1], [0, 0], [1, 0, 0, 0]]
-        weights = update_loss_weights(exps)  # without a process group: the counts of the whole update
+        weights, _ = update_loss_weights(exps)  # without a process group: the counts of the whole update
         if agg == "seq_mean_token_mean":  # a_i = T / (S |c_i|) over kept tokens: T = 7, S = 3, |c| = 2, 2, 3
             assert weights == pytest.approx([7 / 6, 7 / 6, 7 / 9])
         for ranks in ([[0, 1, 2]], [[0, 2], [1]]):
@@ -173,7 +173,7 @@ def test_a_wholly_rejected_sample_leaves_the_sample_count():
     exps, start = experiences([1.0, -1.0, 2.0], "seq_mean_token_mean")
     cfg = RolloutCorrectionConfig(reject=[RejectionConfig("sequence", 0.5, 2.0)])
     exps = reject_before_update(exps, start, cfg)
-    weights = update_loss_weights(exps)
+    weights, _ = update_loss_weights(exps)
     assert weights == pytest.approx([0.0, 6 / (2 * 2), 6 / (2 * 4)])  # T = 6 kept tokens, S = 2
     expected = ((1.0 + e(0.05)) / 2 + -2.0 * (e(-0.8) + e(0.3) + e(0.2) + e(0.1)) / 4) / 2
     loss, count = mean_loss(exps, weights, [[0], [1, 2]], RolloutCorrection(cfg), max_tokens=6)

@@ -68,10 +68,11 @@ def experience_routes(e, i: int, route_shape, required: bool):
     return check_routes(e.routes, route_shape, len(e.prompt_ids) + len(e.response_ids) - 1, where)
 
 
-def update_loss_weights(experiences, dp_group=None) -> list[float]:
+def update_loss_weights(experiences, dp_group=None) -> tuple[list[float], float]:
     """Aggregation weight of each experience for one optimizer step over ``experiences`` (this rank's
     share), from its tags (``component``, ``loss_agg``, ``mix_weight``); every component's token and
-    sample counts are summed over the data-parallel group first."""
+    sample counts are summed over the data-parallel group first. Also returns that group's number of tokens
+    in the loss (0: no rank has a token to train)."""
     lengths = [(len(e.response_ids) if e.token_mask is None else int(sum(e.token_mask))) if e.trainable else 0
                for e in experiences]  # tokens in the loss: rejected ones leave the counts
     labels = sorted({e.component for e in experiences})
@@ -87,10 +88,10 @@ def update_loss_weights(experiences, dp_group=None) -> list[float]:
     if dist.is_initialized() and dist.get_world_size(dp_group) > 1:
         dist.all_reduce(counts, group=dp_group)
     totals = {label: (counts[2 * k].item(), counts[2 * k + 1].item()) for k, label in enumerate(labels)}
+    tokens = sum(t for t, _ in totals.values())
     return aggregation_weights(lengths, [e.component for e in experiences],
                                {e.component: e.loss_agg for e in experiences},
-                               {e.component: e.mix_weight for e in experiences},
-                               totals, sum(t for t, _ in totals.values()))
+                               {e.component: e.mix_weight for e in experiences}, totals, tokens), tokens
 
 
 def make_grpo_loss_fn(grpo_cfg):
@@ -136,7 +137,9 @@ def grpo_update(actor, experiences, grpo_cfg, loss_fn, max_tokens: int, pad_id: 
     batch, at the rollout's weights (the old-log-prob pass, or the single optimizer step).
 
     An optimizer step whose tokens are all out of the loss on every rank is skipped (counted:
-    ``update/skipped_steps``), see :func:`tokens_in_loss`.
+    ``update/skipped_steps``): a step on nothing is not a no-op, Adam's moments still move the weights (a batch
+    the DAPO filter or the rollout correction's rejection emptied on every rank would keep drifting where the
+    last real gradient pointed).
 
     Returns (summed loss metrics of all steps, the last StepResult, every micro-batch trained on).
     """
@@ -169,9 +172,9 @@ def grpo_update(actor, experiences, grpo_cfg, loss_fn, max_tokens: int, pad_id: 
         for k in range(n_mini):
             part = list(range(k, len(experiences), n_mini))
             mine = [experiences[i] for i in part]
-            weights = update_loss_weights(mine, dp_group)
+            weights, tokens = update_loss_weights(mine, dp_group)
             rows = experiences_to_sequences(mine, weights, **routes)
-            if not tokens_in_loss(rows, actor.device):  # no rank has a token to train: no optimizer step
+            if not tokens:  # no rank has a token to train: no optimizer step
                 summed["skipped_steps"] = summed.get("skipped_steps", 0.0) + 1.0
                 continue
             if old is not None:
@@ -186,16 +189,6 @@ def grpo_update(actor, experiences, grpo_cfg, loss_fn, max_tokens: int, pad_id: 
     if result is None:  # every step skipped: the weights, the optimizer and the LR schedule are untouched
         result = StepResult(metrics={}, grad_norm=0.0, lr=actor.optimizer.param_groups[0]["lr"], num_tokens=0)
     return summed, result, all_batches
-
-
-def tokens_in_loss(rows, device) -> bool:
-    """Whether any training rank has a token in the loss (collective over the training ranks). An optimizer step
-    on nothing is not a no-op: Adam's moments still move the weights (a batch the DAPO filter or the rollout
-    correction's rejection emptied on every rank would keep drifting where the last real gradient pointed)."""
-    count = torch.tensor([float(sum(sum(r.loss_mask) for r in rows))], device=device)
-    if dist.is_initialized():
-        dist.all_reduce(count)
-    return count.item() > 0
 
 
 def step_metrics(metrics: dict, experiences, batches, summed: dict, result, seconds: float, dp_size: int,
