@@ -42,6 +42,7 @@ import time
 from pathlib import Path
 
 from bench_rollout_correction import MODES, RC, TINY, free_port
+from megatron_pz.train.metrics import read_records
 
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCH = ["-m", "megatron_pz.runtime.launcher", "--nproc_per_node=2", "--nnodes=1", "--master_addr=127.0.0.1"]
@@ -87,7 +88,7 @@ class RunFailed(RuntimeError):
 
 
 def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return read_records(path)  # complete lines only: a live run may be writing the last one
 
 
 def finished(run_dir: Path, steps: int) -> bool:

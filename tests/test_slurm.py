@@ -39,6 +39,7 @@ from pathlib import Path
 
 import pytest
 
+from megatron_pz.train.metrics import read_metrics
 from multiproc import REPO_ROOT
 from test_trainer import RLP, TINY
 
@@ -135,8 +136,7 @@ def rl_steps(run_dir: Path) -> list[dict]:
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
         return []
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [r for r in records if r["phase"] == "rl"]
+    return [r for r in read_metrics(run_dir) if r["phase"] == "rl"]  # complete lines: the job may be writing
 
 
 def last_step(run_dir: Path) -> int:

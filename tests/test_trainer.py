@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from megatron_pz.train.metrics import read_metrics
 from multiproc import REPO_ROOT, run_torchrun
 
 pytestmark = pytest.mark.slow
@@ -49,7 +50,7 @@ def train(run_dir, cache, *overrides, nproc=1):
 
 
 def rl_records(run_dir):
-    records = [json.loads(l) for l in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    records = read_metrics(run_dir)  # complete lines only: a live run may be writing the last one
     return records, {r["step"]: r for r in records if r["phase"] == "rl"}
 
 

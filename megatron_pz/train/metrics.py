@@ -1,6 +1,9 @@
 """Step metrics: averaged over data-parallel ranks, printed on rank 0, written to TensorBoard and JSONL.
 
-The JSONL file (``run_dir/metrics.jsonl``) is what ``tools/plot_run.py`` and tests read.
+The JSONL file (``run_dir/metrics.jsonl``) is what ``tools/plot_run.py`` and tests read. A reader may look at it
+while a record is being written, and a killed run may leave a record cut short: :func:`read_records` returns
+complete lines only, and the logger drops a cut-short last record when a run starts on the directory again (its
+step is redone from the checkpoint), so a resumed run never appends to a broken line.
 """
 
 from __future__ import annotations
@@ -43,6 +46,12 @@ class MetricsLogger:
         self.writer = None
         if self.enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            for name in ("metrics.jsonl", "samples.jsonl", "eval_samples.jsonl"):
+                dropped = drop_torn_tail(self.path.with_name(name))
+                if dropped:
+                    print(f"{self.path.with_name(name)}: dropped a last record cut short by an earlier stop "
+                          f"({dropped} bytes without their newline); the resumed run writes its step again",
+                          flush=True)
             if tensorboard:
                 from torch.utils.tensorboard import SummaryWriter
 
@@ -97,6 +106,53 @@ class MetricsLogger:
             self.writer.close()
 
 
+def drop_torn_tail(path: Path) -> int:
+    """Cut ``path`` back to its last newline; returns the bytes removed (0 when it ends in one or is absent).
+
+    Only the writer calls this, before its first write to ``path``: the tail is a record a killed writer left
+    without its newline, which the next append would otherwise join into one unreadable line."""
+    if not path.is_file():
+        return 0
+    with open(path, "r+b") as f:
+        end = f.seek(0, os.SEEK_END)
+        position = end
+        while position > 0:
+            start = max(0, position - (1 << 16))
+            f.seek(start)
+            newline = f.read(position - start).rfind(b"\n")
+            if newline >= 0:
+                keep = start + newline + 1
+                break
+            position = start
+        else:
+            keep = 0
+        if keep < end:
+            f.truncate(keep)
+            f.flush()
+            os.fsync(f.fileno())
+        return end - keep
+
+
+def read_records(path: str | os.PathLike) -> list[dict]:
+    """The JSON records of a JSONL file the run writes, complete lines only.
+
+    A last line without its newline is a record still being written (or one a kill cut short, which the
+    logger drops on the next start) and is left out; a complete line that is not JSON raises, naming it."""
+    path = Path(path)
+    text = path.read_text()
+    lines = text.split("\n")[:-1]  # the piece after the last newline is unfinished (or empty)
+    records = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except ValueError as err:
+            raise ValueError(f"{path}:{number}: not a JSON record ({err}); the file was changed by something "
+                             f"other than megatron-pz: remove or repair that line") from None
+    return records
+
+
 def read_metrics(run_dir: str | os.PathLike) -> list[dict]:
-    path = Path(run_dir) / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    """Every complete record of ``run_dir/metrics.jsonl``, in the order written."""
+    return read_records(Path(run_dir) / "metrics.jsonl")
