@@ -43,15 +43,16 @@ class MetricsLogger:
     def __init__(self, run_dir: str | os.PathLike, tensorboard: bool = True, enabled: Optional[bool] = None):
         self.enabled = (dist.get_rank() == 0) if enabled is None else enabled
         self.path = Path(run_dir) / "metrics.jsonl"
+        self.samples_path = self.path.with_name("samples.jsonl")
+        self.eval_samples_path = self.path.with_name("eval_samples.jsonl")
         self.writer = None
         if self.enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            for name in ("metrics.jsonl", "samples.jsonl", "eval_samples.jsonl"):
-                dropped = drop_torn_tail(self.path.with_name(name))
+            for path in (self.path, self.samples_path, self.eval_samples_path):
+                dropped = drop_torn_tail(path)
                 if dropped:
-                    print(f"{self.path.with_name(name)}: dropped a last record cut short by an earlier stop "
-                          f"({dropped} bytes without their newline); the resumed run writes its step again",
-                          flush=True)
+                    print(f"{path}: dropped a last record cut short by an earlier stop ({dropped} bytes without "
+                          f"their newline); the resumed run writes its step again", flush=True)
             if tensorboard:
                 from torch.utils.tensorboard import SummaryWriter
 
@@ -82,7 +83,7 @@ class MetricsLogger:
         if not self.enabled or per_role <= 0:
             return
         taken: dict[str, int] = {}
-        with open(self.path.with_name("samples.jsonl"), "a") as f:
+        with open(self.samples_path, "a") as f:
             for e in experiences:
                 if taken.get(e.role, 0) >= per_role:
                     continue
@@ -97,7 +98,7 @@ class MetricsLogger:
         ``eval_samples.jsonl``, so a before/after change can be read item by item."""
         if not self.enabled or not samples:
             return
-        with open(self.path.with_name("eval_samples.jsonl"), "a") as f:
+        with open(self.eval_samples_path, "a") as f:
             for sample in samples:
                 f.write(json.dumps({"step": step, **sample}, ensure_ascii=False) + "\n")
 
