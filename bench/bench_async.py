@@ -58,6 +58,7 @@ from typing import Optional
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import sim_engine  # noqa: E402  (bench/ is no package)
+from megatron_pz.train.metrics import read_metrics  # noqa: E402
 
 MODEL = ["model.architecture.vocab_size=4096", "model.architecture.hidden_size=128",
          "model.architecture.intermediate_size=384", "model.architecture.num_hidden_layers=4"]
@@ -155,8 +156,7 @@ def run(name: str, out: Path, cache: Path, steps: int, nproc: int, cores: str, l
     result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     if result.returncode:
         raise RuntimeError(f"{name} failed:\n{(result.stdout + result.stderr)[-4000:]}")
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    rl = {r["step"]: r for r in records if r["phase"] == "rl"}
+    rl = {r["step"]: r for r in read_metrics(run_dir) if r["phase"] == "rl"}
     first = 3
     period = (rl[steps]["bench/wall_s"] - rl[first]["bench/wall_s"]) / (steps - first)
     steady = [rl[s] for s in range(first + 1, steps + 1)]

@@ -27,7 +27,6 @@ the load of the machine; the signal lands wherever the run is, so the step numbe
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import signal
 import subprocess
@@ -36,6 +35,8 @@ import time
 from pathlib import Path
 
 import psutil
+
+from megatron_pz.train.metrics import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = [
@@ -58,18 +59,9 @@ def launch_command(launcher: str, repo: Path, nproc: int, port: int, train_args:
 
 
 def rl_steps(run_dir: Path) -> list[int]:
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
+    if not (run_dir / "metrics.jsonl").is_file():
         return []
-    steps = []
-    for line in path.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if record.get("phase") == "rl":
-            steps.append(record["step"])
-    return steps
+    return [r["step"] for r in read_metrics(run_dir) if r["phase"] == "rl"]  # complete lines: the run may be writing
 
 
 def checkpoint_step(run_dir: Path):

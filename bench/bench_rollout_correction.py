@@ -17,13 +17,14 @@ step 3 on each run's mismatch is its own.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from megatron_pz.train.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [  # tests/test_trainer.py TINY + tests/test_disaggregated.py OFF_POLICY
@@ -80,8 +81,7 @@ def run(name: str, steps: int, lr: float, cache: Path, out: Path) -> list[dict]:
         if result.returncode != 0:
             raise SystemExit(f"{name}: exit {result.returncode}\n{(result.stdout + result.stderr)[-4000:]}")
         print(f"  {name}: {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [r for r in records if r["phase"] == "rl"]
+    return [r for r in read_metrics(run_dir) if r["phase"] == "rl"]
 
 
 def main() -> None:

@@ -42,7 +42,7 @@ import time
 from pathlib import Path
 
 from bench_rollout_correction import MODES, RC, TINY, free_port
-from megatron_pz.train.metrics import read_records
+from megatron_pz.train.metrics import read_live_jsonl, read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCH = ["-m", "megatron_pz.runtime.launcher", "--nproc_per_node=2", "--nnodes=1", "--master_addr=127.0.0.1"]
@@ -87,16 +87,12 @@ class RunFailed(RuntimeError):
     """A run exited non-zero (its log's tail in the message)."""
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    return read_records(path)  # complete lines only: a live run may be writing the last one
-
-
 def finished(run_dir: Path, steps: int) -> bool:
     """The run's metrics reach its last step and its final evaluation."""
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
         return False
-    records = read_jsonl(path)
+    records = read_live_jsonl(path)
     return any(r.get("phase") == "rl" and r.get("step") == steps for r in records)
 
 
@@ -129,7 +125,7 @@ def launch(run_dir: Path, config: Path, overrides: list[str], steps: int, env_ex
 
 
 def rl_records(run_dir: Path) -> list[dict]:
-    return [r for r in read_jsonl(run_dir / "metrics.jsonl") if r.get("phase") == "rl"]
+    return [r for r in read_metrics(run_dir) if r.get("phase") == "rl"]
 
 
 def mean_interval(values: list[float]) -> str:
@@ -149,7 +145,7 @@ def held_out(run_dir: Path) -> tuple[list[dict], list[dict], int, int]:
     from megatron_pz.eval.folder import read_records
 
     samples = run_dir / "eval_samples.jsonl"
-    steps = sorted({json.loads(line)["step"] for line in samples.read_text().splitlines() if line.strip()})
+    steps = sorted({r["step"] for r in read_live_jsonl(samples)})
     return read_records(f"{samples}@{steps[0]}"), read_records(f"{samples}@{steps[-1]}"), steps[0], steps[-1]
 
 

@@ -12,7 +12,6 @@ on two ranks.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import shutil
 import signal
@@ -29,6 +28,7 @@ from multiproc import REPO_ROOT, WORKERS, kill_tree, run_torchrun, start_torchru
 from test_trainer import CONFIG, TINY
 
 from megatron_pz.cli import main
+from megatron_pz.train.metrics import read_metrics
 
 # (the table imports nothing else of the project, so it runs against the code before issue 28 too)
 REFUSED = 2  # megatron_pz.errors.EXIT_BAD_INPUT
@@ -415,7 +415,7 @@ def test_two_ranks_resume_from_the_same_checkpoint_past_a_damaged_one(made, tmp_
     assert out.count(f"resumed from {run / ITER1} at step 1") == 1
     assert tree(run / "checkpoints" / "damaged_iter_0000002") == damaged
     assert (run / "checkpoints" / "latest_checkpointed_iteration.txt").read_text() == "3"
-    rl = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    rl = read_metrics(run)
     assert [r["step"] for r in rl if r["phase"] == "rl"] == [1, 2, 2, 3]  # step 2 again, then 3
 
 

@@ -11,7 +11,7 @@ import json
 
 import pytest
 
-from megatron_pz.train.metrics import MetricsLogger, drop_torn_tail, read_metrics, read_records
+from megatron_pz.train.metrics import MetricsLogger, drop_torn_tail, read_live_jsonl, read_metrics
 
 
 def record(step: int, **extra) -> str:
@@ -26,7 +26,7 @@ def test_a_record_being_written_is_not_read(tmp_path):
     path.write_text(whole + record(3))
     assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2, 3]
     path.write_text(whole + "\n")
-    assert [r["step"] for r in read_records(path)] == [1, 2]  # a blank line is no record
+    assert [r["step"] for r in read_live_jsonl(path)] == [1, 2]  # a blank line is no record
 
 
 def test_a_broken_complete_line_is_named(tmp_path):

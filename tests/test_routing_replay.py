@@ -14,6 +14,7 @@ import torch
 from megatron_pz.config import ConfigError
 from megatron_pz.model.provider import load_hf_config
 from megatron_pz.rollout.config import RolloutConfig, resolve_routing_replay
+from megatron_pz.train.metrics import read_metrics
 from megatron_pz.model.routes import NATIVE, RouteShape, check_routes, route_dtype, routes_from_vllm
 from multiproc import REPO_ROOT, run_torchrun
 
@@ -304,8 +305,7 @@ def test_trainer_logs_agreement_and_gap_with_replay_off_and_on(tmp_path, cache):
         run_worker("train_cli.py", "train", str(REPO_ROOT / "examples" / "tiny_cpu.yaml"), *args,
                    f"rollout.routing_replay={mode}", f"train.init_checkpoint={tmp_path / 'init'}",
                    f"train.run_dir={tmp_path / mode}")
-        records = [json.loads(line) for line in (tmp_path / mode / "metrics.jsonl").read_text().splitlines()]
-        rl[mode] = [r for r in records if r["phase"] == "rl"]
+        rl[mode] = [r for r in read_metrics(tmp_path / mode) if r["phase"] == "rl"]
     for mode in ("off", "r3"):
         assert [r["step"] for r in rl[mode]] == [1, 2]
         assert all("rollout/routing_agreement" in r and "rollout/logp_diff_mean" in r for r in rl[mode])

@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from megatron_pz.convert.gguf_to_hf import INSTALL_HINT, SMOLLM2_FILE, SMOLLM2_PACKAGE
+from megatron_pz.train.metrics import read_metrics
 
 pytestmark = pytest.mark.slow
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -113,7 +114,7 @@ def test_rl_step_on_vllm_and_export_carry_the_model(smollm2, tmp_path, real_vllm
     config = str(REPO_ROOT / "examples" / "smollm2_135m_cpu.yaml")
     out = cli("train", config, *overrides)
     assert "FITS" in out
-    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    records = read_metrics(run)
     (step,) = [r for r in records if r["phase"] == "rl"]
     assert step["rollout/logp_diff_mean"] < 1e-3 and step["grad_norm"] > 0  # vLLM served the actor's weights
     assert step["memory/peak_rss_gib"] > 0 and step["time/generate_s"] > 0 and step["time/update_s"] > 0

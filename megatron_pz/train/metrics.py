@@ -1,7 +1,7 @@
 """Step metrics: averaged over data-parallel ranks, printed on rank 0, written to TensorBoard and JSONL.
 
 The JSONL file (``run_dir/metrics.jsonl``) is what ``tools/plot_run.py`` and tests read. A reader may look at it
-while a record is being written, and a killed run may leave a record cut short: :func:`read_records` returns
+while a record is being written, and a killed run may leave a record cut short: :func:`read_live_jsonl` returns
 complete lines only, and the logger drops a cut-short last record when a run starts on the directory again (its
 step is redone from the checkpoint), so a resumed run never appends to a broken line.
 """
@@ -134,11 +134,13 @@ def drop_torn_tail(path: Path) -> int:
         return end - keep
 
 
-def read_records(path: str | os.PathLike) -> list[dict]:
+def read_live_jsonl(path: str | os.PathLike) -> list[dict]:
     """The JSON records of a JSONL file the run writes, complete lines only.
 
     A last line without its newline is a record still being written (or one a kill cut short, which the
-    logger drops on the next start) and is left out; a complete line that is not JSON raises, naming it."""
+    logger drops on the next start) and is left out; a complete line that is not JSON raises, naming it. Not for
+    files a person hands in (``megatron-pz eval --compare``: :func:`megatron_pz.eval.folder.read_records`), where
+    a last line without its newline is still a record."""
     path = Path(path)
     text = path.read_text()
     lines = text.split("\n")[:-1]  # the piece after the last newline is unfinished (or empty)
@@ -156,4 +158,4 @@ def read_records(path: str | os.PathLike) -> list[dict]:
 
 def read_metrics(run_dir: str | os.PathLike) -> list[dict]:
     """Every complete record of ``run_dir/metrics.jsonl``, in the order written."""
-    return read_records(Path(run_dir) / "metrics.jsonl")
+    return read_live_jsonl(Path(run_dir) / "metrics.jsonl")
